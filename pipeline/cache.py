@@ -1,0 +1,225 @@
+"""The teacher cache: one Zarr v3 group per data set split (format v1, see README).
+
+Rows are sharded along N; a *block* is exactly one shard, the unit of writing, so no
+two writers ever touch one shard and a block is marked done in `progress` only after
+its data is written (a killed run resumes with the unmarked blocks).
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+
+FORMAT, VERSION = "teacher-cache", 1
+MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
+TEACHER_FIELDS = ("logits", "cam", "cam_max", "y_prob", "o_prob")
+TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform")  # what makes two teachers the same
+
+
+def compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+def fingerprint(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def quantize_cam(cam: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(B, h, w) float maps -> uint8 maps whose max is 255, and the per-sample scale (0: empty map)."""
+    scale = cam.flatten(1).amax(1).float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    u8 = torch.where(scale[:, None, None] > 0, cam.float() / safe[:, None, None] * 255, torch.zeros_like(cam.float()))
+    return u8.round().clamp(0, 255).to(torch.uint8).cpu().numpy(), scale.cpu().numpy().astype(np.float32)
+
+
+def dequantize_cam(cam: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor) -> torch.Tensor:
+    cam, scale = torch.as_tensor(cam), torch.as_tensor(scale)
+    return cam.float() / 255 * scale.float().view(-1, *([1] * (cam.dim() - 1)))
+
+
+class TeacherStore:
+    """Read and write access to one teacher cache; construct with `create` or `open`."""
+
+    def __init__(self, group: zarr.Group, path: Path):
+        self.group, self.path = group, path
+
+    # -- opening -----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "TeacherStore":
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise PipelineError(f"no teacher store at {path}; write one with `pipeline extract-teachers`")
+        group = zarr.open_group(path, mode=mode)
+        found = (group.attrs.get("format"), group.attrs.get("version"))
+        if found != (FORMAT, VERSION):
+            raise PipelineError(
+                f"{path} is not a {FORMAT} v{VERSION} store (format={found[0]!r}, version={found[1]!r}); "
+                "rewrite it with this version's `pipeline extract-teachers`"
+            )
+        return cls(group, path)
+
+    @classmethod
+    def create(
+        cls, path: str | Path, identity: dict, labels: np.ndarray, images: np.ndarray | None,
+        target: str, block_size: int, chunks_per_block: int = 4,
+    ) -> "TeacherStore":
+        """Open the store at `path` if it was made from the same data, else create it.
+
+        The root attributes are written last, so a half-created store is recognisable.
+        """
+        path = Path(path)
+        record = {"dataset": identity, "target": target, "block_size": block_size}
+        if (path / "zarr.json").exists():
+            store = cls.open(path, mode="r+")
+            store.check_made_from(record)
+            return store
+        if block_size % chunks_per_block:
+            raise PipelineError(f"block size {block_size} is not a multiple of {chunks_per_block} chunks per block")
+        group = zarr.open_group(path, mode="w")
+        n, chunk = len(labels), block_size // chunks_per_block
+        cls._create_rows(group, "labels", labels.astype(np.int32), block_size, chunk)
+        if images is not None and max(images.shape[1:3]) <= MAX_STORED_IMAGE_SIDE:
+            cls._create_rows(group, "images", images.astype(np.uint8), block_size, chunk)
+        group.create_group("teachers")
+        group.attrs.update({
+            **record, "format": FORMAT, "version": VERSION, "chunk_rows": chunk,
+            "num_blocks": -(-n // block_size), "code_version": __version__, "fingerprint": fingerprint(record),
+        })
+        return cls(group, path)
+
+    @staticmethod
+    def _create_rows(group: zarr.Group, name: str, data: np.ndarray, block_size: int, chunk: int) -> None:
+        rows = group.create_array(
+            name, shape=data.shape, dtype=data.dtype, chunks=(chunk, *data.shape[1:]),
+            shards=(block_size, *data.shape[1:]), compressors=compressor(), fill_value=0,
+        )
+        rows[...] = data
+
+    def check_made_from(self, record: dict) -> None:
+        """Fail with the first difference between this store and what the caller expects."""
+        for key, wanted in record.items():
+            have = self.attrs.get(key)
+            if isinstance(wanted, dict):
+                diff = [k for k in wanted if have is None or have.get(k) != wanted[k]]
+                if diff:
+                    k = diff[0]
+                    raise PipelineError(
+                        f"store {self.path} was made from {key}.{k}={(have or {}).get(k)!r}, "
+                        f"not {wanted[k]!r}; use a new --store path or the matching data"
+                    )
+            elif have != wanted:
+                raise PipelineError(f"store {self.path} has {key}={have!r}, not {wanted!r}; use a new --store path")
+
+    # -- layout --------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def num_samples(self) -> int:
+        return self.attrs["dataset"]["num_samples"]
+
+    @property
+    def block_size(self) -> int:
+        return self.attrs["block_size"]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.attrs["num_blocks"]
+
+    def block_rows(self, block: int) -> tuple[int, int]:
+        start = block * self.block_size
+        return start, min(start + self.block_size, self.num_samples)
+
+    @property
+    def teachers(self) -> list[str]:
+        return sorted(self.group["teachers"].group_keys())
+
+    def teacher_attrs(self, name: str) -> dict:
+        return dict(self.teacher_group(name).attrs)
+
+    def teacher_group(self, name: str) -> zarr.Group:
+        if name not in self.teachers:
+            raise PipelineError(
+                f"store {self.path} has no teacher {name!r}; it holds: {', '.join(self.teachers) or 'none'}"
+            )
+        return self.group["teachers"][name]
+
+    # -- writing -------------------------------------------------------------------------
+
+    def add_teacher(self, name: str, identity: dict, num_classes: int, map_shape: tuple[int, int]) -> None:
+        """Create the teacher's arrays, or check that the existing ones came from the same teacher."""
+        identity = {**identity, "map_shape": list(map_shape),
+                    "fingerprint": fingerprint({k: identity[k] for k in TEACHER_IDENTITY})}
+        if name in self.teachers:
+            have = self.teacher_attrs(name)
+            if have.get("fingerprint") != identity["fingerprint"]:
+                changed = [k for k in identity if k != "fingerprint" and have.get(k) != identity[k]]
+                raise PipelineError(
+                    f"store {self.path} already holds a different teacher {name!r} (differs in: "
+                    f"{', '.join(changed)}); drop it from the store or write a new --store"
+                )
+            return
+        group = self.group["teachers"].create_group(name)
+        n, chunk, block = self.num_samples, self.attrs["chunk_rows"], self.block_size
+        shapes = {
+            "logits": ((n, num_classes), "float16"),
+            "cam": ((n, *map_shape), "uint8"),
+            "cam_max": ((n,), "float32"),
+            "y_prob": ((n,), "float32"),
+            "o_prob": ((n,), "float32"),
+        }
+        for field, (shape, dtype) in shapes.items():
+            group.create_array(
+                field, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), shards=(block, *shape[1:]),
+                compressors=compressor(), fill_value=0,
+            )
+        group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False)
+        group.attrs.update(identity)
+
+    def pending_blocks(self, name: str) -> list[int]:
+        done = self.teacher_group(name)["progress"][...]
+        return [int(b) for b in np.flatnonzero(~done)]
+
+    def write_block(self, name: str, block: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write one whole shard of every teacher field, then mark the block finished."""
+        group = self.teacher_group(name)
+        start, stop = self.block_rows(block)
+        for field in TEACHER_FIELDS:
+            data = arrays[field]
+            if len(data) != stop - start:
+                raise ValueError(f"block {block} of {field} has {len(data)} rows, expected {stop - start}")
+            group[field][start:stop] = data
+        group["progress"][block] = True
+
+    # -- reading -------------------------------------------------------------------------
+
+    def finished_blocks(self, teachers: list[str]) -> list[int]:
+        """Blocks that every one of `teachers` has finished."""
+        done = np.ones(self.num_blocks, dtype=bool)
+        for name in teachers:
+            done &= self.teacher_group(name)["progress"][...]
+        return [int(b) for b in np.flatnonzero(done)]
+
+    def read_rows(self, start: int, stop: int, fields: list[str]) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of each array path, e.g. "labels" or "teachers/resnet20/cam"."""
+        return {field: self.group[field][start:stop] for field in fields}
+
+
+def cached_top1(store: TeacherStore, name: str) -> float:
+    """Top-1 accuracy of a teacher's cached logits on the finished blocks of the cached split."""
+    correct = seen = 0
+    for block in store.finished_blocks([name]):
+        rows = store.read_rows(*store.block_rows(block), ["labels", f"teachers/{name}/logits"])
+        correct += int((rows[f"teachers/{name}/logits"].argmax(1) == rows["labels"]).sum())
+        seen += len(rows["labels"])
+    return correct / max(seen, 1)

@@ -1,0 +1,113 @@
+"""The `pipeline` command: thin wrappers that build a stage's config and call the stage.
+
+Each command's options are generated from its config dataclass (pipeline/config.py), so
+`--help`, params.yaml and the code never disagree about a setting.
+"""
+
+import dataclasses
+import typing
+
+import click
+
+from pipeline.config import EvaluateConfig, ExtractConfig, TrainStudentConfig, TrainTeachersConfig, load_config
+from pipeline.errors import PipelineError
+
+
+def click_type(annotation):
+    """int / float stay themselves; everything else (str, str | None, list[str]) is text."""
+    return annotation if annotation in (int, float) else str
+
+
+def config_options(cls):
+    """Add one --option per dataclass field, plus --params, to a click command."""
+
+    def decorate(command):
+        for field in reversed(dataclasses.fields(cls)):
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            is_list = typing.get_origin(field.type) is list
+            shown = ",".join(default) if is_list else default
+            help_text = field.metadata["help"] + (" (comma-separated)" if is_list else "")
+            help_text += f" [default: {shown}]" if default is not None else ""
+            command = click.option(
+                "--" + field.name.replace("_", "-"), field.name, type=click_type(field.type),
+                default=None, help=help_text,
+            )(command)
+        return click.option(
+            "--params", "params_file", type=click.Path(dir_okay=False), default=None,
+            help="YAML file whose `data` and stage sections replace the defaults (options still win)",
+        )(command)
+
+    return decorate
+
+
+def build_config(cls, params_file, options: dict):
+    lists = {f.name for f in dataclasses.fields(cls) if typing.get_origin(f.type) is list}
+    for name in lists & {k for k, v in options.items() if v is not None}:
+        options[name] = [item.strip() for item in options[name].split(",") if item.strip()]
+    return load_config(cls, params_file, **options)
+
+
+def stage_command(name: str, cls, stage_path: str):
+    """Register `pipeline <name>`, which runs stages.<stage_path>.run(config)."""
+
+    def decorate(doc_function):
+        @main.command(name, help=doc_function.__doc__)
+        @config_options(cls)
+        def command(params_file, **options):
+            import importlib
+
+            try:
+                importlib.import_module(f"stages.{stage_path}").run(build_config(cls, params_file, options))
+            except PipelineError as error:
+                raise click.ClickException(str(error)) from None
+
+        return command
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="explain-kd-pipeline")
+def main():
+    """Multi-teacher knowledge distillation guided by Grad-CAM explanations.
+
+    Stage one (extract-teachers) runs every teacher once and caches logits, Grad-CAM
+    maps and explanation scores in a Zarr v3 store; stage two (train-student) trains
+    students from that store without loading a teacher.
+    """
+
+
+@stage_command("train-teachers", TrainTeachersConfig, "train_teachers")
+def _train_teachers():
+    """Train each teacher with cross-entropy; save <out-dir>/<arch>.pt and test metrics.
+
+    Example: pipeline train-teachers --teachers resnet20,vgg8_bn --epochs 8
+    """
+
+
+@stage_command("extract-teachers", ExtractConfig, "extract_teachers")
+def _extract_teachers():
+    """Run every teacher once over a split; write logits, Grad-CAM maps and Y/O scores to a Zarr store.
+
+    Rerunning the same command resumes an interrupted extraction; a new teacher is added
+    to an existing store. Example: pipeline extract-teachers --dataset digits --target predicted
+    """
+
+
+@stage_command("train-student", TrainStudentConfig, "train_student")
+def _train_student():
+    """Train a student from a teacher store (no teacher is loaded).
+
+    Methods: ce (labels only), kd (one teacher's logits), kd-avg (mean of the teachers'
+    softened outputs), explain-kd (per sample, the teacher with the lowest confidence drop:
+    KD on its logits plus beta times a map loss against its cached Grad-CAM).
+    Example: pipeline train-student --method explain-kd --beta 10 --epochs 15
+    """
+
+
+@stage_command("evaluate", EvaluateConfig, "evaluate")
+def _evaluate():
+    """Test top-1/top-5 and Grad-CAM confidence drop of every student next to the teachers.
+
+    Example: pipeline evaluate --students-dir data_cache/students --out data_cache/metrics.json
+    """

@@ -1,0 +1,132 @@
+"""One dataclass per stage; the CLI builds its options from these fields and their help.
+
+A stage's config = the dataclass defaults, then params.yaml's `data` section and the
+stage's own section (when --params is given), then options given on the command line.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+METHODS = ("ce", "kd", "kd-avg", "explain-kd")
+TARGETS = ("label", "predicted")
+DEFAULT_TEACHERS = ("resnet20", "wrn16_2", "vgg8_bn")
+
+
+def setting(default, help: str):
+    """A config field with its --help text; list defaults are copied per instance."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PipelineError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = setting("digits", "data set registry name")
+    data_root: str | None = setting(None, "folder holding the data set on disk (digits needs none)")
+    split_seed: int = setting(0, "seed of the train/test split for data sets without an official one")
+
+
+@dataclass
+class TrainTeachersConfig(DataConfig):
+    teachers: list[str] = setting(DEFAULT_TEACHERS, "teacher architectures to train (model registry names)")
+    out_dir: str = setting("data_cache/teachers", "folder for <arch>.pt checkpoints and metrics.json")
+    epochs: int = setting(8, "training epochs per teacher")
+    batch_size: int = setting(64, "training batch size")
+    lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, cosine decay)")
+    weight_decay: float = setting(5e-4, "L2 weight decay")
+    seed: int = setting(0, "seed for initialisation and batch order")
+    target: str = setting("label", "class whose Grad-CAM the test metrics score: label | predicted")
+
+    def __post_init__(self):
+        check_choice("target", self.target, TARGETS)
+
+
+@dataclass
+class ExtractConfig(DataConfig):
+    split: str = setting("train", "data set split to cache")
+    teachers: list[str] = setting(
+        [f"data_cache/teachers/{name}.pt" for name in DEFAULT_TEACHERS],
+        "teacher checkpoints, each a path or checkpoint:<path>",
+    )
+    store: str = setting("data_cache/stores/digits-train.zarr", "Zarr store to write (created, or resumed)")
+    target: str = setting("label", "class whose Grad-CAM is cached: label (ground truth) | predicted")
+    block_size: int = setting(256, "samples per shard: the unit of writing and of resuming")
+    batch_size: int = setting(128, "teacher batch size")
+    num_workers: int = setting(0, "DataLoader worker processes that load images")
+
+    def __post_init__(self):
+        check_choice("target", self.target, TARGETS)
+
+
+@dataclass
+class TrainStudentConfig(DataConfig):
+    split: str = setting("train", "data set split the store was extracted from")
+    store: str = setting("data_cache/stores/digits-train.zarr", "teacher store to learn from")
+    method: str = setting("explain-kd", "ce | kd | kd-avg | explain-kd")
+    teacher: str | None = setting(None, "kd only: teacher name (default: best held-out accuracy)")
+    arch: str = setting("resnet8_slim", "student architecture (model registry name)")
+    out_dir: str = setting("data_cache/students", "the run writes <out-dir>/<run-name>/")
+    run_name: str | None = setting(None, "name of the run folder (default: the method)")
+    temperature: float = setting(4.0, "KD temperature T (the KD term is scaled by T^2)")
+    alpha: float = setting(1.0, "weight of the KD term (cross-entropy has weight 1)")
+    beta: float = setting(10.0, "weight of the Grad-CAM map term (explain-kd only)")
+    epochs: int = setting(15, "training epochs")
+    batch_size: int = setting(64, "training batch size")
+    lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, cosine decay)")
+    weight_decay: float = setting(5e-4, "L2 weight decay")
+    seed: int = setting(0, "seed for initialisation and batch order")
+    num_workers: int = setting(0, "DataLoader worker processes streaming store blocks")
+    mix_blocks: int = setting(2, "store blocks shuffled together, so batches mix shards")
+
+    def __post_init__(self):
+        check_choice("method", self.method, METHODS)
+
+
+@dataclass
+class EvaluateConfig(DataConfig):
+    students_dir: str = setting("data_cache/students", "every <run>/checkpoint.pt below it is evaluated")
+    teacher_metrics: str = setting("data_cache/teachers/metrics.json", "teacher metrics from train-teachers")
+    out: str = setting("data_cache/metrics.json", "metrics JSON to write (read by `dvc metrics show`)")
+    target: str = setting("label", "class whose Grad-CAM is scored: label | predicted")
+    batch_size: int = setting(256, "evaluation batch size")
+
+    def __post_init__(self):
+        check_choice("target", self.target, TARGETS)
+
+
+STAGE_SECTIONS = {
+    TrainTeachersConfig: "train_teachers",
+    ExtractConfig: "extract_teachers",
+    TrainStudentConfig: "train_student",
+    EvaluateConfig: "evaluate",
+}
+
+
+def load_config(cls, params_file: str | Path | None = None, **overrides):
+    """Build `cls` from defaults, then params.yaml (`data` + the stage section), then overrides (None = unset)."""
+    values: dict = {}
+    if params_file is not None:
+        path = Path(params_file)
+        if not path.is_file():
+            raise PipelineError(f"params file {path} does not exist; pass an existing --params file")
+        params = yaml.safe_load(path.read_text()) or {}
+        values.update(params.get("data") or {})
+        values.update(params.get(STAGE_SECTIONS[cls]) or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PipelineError(
+            f"unknown {STAGE_SECTIONS[cls]} setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+        )
+    return cls(**values)

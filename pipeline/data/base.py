@@ -1,0 +1,62 @@
+"""What every data set in the registry provides: uint8 images, int labels, stable ids."""
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]  # H, W, C of the uint8 images
+    mean: tuple[float, ...]  # per channel, for images scaled to [0, 1]
+    std: tuple[float, ...]
+    splits: tuple[str, ...]
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """One split held in memory: images uint8 (N, H, W, C), labels int64 (N,), ids str (N,)."""
+
+    def __init__(self, info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray, ids: np.ndarray):
+        if not (len(images) == len(labels) == len(ids)):
+            raise ValueError("images, labels and ids must have the same length")
+        self.info, self.split = info, split
+        self.images, self.labels, self.ids = images, labels.astype(np.int64), ids
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.images[index], int(self.labels[index])
+
+    def identity(self) -> dict:
+        """What a teacher store records about the data it was made from (see cache.py)."""
+        digest = hashlib.sha256()
+        for sample_id, label in zip(self.ids, self.labels):
+            digest.update(f"{sample_id}:{label}\n".encode())
+        return {
+            "name": self.info.name,
+            "split": self.split,
+            "num_samples": len(self),
+            "num_classes": self.info.num_classes,
+            "image_shape": list(self.info.image_shape),
+            "ids_sha256": digest.hexdigest(),
+        }
+
+
+def check_split(info: DatasetInfo, split: str) -> None:
+    if split not in info.splits:
+        raise PipelineError(f"data set {info.name!r} has no split {split!r}; choose one of: {', '.join(info.splits)}")
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W), scaled to [0, 1] then standardised."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,40 @@
+"""Checkpoints that carry what is needed to rebuild the model and how it was made."""
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.models import create_model
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A hash of the parameters and buffers themselves (stable across torch.save files)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, record: dict) -> None:
+    """`record` holds at least name, arch, in_channels, num_classes; add config and metrics."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({**record, "state_dict": state}, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the registered architecture, load the weights, return (model in eval mode, record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint {path} does not exist; train it first (pipeline train-teachers)")
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_model(record["arch"], record["in_channels"], record["num_classes"])
+    model.load_state_dict(record.pop("state_dict"))
+    return model.eval(), record

@@ -1,0 +1,138 @@
+"""Small CIFAR-style networks, usable as teachers and students.
+
+Every network here names its Grad-CAM layer (`cam_layer`, the last 4-D feature map)
+and, when its head is global-average-pool + Linear, that Linear (`linear_head`), which
+lets explain.py take the closed-form Grad-CAM path. `vgg8_bn` deliberately has a
+flatten + MLP head, so the default teacher set exercises the autograd path too.
+"""
+
+import torch
+from torch import nn
+
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class BasicBlock(nn.Module):
+    """Post-activation ResNet block (He et al. 2016, CIFAR variant with 1x1 projection shortcuts)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_bn_relu(c_in, c_out, stride),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block used by wide ResNets (Zagoruyko & Komodakis 2016)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(self.bn1(x))
+        out = self.conv2(torch.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class GapLinearNet(nn.Module):
+    """features -> global average pool -> Linear: the head that admits closed-form Grad-CAM."""
+
+    cam_layer = "features"
+    linear_head = "fc"
+
+    def __init__(self, features: nn.Sequential, width: int, num_classes: int):
+        super().__init__()
+        self.features = features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def stages(block: type[nn.Module], widths: tuple[int, ...], depth_per_stage: int, c_in: int) -> list[nn.Module]:
+    layers = []
+    for i, width in enumerate(widths):
+        for j in range(depth_per_stage):
+            layers.append(block(c_in, width, 2 if (i > 0 and j == 0) else 1))
+            c_in = width
+    return layers
+
+
+def cifar_resnet(depth: int, widths: tuple[int, int, int], in_channels: int, num_classes: int) -> GapLinearNet:
+    """ResNet-(6n+2) for 32x32 inputs: 3 stages of n basic blocks, 32 -> 16 -> 8 px."""
+    n = (depth - 2) // 6
+    features = nn.Sequential(
+        *conv_bn_relu(in_channels, widths[0]), *stages(BasicBlock, widths, n, widths[0])
+    )
+    return GapLinearNet(features, widths[-1], num_classes)
+
+
+def resnet8(in_channels: int, num_classes: int) -> nn.Module:
+    return cifar_resnet(8, (16, 32, 64), in_channels, num_classes)
+
+
+def resnet8_slim(in_channels: int, num_classes: int) -> nn.Module:
+    """Half-width ResNet-8 (about 20k parameters): the default student."""
+    return cifar_resnet(8, (8, 16, 32), in_channels, num_classes)
+
+
+def resnet20(in_channels: int, num_classes: int) -> nn.Module:
+    return cifar_resnet(20, (16, 32, 64), in_channels, num_classes)
+
+
+def wrn16_2(in_channels: int, num_classes: int) -> nn.Module:
+    """Wide ResNet 16-2: pre-activation blocks, the final BN + ReLU belong to `features`."""
+    widths = (32, 64, 128)
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False),
+        *stages(PreActBlock, widths, 2, 16),
+        nn.BatchNorm2d(widths[-1]),
+        nn.ReLU(inplace=True),
+    )
+    return GapLinearNet(features, widths[-1], num_classes)
+
+
+class VGG(nn.Module):
+    """VGG-style conv/BN/ReLU stack with max-pooling and a flatten + MLP head (no GAP)."""
+
+    cam_layer = "features"
+    linear_head = None
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int = 32):
+        super().__init__()
+        layers, c_in = [], in_channels
+        for spec in (32, "M", 64, "M", 128, 128, "M"):
+            if spec == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += conv_bn_relu(c_in, spec)
+                c_in = spec
+        self.features = nn.Sequential(*layers)
+        side = image_size // 8
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c_in * side * side, 256), nn.ReLU(inplace=True), nn.Linear(256, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def vgg8_bn(in_channels: int, num_classes: int) -> nn.Module:
+    return VGG(in_channels, num_classes)

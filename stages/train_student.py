@@ -1,0 +1,84 @@
+"""Stage two: train a student from the teacher store and the data set alone.
+
+No teacher is constructed here: logits, maps and explanation scores come from the store,
+streamed a whole block (shard) at a time.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline.cache import TeacherStore, cached_top1
+from pipeline.config import TrainStudentConfig
+from pipeline.data import get_dataset
+from pipeline.distill import DistillationLoss, teacher_fields
+from pipeline.errors import PipelineError
+from pipeline.explain import CamLayer
+from pipeline.models import create_model
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.stream import BlockStream
+from pipeline.train import fit
+
+
+def choose_teachers(store: TeacherStore, method: str, teacher: str | None) -> list[str]:
+    """The store teachers a method learns from; `kd` takes the named or the most accurate one."""
+    if method == "ce":
+        return []
+    if method != "kd":
+        if not store.teachers:
+            raise PipelineError(f"store {store.path} holds no teachers; run `pipeline extract-teachers` first")
+        return store.teachers
+    if teacher is not None:
+        store.teacher_group(teacher)  # fails listing the store's teachers
+        return [teacher]
+    held_out = {name: store.teacher_attrs(name).get("heldout_top1") for name in store.teachers}
+    if None in held_out.values():  # some teacher came without held-out metrics: rank on the cached split
+        held_out = {name: cached_top1(store, name) for name in store.teachers}
+    best = max(sorted(held_out), key=held_out.get)
+    print(f"kd: learning from {best} (top-1 {held_out[best]:.4f}, best of {len(held_out)} teachers)")
+    return [best]
+
+
+def run(cfg: TrainStudentConfig) -> dict:
+    store = TeacherStore.open(cfg.store)
+    dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed)
+    store.check_made_from({"dataset": dataset.identity()})
+    teachers = choose_teachers(store, cfg.method, cfg.teacher)
+    blocks = store.finished_blocks(teachers)
+    if len(blocks) < store.num_blocks:
+        raise PipelineError(
+            f"store {store.path} is incomplete ({len(blocks)}/{store.num_blocks} blocks finished for "
+            f"{', '.join(teachers)}); rerun the same `pipeline extract-teachers` command to finish it"
+        )
+    if "images" not in store.group:
+        raise PipelineError(f"store {store.path} holds no images; only data sets of at most 64 px are supported")
+    info = dataset.info
+    stream = BlockStream(cfg.store, ["images", "labels", *teacher_fields(cfg.method, teachers)], blocks,
+                         cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg.num_workers,
+        multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
+    )
+
+    def batches(epoch: int):
+        stream.set_epoch(epoch)
+        return loader
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.arch, info.image_shape[2], info.num_classes)
+    loss_fn = DistillationLoss(cfg.method, teachers, CamLayer.of(model), info.mean, info.std,
+                               cfg.temperature, cfg.alpha, cfg.beta)
+    run_name = cfg.run_name or cfg.method
+    history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.approx_num_batches(store),
+                  lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}")
+    run_dir = Path(cfg.out_dir) / run_name
+    save_checkpoint(run_dir / "checkpoint.pt", model, {
+        "name": run_name, "arch": cfg.arch, "in_channels": info.image_shape[2], "num_classes": info.num_classes,
+        "dataset": dataset.identity(), "transform": {"mean": list(info.mean), "std": list(info.std)},
+        "config": dataclasses.asdict(cfg), "teachers": teachers, "store_fingerprint": store.attrs["fingerprint"],
+        "history": history,
+    })
+    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    return {"run_dir": str(run_dir), "teachers": teachers, "history": history}

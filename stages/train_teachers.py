@@ -1,0 +1,52 @@
+"""Stage: train each teacher with cross-entropy; save checkpoints and their test metrics."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.config import TrainTeachersConfig
+from pipeline.data import get_dataset, normalize
+from pipeline.evaluation import evaluate_model
+from pipeline.models import MODELS, count_parameters, create_model
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.train import fit, seeded_generator
+
+
+def run(cfg: TrainTeachersConfig) -> dict[str, dict]:
+    for arch in cfg.teachers:
+        MODELS.get(arch)  # fail on a bad name before hours of training
+    train = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.split_seed)
+    test = get_dataset(cfg.dataset, "test", cfg.data_root, cfg.split_seed)
+    info, out_dir = train.info, Path(cfg.out_dir)
+    all_metrics = {}
+    for arch in cfg.teachers:
+        torch.manual_seed(cfg.seed)
+        model = create_model(arch, info.image_shape[2], info.num_classes)
+
+        def batches(epoch: int):
+            loader = torch.utils.data.DataLoader(
+                train, batch_size=cfg.batch_size, shuffle=True, generator=seeded_generator(cfg.seed, epoch)
+            )
+            return ({"images": images, "labels": labels} for images, labels in loader)
+
+        def loss_fn(net, batch):
+            logits = net(normalize(batch["images"], info.mean, info.std))
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+            return {"loss": loss, "ce": loss}
+
+        steps = -(-len(train) // cfg.batch_size)
+        history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps,
+                      lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"teacher {arch}")
+        metrics = {**evaluate_model(model, test, cfg.target, batch_size=256, desc=arch),
+                   "params": count_parameters(model)}
+        print(f"teacher {arch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        save_checkpoint(out_dir / f"{arch}.pt", model, {
+            "name": arch, "arch": arch, "in_channels": info.image_shape[2], "num_classes": info.num_classes,
+            "dataset": train.identity(), "transform": {"mean": list(info.mean), "std": list(info.std)},
+            "config": dataclasses.asdict(cfg), "metrics": metrics, "history": history,
+        })
+        all_metrics[arch] = metrics
+    (out_dir / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
+    return all_metrics

@@ -1,0 +1,58 @@
+"""The command line: every option documented, bad input answered in one line."""
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import EvaluateConfig, ExtractConfig, TrainStudentConfig, TrainTeachersConfig
+
+COMMANDS = {"train-teachers": TrainTeachersConfig, "extract-teachers": ExtractConfig,
+            "train-student": TrainStudentConfig, "evaluate": EvaluateConfig}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_explains_every_option(command):
+    result = CliRunner().invoke(main, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for field in dataclasses.fields(COMMANDS[command]):
+        option = f"--{field.name.replace('_', '-')} "
+        line = next(line for line in result.output.splitlines() if line.strip().startswith(option))
+        assert field.metadata["help"].split(" (")[0][:30] in line
+    assert "--params" in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train-teachers", "--dataset", "mnist"], "unknown data set 'mnist'; choose one of: digits"),
+    (["train-teachers", "--teachers", "resnet20,resnet999"], "unknown model 'resnet999'; choose one of: resnet20,"),
+    (["extract-teachers", "--split", "validation"], "has no split 'validation'; choose one of: train, test"),
+    (["extract-teachers", "--teachers", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
+    (["extract-teachers", "--target", "best"], "unknown target 'best'; choose one of: label, predicted"),
+    (["train-student", "--method", "magic"], "unknown method 'magic'; choose one of: ce, kd, kd-avg, explain-kd"),
+    (["train-student", "--store", "nowhere.zarr"], "no teacher store at nowhere.zarr"),
+    (["evaluate", "--params", "nowhere.yaml"], "params file nowhere.yaml does not exist"),
+])
+def test_bad_input_is_one_line_error(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+def test_unknown_params_key_names_the_valid_ones(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train_student:\n  betta: 3\n")
+    result = CliRunner().invoke(main, ["train-student", "--params", str(params)])
+    assert result.exit_code == 1
+    assert "unknown train_student setting(s) betta; valid: alpha, arch, batch_size, beta" in result.output
+
+
+def test_options_override_params_file(tmp_path):
+    from pipeline.config import load_config
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  split_seed: 7\ntrain_student:\n  beta: 3.0\n  epochs: 2\n")
+    cfg = load_config(TrainStudentConfig, params, epochs=5, beta=None)
+    assert (cfg.split_seed, cfg.beta, cfg.epochs, cfg.method) == (7, 3.0, 5, "explain-kd")

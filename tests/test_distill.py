@@ -1,0 +1,89 @@
+"""Losses on hand-computed inputs, and the per-sample teacher choice of each method."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.distill import DistillationLoss, best_explainer, kd_loss, map_loss, teacher_fields
+from pipeline.explain import CamLayer, grad_cam
+from pipeline.models import create_model
+
+
+def test_kd_loss_golden_value():
+    teacher = torch.tensor([[0.75, 0.25]])
+    student_logits = torch.zeros(1, 2)
+    expected = 4 * (0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5))  # T^2 * KL, T = 2
+    assert kd_loss(student_logits, teacher, temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
+    assert kd_loss(torch.tensor([[3.0, 1.0]]), F.softmax(torch.tensor([[3.0, 1.0]]), 1), 1.0).item() == \
+        pytest.approx(0.0, abs=1e-7)
+
+
+def test_map_loss_golden_value_and_empty_teacher_maps_are_skipped():
+    student = torch.tensor([[[3.0, 4.0]], [[1.0, 0.0]]])
+    teacher = torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]]])  # second teacher map is empty
+    # sample 0: [0.6, 0.8] - [0, 1] -> 0.36 + 0.04; sample 1 carries no target
+    assert map_loss(student, teacher).item() == pytest.approx(0.40, rel=1e-6)
+    assert map_loss(student, torch.zeros_like(teacher)).item() == 0.0
+
+
+def test_best_explainer_prefers_lowest_drop_and_breaks_ties_by_confidence_gain():
+    y = torch.tensor([[0.8, 0.5, 0.4], [0.9, 0.9, 0.9]])
+    o = torch.tensor([[0.2, 0.6, 0.4], [0.1, 0.95, 0.99]])
+    # row 0: drops 0.75, 0, 0 -> teacher 1 raises confidence most; row 1: teacher 2
+    assert best_explainer(y, o).tolist() == [1, 2]
+
+
+def test_teacher_fields_per_method():
+    assert teacher_fields("ce", ["a"]) == []
+    assert teacher_fields("kd", ["a"]) == ["teachers/a/logits"]
+    assert "teachers/b/o_prob" in teacher_fields("explain-kd", ["a", "b"])
+
+
+def make_batch():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 32, 32, 1), dtype=torch.uint8)
+    batch = {"images": images, "labels": torch.tensor([3, 7])}
+    for name, logits, y, o in (("t1", [[0.0] * 10, [1.0] * 10], [0.9, 0.9], [0.1, 0.9]),  # t1 wins sample 1
+                               ("t2", [[2.0] * 10, [3.0] * 10], [0.9, 0.9], [0.8, 0.1])):  # t2 wins sample 0
+        batch[f"teachers/{name}/logits"] = torch.tensor(logits).half()
+        batch[f"teachers/{name}/logits"][:, 3] += torch.tensor([4.0, -1.0]).half()
+        batch[f"teachers/{name}/y_prob"] = torch.tensor(y)
+        batch[f"teachers/{name}/o_prob"] = torch.tensor(o)
+        batch[f"teachers/{name}/cam"] = torch.randint(0, 256, (2, 4, 4), dtype=torch.uint8)
+        batch[f"teachers/{name}/cam_max"] = torch.tensor([1.0, 0.0])
+    return batch
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "kd-avg", "explain-kd"])
+def test_distillation_loss_components(method):
+    batch = make_batch()
+    student = create_model("resnet8_slim", 1, 10).eval()
+    layer = CamLayer.of(student)
+    teachers = ["t2"] if method == "kd" else ["t1", "t2"]
+    loss_fn = DistillationLoss(method, teachers, layer, (0.3,), (0.32,), temperature=4.0, alpha=0.5, beta=2.0)
+    losses = loss_fn(student, batch)
+
+    x = (batch["images"].permute(0, 3, 1, 2).float() / 255 - 0.3) / 0.32
+    logits, cam = grad_cam(student, x, batch["labels"], layer, create_graph=True)
+    ce = F.cross_entropy(logits, batch["labels"])
+    soft = {t: F.softmax(batch[f"teachers/{t}/logits"].float() / 4.0, 1) for t in ("t1", "t2")}
+    if method == "ce":
+        assert set(losses) == {"ce", "loss"}
+        expected = ce
+    elif method == "kd":
+        expected = ce + 0.5 * kd_loss(logits, soft["t2"], 4.0)
+    elif method == "kd-avg":
+        expected = ce + 0.5 * kd_loss(logits, (soft["t1"] + soft["t2"]) / 2, 4.0)
+    else:
+        chosen = torch.stack([soft["t2"][0], soft["t1"][1]])
+        assert losses["chosen/t1"].item() == 0.5 and losses["chosen/t2"].item() == 0.5
+        teacher_map = batch["teachers/t2/cam"][0].float() / 255 * 1.0  # sample 1's map (t1) is empty
+        expected_map = map_loss(cam[:1], F.interpolate(teacher_map[None, None], size=(8, 8), mode="bilinear",
+                                                       align_corners=False)[:, 0])
+        torch.testing.assert_close(losses["map"], expected_map)
+        expected = ce + 0.5 * kd_loss(logits, chosen, 4.0) + 2.0 * expected_map
+    torch.testing.assert_close(losses["loss"], expected)
+    losses["loss"].backward()
+    assert student.fc.weight.grad is not None

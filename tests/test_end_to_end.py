@@ -1,0 +1,100 @@
+"""Every CLI command through click's CliRunner on the digits data: train tiny teachers,
+extract them into a store, delete their checkpoints, train students, evaluate."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+TEACHERS = ("resnet8_slim", "vgg8_bn")  # one closed-form and one autograd Grad-CAM path, both fast
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    teachers, store = root / "teachers", root / "store.zarr"
+    invoke("train-teachers", "--teachers", ",".join(TEACHERS), "--epochs", 3, "--out-dir", teachers)
+    invoke("extract-teachers", "--teachers", ",".join(str(teachers / f"{t}.pt") for t in TEACHERS),
+           "--store", store, "--block-size", 512)
+    for checkpoint in teachers.glob("*.pt"):  # stage two must not need the teachers
+        checkpoint.unlink()
+    return root
+
+
+def test_store_opens_with_plain_zarr_and_holds_every_artefact(run):
+    group = zarr.open_group(run / "store.zarr", mode="r")
+    assert group.attrs["dataset"]["name"] == "digits" and group.attrs["dataset"]["num_samples"] == 1437
+    assert group.attrs["target"] == "label"
+    assert group["labels"].shape == (1437,) and group["images"].shape == (1437, 32, 32, 1)
+    assert sorted(group["teachers"].group_keys()) == sorted(TEACHERS)
+    maps = {"resnet8_slim": (8, 8), "vgg8_bn": (4, 4)}
+    for name in TEACHERS:
+        teacher = group[f"teachers/{name}"]
+        assert teacher["logits"].shape == (1437, 10) and teacher["logits"].dtype == np.float16
+        assert teacher["cam"].shape == (1437, *maps[name]) and teacher["cam"].dtype == np.uint8
+        assert teacher["progress"][:].all()
+        y, o = teacher["y_prob"][:], teacher["o_prob"][:]
+        assert np.isfinite(y).all() and np.isfinite(o).all() and (y > 0).all()
+        assert teacher["cam"][:].max(axis=(1, 2)).max() == 255
+        assert teacher.attrs["cam_path"] == ("autograd" if name == "vgg8_bn" else "closed-form")
+        # the cached logits are the trained teacher's: far better than chance on the cached split
+        accuracy = (teacher["logits"][:].argmax(1) == group["labels"][:]).mean()
+        assert accuracy > 0.5, accuracy
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "kd-avg", "explain-kd"])
+def test_train_student_without_teacher_checkpoints(run, method):
+    result = invoke("train-student", "--store", run / "store.zarr", "--method", method, "--epochs", 1,
+                    "--out-dir", run / "students")
+    history = (run / "students" / method / "history.csv").read_text().splitlines()
+    assert len(history) == 2  # header + one epoch
+    header = history[0].split(",")
+    assert "ce" in header and ("kd" in header) == (method != "ce") and ("map" in header) == (method == "explain-kd")
+    if method == "explain-kd":
+        assert {f"chosen/{t}" for t in TEACHERS} <= set(header)
+    assert "epoch 1/1" in result.output
+
+
+def test_evaluate_writes_metrics_for_students_and_teachers(run):
+    for method in ("ce", "explain-kd"):
+        if not (run / "students" / method / "checkpoint.pt").exists():
+            invoke("train-student", "--store", run / "store.zarr", "--method", method, "--epochs", 1,
+                   "--out-dir", run / "students")
+    result = invoke("evaluate", "--students-dir", run / "students", "--teacher-metrics",
+                    run / "teachers" / "metrics.json", "--out", run / "metrics.json")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["teachers"]) == set(TEACHERS)
+    assert {"ce", "explain-kd"} <= set(metrics["students"])
+    for values in [*metrics["teachers"].values(), *metrics["students"].values()]:
+        assert {"top1", "top5", "mean_confidence_drop", "increase_in_confidence", "params"} <= set(values)
+        assert 0 <= values["top1"] <= values["top5"] <= 1
+        assert 0 <= values["mean_confidence_drop"] <= 1
+    assert "explain-kd" in result.output and "vgg8_bn" in result.output
+
+
+def test_kd_uses_the_named_teacher_or_the_most_accurate(run):
+    metrics = json.loads((run / "teachers" / "metrics.json").read_text())
+    best = max(TEACHERS, key=lambda t: metrics[t]["top1"])
+    result = invoke("train-student", "--store", run / "store.zarr", "--method", "kd", "--epochs", 1,
+                    "--out-dir", run / "students", "--run-name", "kd-best")
+    assert f"kd: learning from {best}" in result.output
+
+
+def test_extracting_again_reuses_the_finished_store(run):
+    store = zarr.open_group(run / "store.zarr", mode="r")
+    before = store["teachers/vgg8_bn/logits"][:]
+    result = CliRunner().invoke(main, ["extract-teachers", "--store", str(run / "store.zarr"),
+                                       "--teachers", str(run / "teachers" / "vgg8_bn.pt")])
+    assert result.exit_code == 1  # the checkpoint is gone ...
+    assert "does not exist" in result.output
+    np.testing.assert_array_equal(store["teachers/vgg8_bn/logits"][:], before)  # ... and the store is untouched

@@ -1,0 +1,111 @@
+"""Grad-CAM: closed form == autograd on GAP heads; autograd == the `grad-cam` package."""
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from pipeline.errors import PipelineError
+from pipeline.explain import CamLayer, confidence_drop, explain, explanation_confidences, grad_cam, upsample_minmax
+from pipeline.models import create_model
+
+
+def random_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(name, in_channels=1, num_classes=10)
+    for module in model.modules():  # non-trivial BN statistics, so eval mode differs from identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet8_slim", "resnet20", "wrn16_2"])
+@pytest.mark.parametrize("target_mode", ["label", "predicted"])
+def test_closed_form_equals_autograd_on_gap_heads(name, target_mode):
+    model = random_model(name)
+    layer = CamLayer.of(model)
+    assert layer.path == "closed-form"
+    x = torch.randn(6, 1, 32, 32)
+    target = torch.tensor([0, 1, 2, 3, 4, 9]) if target_mode == "label" else None
+    logits_cf, cam_cf = grad_cam(model, x, target, layer)
+    logits_ag, cam_ag = grad_cam(model, x, target, CamLayer(layer.target_layer, None))
+    torch.testing.assert_close(logits_cf, logits_ag)
+    assert cam_cf.shape == (6, 8, 8)
+    assert cam_cf.max() > 0
+    torch.testing.assert_close(cam_cf, cam_ag, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["vgg8_bn", "resnet8_slim"])
+def test_autograd_path_matches_grad_cam_package(name):
+    model = random_model(name, seed=1)
+    layer = CamLayer(CamLayer.of(model).target_layer, None)  # force the autograd path
+    x = torch.randn(5, 1, 32, 32)
+    target = torch.tensor([3, 1, 4, 1, 5])
+    _, ours = grad_cam(model, x, target, layer)
+    ours = upsample_minmax(ours, (32, 32)).numpy()
+    reference = GradCAM(model=model, target_layers=[model.features])(
+        input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in target]
+    )
+    assert reference.shape == ours.shape
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+def test_vgg_takes_autograd_path_and_has_coarser_maps():
+    model = random_model("vgg8_bn")
+    layer = CamLayer.of(model)
+    assert layer.path == "autograd"
+    _, cam = grad_cam(model, torch.randn(2, 1, 32, 32), torch.tensor([0, 1]), layer)
+    assert cam.shape == (2, 4, 4)
+
+
+def test_differentiable_student_map_carries_gradient_to_weights():
+    model = random_model("resnet8_slim").train()
+    _, cam = grad_cam(model, torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]), CamLayer.of(model),
+                      create_graph=True)
+    cam.sum().backward()
+    assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
+    assert model.features[0].weight.grad.abs().sum() > 0
+
+
+def test_maps_without_graph_when_not_requested():
+    model = random_model("vgg8_bn")
+    logits, cam = grad_cam(model, torch.randn(2, 1, 32, 32), None, CamLayer.of(model))
+    assert not cam.requires_grad and not logits.requires_grad
+
+
+def test_unknown_target_layer_lists_modules():
+    model = random_model("resnet8_slim")
+    with pytest.raises(PipelineError, match="has no module 'layer9'; modules are: features"):
+        CamLayer.of(model, "layer9")
+
+
+def test_upsample_minmax_scales_to_unit_range_and_keeps_empty_maps_zero():
+    cam = torch.zeros(2, 2, 2)
+    cam[0] = torch.tensor([[1.0, 3.0], [5.0, 7.0]])
+    up = upsample_minmax(cam, (4, 4))
+    assert up[0].min() == 0 and up[0].max() == 1
+    assert torch.equal(up[1], torch.zeros(4, 4))
+
+
+def test_confidence_drop_hand_values():
+    y = torch.tensor([0.8, 0.5, 0.4])
+    o = torch.tensor([0.2, 0.6, 0.4])
+    torch.testing.assert_close(confidence_drop(y, o), torch.tensor([0.75, 0.0, 0.0]))
+
+
+def test_explanation_image_is_the_masked_input():
+    """O is the probability on up(L) * x: check against a hand-built explanation image."""
+    model = random_model("resnet8_slim")
+    x = torch.randn(3, 1, 32, 32)
+    labels = torch.tensor([1, 2, 3])
+    result = explain(model, CamLayer.of(model), x, labels, "label")
+    mask = upsample_minmax(result.cam, (32, 32))[:, None]
+    with torch.no_grad():
+        expected_o = torch.softmax(model(mask * x), 1)[torch.arange(3), labels]
+        expected_y = torch.softmax(model(x), 1)[torch.arange(3), labels]
+    torch.testing.assert_close(result.o_prob, expected_o)
+    torch.testing.assert_close(result.y_prob, expected_y)
+    y, o = explanation_confidences(model, x, result.logits, result.cam, labels)
+    torch.testing.assert_close(o, expected_o)
