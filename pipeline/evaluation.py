@@ -15,8 +15,9 @@ def evaluate_model(model: nn.Module, dataset: ArrayDataset, target: str, batch_s
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     top1 = top5 = drop = increase = 0.0
     k = min(5, dataset.info.num_classes)
-    for images, labels in tqdm(loader, desc=f"evaluate {desc}", leave=False):
-        result = explain(model, layer, normalize(images, dataset.info.mean, dataset.info.std), labels, target)
+    for images, labels in tqdm(loader, desc=f"evaluate {desc}", leave=False, disable=None):
+        mean, std = dataset.info.mean, dataset.info.std
+        result = explain(model, layer, normalize(images, mean, std), labels, target, mean, std)
         ranked = result.logits.topk(k, dim=1).indices
         top1 += (ranked[:, 0] == labels).sum().item()
         top5 += (ranked == labels[:, None]).any(1).sum().item()

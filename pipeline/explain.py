@@ -111,16 +111,20 @@ def upsample_minmax(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def explanation_confidences(
-    model: nn.Module, x: torch.Tensor, logits: torch.Tensor, cam: torch.Tensor, target: torch.Tensor
+    model: nn.Module, x: torch.Tensor, logits: torch.Tensor, cam: torch.Tensor, target: torch.Tensor,
+    mean: tuple[float, ...], std: tuple[float, ...],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Y = p(target | x) and O = p(target | up(L) * x), the explanation image of Grad-CAM++.
+    """Y = p(target | x) and O = p(target | E), E = up(L) * I, the explanation image of Grad-CAM++.
 
-    The mask multiplies the model's input tensor, as the `grad-cam` package's
-    CamMultImageConfidenceChange does, so a masked-out pixel becomes the data set mean.
+    `x` is the normalised input (x - mean) / std; the mask multiplies the image I itself
+    (in [0, 1]), so an explained-away pixel turns black as in the paper, not mean-grey.
     """
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     mask = upsample_minmax(cam, x.shape[-2:])[:, None].to(x.dtype)
+    explanation = (mask * (x * std + mean) - mean) / std
     y = torch.softmax(logits.float(), 1).gather(1, target[:, None])[:, 0]
-    o = torch.softmax(model(mask * x).float(), 1).gather(1, target[:, None])[:, 0]
+    o = torch.softmax(model(explanation).float(), 1).gather(1, target[:, None])[:, 0]
     return y, o
 
 
@@ -140,9 +144,13 @@ class Explanation:
     o_prob: torch.Tensor
 
 
-def explain(model: nn.Module, layer: CamLayer, x: torch.Tensor, labels: torch.Tensor, target: str) -> Explanation:
-    """Grad-CAM of the ground-truth class (`target="label"`) or the predicted one, and its score."""
+def explain(model: nn.Module, layer: CamLayer, x: torch.Tensor, labels: torch.Tensor, target: str,
+            mean: tuple[float, ...], std: tuple[float, ...]) -> Explanation:
+    """Grad-CAM of the ground-truth class (`target="label"`) or the predicted one, and its score.
+
+    `x` is the input normalised with `mean` and `std` (needed to mask the image itself).
+    """
     logits, cam = grad_cam(model, x, labels if target == "label" else None, layer)
     explained = labels if target == "label" else logits.argmax(1)
-    y, o = explanation_confidences(model, x, logits, cam, explained)
+    y, o = explanation_confidences(model, x, logits, cam, explained, mean, std)
     return Explanation(logits, cam, explained, y, o)

@@ -29,7 +29,7 @@ def fit(
     for epoch in range(epochs):
         model.train()
         sums, seen = defaultdict(float), 0
-        progress = tqdm(batches(epoch), total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
+        progress = tqdm(batches(epoch), total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None)
         for batch in progress:
             losses = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)

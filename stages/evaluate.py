@@ -33,7 +33,7 @@ def run(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2) + "\n")
-    print(metrics_table(metrics).to_string(float_format=lambda v: f"{v:.4f}"))
+    print(metrics_table(metrics).to_markdown(index=False, floatfmt=".4f"))
     return metrics
 
 
@@ -41,5 +41,5 @@ def metrics_table(metrics: dict) -> pd.DataFrame:
     """One row per model: role, name, then every metric."""
     rows = [{"role": role[:-1], "model": name, **values}
             for role in ("teachers", "students") for name, values in metrics[role].items()]
-    return pd.DataFrame(rows).set_index(["role", "model"])
+    return pd.DataFrame(rows).rename(columns={"mean_confidence_drop": "drop", "increase_in_confidence": "increase"})
 

@@ -82,7 +82,8 @@ def run(cfg: ExtractConfig) -> TeacherStore:
 def explain_block(teacher: Teacher, batches: list, target: str) -> dict[str, np.ndarray]:
     parts = []
     for images, labels in batches:
-        result = explain(teacher.model, teacher.layer, normalize(images, teacher.mean, teacher.std), labels, target)
+        x = normalize(images, teacher.mean, teacher.std)
+        result = explain(teacher.model, teacher.layer, x, labels, target, teacher.mean, teacher.std)
         cam_u8, cam_max = quantize_cam(result.cam)
         parts.append({
             "logits": result.logits.half().numpy(), "cam": cam_u8, "cam_max": cam_max,

@@ -95,17 +95,19 @@ def test_confidence_drop_hand_values():
     torch.testing.assert_close(confidence_drop(y, o), torch.tensor([0.75, 0.0, 0.0]))
 
 
-def test_explanation_image_is_the_masked_input():
-    """O is the probability on up(L) * x: check against a hand-built explanation image."""
+def test_explanation_image_is_the_masked_image_not_the_masked_input():
+    """O is the probability on normalise(up(L) * I): check against a hand-built explanation image."""
     model = random_model("resnet8_slim")
-    x = torch.randn(3, 1, 32, 32)
+    mean, std = (0.3,), (0.32,)
+    image = torch.rand(3, 1, 32, 32)
+    x = (image - 0.3) / 0.32
     labels = torch.tensor([1, 2, 3])
-    result = explain(model, CamLayer.of(model), x, labels, "label")
+    result = explain(model, CamLayer.of(model), x, labels, "label", mean, std)
     mask = upsample_minmax(result.cam, (32, 32))[:, None]
     with torch.no_grad():
-        expected_o = torch.softmax(model(mask * x), 1)[torch.arange(3), labels]
+        expected_o = torch.softmax(model((mask * image - 0.3) / 0.32), 1)[torch.arange(3), labels]
         expected_y = torch.softmax(model(x), 1)[torch.arange(3), labels]
     torch.testing.assert_close(result.o_prob, expected_o)
     torch.testing.assert_close(result.y_prob, expected_y)
-    y, o = explanation_confidences(model, x, result.logits, result.cam, labels)
-    torch.testing.assert_close(o, expected_o)
+    _, masked_input_o = explanation_confidences(model, x, result.logits, result.cam, labels, (0.0,), (1.0,))
+    assert not torch.allclose(masked_input_o, expected_o)  # masking the normalised tensor is different
