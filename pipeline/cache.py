@@ -5,8 +5,12 @@ two writers ever touch one shard and a block is marked done in `progress` only a
 its data is written (a killed run resumes with the unmarked blocks).
 """
 
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,11 @@ def compressor() -> BloscCodec:
 
 def fingerprint(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _short(value):
+    """Hashes in messages: the first 12 hex digits tell two apart."""
+    return value[:12] + "..." if isinstance(value, str) and len(value) == 64 else value
 
 
 def quantize_cam(cam: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +73,23 @@ class TeacherStore:
                 f"{path} is not a {FORMAT} v{VERSION} store (format={found[0]!r}, version={found[1]!r}); "
                 "rewrite it with this version's `pipeline extract-teachers`"
             )
+        if "fingerprint" not in group.attrs:
+            raise PipelineError(f"store {path} was interrupted while being created; rerun `pipeline extract-teachers`")
         return cls(group, path)
+
+    @staticmethod
+    @contextmanager
+    def locked(path: str | Path) -> Iterator[None]:
+        """Serialise store creation and teacher registration between processes (flock on the folder)."""
+        parent = Path(path).absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     @classmethod
     def create(
@@ -73,25 +98,29 @@ class TeacherStore:
     ) -> "TeacherStore":
         """Open the store at `path` if it was made from the same data, else create it.
 
-        The root attributes are written last, so a half-created store is recognisable.
+        `format` is written first and `fingerprint` last, so a creation that was killed half
+        way is recognisable as ours and is simply redone; call inside `locked(path)`.
         """
         path = Path(path)
         record = {"dataset": identity, "target": target, "block_size": block_size}
         if (path / "zarr.json").exists():
-            store = cls.open(path, mode="r+")
-            store.check_made_from(record)
-            return store
+            found = zarr.open_group(path, mode="r").attrs
+            if not (found.get("format") == FORMAT and "fingerprint" not in found):
+                store = cls.open(path, mode="r+")
+                store.check_made_from(record)
+                return store
         if block_size % chunks_per_block:
             raise PipelineError(f"block size {block_size} is not a multiple of {chunks_per_block} chunks per block")
         group = zarr.open_group(path, mode="w")
+        group.attrs.update({"format": FORMAT, "version": VERSION})
         n, chunk = len(labels), block_size // chunks_per_block
         cls._create_rows(group, "labels", labels.astype(np.int32), block_size, chunk)
         if images is not None and max(images.shape[1:3]) <= MAX_STORED_IMAGE_SIDE:
             cls._create_rows(group, "images", images.astype(np.uint8), block_size, chunk)
         group.create_group("teachers")
         group.attrs.update({
-            **record, "format": FORMAT, "version": VERSION, "chunk_rows": chunk,
-            "num_blocks": -(-n // block_size), "code_version": __version__, "fingerprint": fingerprint(record),
+            **record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,
+            "fingerprint": fingerprint(record),
         })
         return cls(group, path)
 
@@ -111,9 +140,10 @@ class TeacherStore:
                 diff = [k for k in wanted if have is None or have.get(k) != wanted[k]]
                 if diff:
                     k = diff[0]
+                    hint = " (other samples or labels: check --split-seed and --data-root)" if k == "ids_sha256" else ""
                     raise PipelineError(
-                        f"store {self.path} was made from {key}.{k}={(have or {}).get(k)!r}, "
-                        f"not {wanted[k]!r}; use a new --store path or the matching data"
+                        f"store {self.path} was made from {key}.{k}={_short((have or {}).get(k))!r}, "
+                        f"not {_short(wanted[k])!r}{hint}; use a new --store path or the matching data"
                     )
             elif have != wanted:
                 raise PipelineError(f"store {self.path} has {key}={have!r}, not {wanted!r}; use a new --store path")
@@ -160,6 +190,8 @@ class TeacherStore:
         """Create the teacher's arrays, or check that the existing ones came from the same teacher."""
         identity = {**identity, "map_shape": list(map_shape),
                     "fingerprint": fingerprint({k: identity[k] for k in TEACHER_IDENTITY})}
+        if name in self.teachers and "fingerprint" not in self.teacher_attrs(name):
+            self.drop_teacher(name)  # its registration was interrupted before any block was written
         if name in self.teachers:
             have = self.teacher_attrs(name)
             if have.get("fingerprint") != identity["fingerprint"]:
@@ -185,6 +217,11 @@ class TeacherStore:
             )
         group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False)
         group.attrs.update(identity)
+
+    def drop_teacher(self, name: str) -> None:
+        """Delete one teacher's arrays; the other teachers are untouched."""
+        self.teacher_group(name)  # fails listing the store's teachers
+        del self.group["teachers"][name]
 
     def pending_blocks(self, name: str) -> list[int]:
         done = self.teacher_group(name)["progress"][...]

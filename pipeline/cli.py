@@ -5,6 +5,7 @@ Each command's options are generated from its config dataclass (pipeline/config.
 """
 
 import dataclasses
+import errno
 import typing
 
 import click
@@ -28,10 +29,12 @@ def config_options(cls):
             shown = ",".join(default) if is_list else default
             help_text = field.metadata["help"] + (" (comma-separated)" if is_list else "")
             help_text += f" [default: {shown}]" if default is not None else ""
-            command = click.option(
-                "--" + field.name.replace("_", "-"), field.name, type=click_type(field.type),
-                default=None, help=help_text,
-            )(command)
+            flag = "--" + field.name.replace("_", "-")
+            if field.type is bool:  # --x / --no-x; unset stays None so params.yaml can decide
+                command = click.option(f"{flag}/--no-{flag[2:]}", field.name, default=None, help=help_text)(command)
+            else:
+                command = click.option(flag, field.name, type=click_type(field.type), default=None,
+                                       help=help_text)(command)
         return click.option(
             "--params", "params_file", type=click.Path(dir_okay=False), default=None,
             help="YAML file whose `data` and stage sections replace the defaults (options still win)",
@@ -60,6 +63,13 @@ def stage_command(name: str, cls, stage_path: str):
                 importlib.import_module(f"stages.{stage_path}").run(build_config(cls, params_file, options))
             except PipelineError as error:
                 raise click.ClickException(str(error)) from None
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                raise click.ClickException(
+                    "no space left on device; finished blocks and checkpoints are kept: "
+                    "free space (or move --store / --out-dir) and rerun the same command"
+                ) from None
 
         return command
 
@@ -111,3 +121,54 @@ def _evaluate():
 
     Example: pipeline evaluate --students-dir data_cache/students --out data_cache/metrics.json
     """
+
+
+@main.group()
+def cache():
+    """Inspect, check and edit a teacher store."""
+
+
+def open_store(path: str, mode: str = "r"):
+    from pipeline.cache import TeacherStore
+
+    try:
+        return TeacherStore.open(path, mode=mode)
+    except PipelineError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@cache.command("info")
+@click.argument("store")
+def cache_info(store):
+    """Per teacher: accuracy on the cached split, mean confidence drop, share of samples where it
+    is the best explainer, map resolution, bytes on disk, finished blocks."""
+    from pipeline.cache_report import describe
+
+    click.echo(describe(open_store(store)))
+
+
+@cache.command("verify")
+@click.argument("store")
+def cache_verify(store):
+    """Check completeness, shapes, finiteness of every value and the fingerprints; exit 0 only if all hold."""
+    from pipeline.cache_report import verify
+
+    problems = verify(open_store(store))
+    for problem in problems:
+        click.echo(f"FAIL {problem}")
+    if problems:
+        raise click.ClickException(f"{store}: {len(problems)} problem(s)")
+    click.echo(f"OK {store}: complete, shapes and values valid, fingerprints match")
+
+
+@cache.command("drop-teacher")
+@click.argument("store")
+@click.argument("teacher")
+def cache_drop_teacher(store, teacher):
+    """Remove one teacher's arrays from STORE; the other teachers stay as they are."""
+    opened = open_store(store, mode="r+")
+    try:
+        opened.drop_teacher(teacher)
+    except PipelineError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"dropped {teacher} from {store}; it holds: {', '.join(opened.teachers) or 'no teachers'}")

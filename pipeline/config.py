@@ -63,9 +63,26 @@ class ExtractConfig(DataConfig):
     block_size: int = setting(256, "samples per shard: the unit of writing and of resuming")
     batch_size: int = setting(128, "teacher batch size")
     num_workers: int = setting(0, "DataLoader worker processes that load images")
+    blocks: str | None = setting(
+        None, "extract only part i of n of the blocks, as i/n (1-based); n processes with 1/n ... n/n "
+        "together write the same store as one"
+    )
 
     def __post_init__(self):
         check_choice("target", self.target, TARGETS)
+        self.block_part()
+
+    def block_part(self) -> tuple[int, int]:
+        """(i, n) with 0 <= i < n: this process takes the blocks b with b % n == i."""
+        if self.blocks is None:
+            return 0, 1
+        try:
+            i, n = (int(v) for v in str(self.blocks).split("/"))
+        except ValueError:
+            i, n = 0, 0
+        if not 1 <= i <= n:
+            raise PipelineError(f"--blocks must be i/n with 1 <= i <= n, e.g. 1/2; got {self.blocks!r}")
+        return i - 1, n
 
 
 @dataclass
@@ -87,6 +104,7 @@ class TrainStudentConfig(DataConfig):
     seed: int = setting(0, "seed for initialisation and batch order")
     num_workers: int = setting(0, "DataLoader worker processes streaming store blocks")
     mix_blocks: int = setting(2, "store blocks shuffled together, so batches mix shards")
+    allow_partial: bool = setting(False, "train on the finished blocks of an incomplete store (says so)")
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)

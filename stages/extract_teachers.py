@@ -59,13 +59,18 @@ def run(cfg: ExtractConfig) -> TeacherStore:
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
         raise PipelineError(f"teacher names must be unique, got {', '.join(names)}")
-    store = TeacherStore.create(
-        cfg.store, dataset.identity(), dataset.labels, dataset.images, target=cfg.target, block_size=cfg.block_size
-    )
-    for t in teachers:
-        store.add_teacher(t.name, t.identity, dataset.info.num_classes, map_shape(t, dataset.info.image_shape))
-    pending = {t.name: set(store.pending_blocks(t.name)) for t in teachers}
+    with TeacherStore.locked(cfg.store):  # parallel extractors of one store create it once
+        store = TeacherStore.create(
+            cfg.store, dataset.identity(), dataset.labels, dataset.images, target=cfg.target,
+            block_size=cfg.block_size,
+        )
+        for t in teachers:
+            store.add_teacher(t.name, t.identity, dataset.info.num_classes, map_shape(t, dataset.info.image_shape))
+    part, parts = cfg.block_part()
+    pending = {t.name: {b for b in store.pending_blocks(t.name) if b % parts == part} for t in teachers}
     blocks = sorted(set().union(*pending.values()))
+    print(f"store {store.path}: {len(blocks)} of {store.num_blocks} blocks to extract"
+          + (f" (part {cfg.blocks})" if cfg.blocks else ""))
     for block in tqdm(blocks, desc=f"extract {cfg.split} ({len(teachers)} teachers)", unit="block"):
         start, stop = store.block_rows(block)
         loader = torch.utils.data.DataLoader(

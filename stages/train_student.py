@@ -48,10 +48,14 @@ def run(cfg: TrainStudentConfig) -> dict:
     teachers = choose_teachers(store, cfg.method, cfg.teacher)
     blocks = store.finished_blocks(teachers)
     if len(blocks) < store.num_blocks:
-        raise PipelineError(
-            f"store {store.path} is incomplete ({len(blocks)}/{store.num_blocks} blocks finished for "
-            f"{', '.join(teachers)}); rerun the same `pipeline extract-teachers` command to finish it"
-        )
+        state = f"{len(blocks)}/{store.num_blocks} blocks finished for {', '.join(teachers)}"
+        if not cfg.allow_partial or not blocks:
+            raise PipelineError(
+                f"store {store.path} is incomplete ({state}); rerun the same `pipeline extract-teachers` "
+                "command to finish it" + (", or pass --allow-partial" if blocks else "")
+            )
+        rows = sum(stop - start for start, stop in map(store.block_rows, blocks))
+        print(f"--allow-partial: training on {rows} of {store.num_samples} samples ({state})")
     if "images" not in store.group:
         raise PipelineError(f"store {store.path} holds no images; only data sets of at most 64 px are supported")
     info = dataset.info

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.data import normalize
 from pipeline.distill import DistillationLoss, best_explainer, kd_loss, map_loss, teacher_fields
 from pipeline.explain import CamLayer, grad_cam
 from pipeline.models import create_model
@@ -87,3 +88,14 @@ def test_distillation_loss_components(method):
     torch.testing.assert_close(losses["loss"], expected)
     losses["loss"].backward()
     assert student.fc.weight.grad is not None
+
+
+def test_normalized_grayscale_batches_train_the_default_student():
+    """A (B, H, W, 1) uint8 batch becomes plain NCHW; the permuted view crashed oneDNN's backward."""
+    images = torch.randint(0, 256, (61, 32, 32, 1), dtype=torch.uint8)
+    x = normalize(images, (0.3,), (0.32,))
+    assert x.stride() == (1024, 1024, 32, 1)
+    torch.testing.assert_close(x[5, 0], (images[5, ..., 0].float() / 255 - 0.3) / 0.32)
+    model = create_model("resnet8_slim", 1, 10)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -56,7 +56,9 @@ def check_split(info: DatasetInfo, split: str) -> None:
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float32 (B, C, H, W), scaled to [0, 1] then standardised."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    # Explicit NCHW strides: for C=1 the permuted view also looks channels-last, and oneDNN's
+    # backward on such input crashes torch 2.14.1 on the CPU (double free, odd batch sizes).
+    x = images.permute(0, 3, 1, 2).float().div_(255.0).clone(memory_format=torch.contiguous_format)
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std

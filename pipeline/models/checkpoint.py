@@ -34,7 +34,16 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"checkpoint {path} does not exist; train it first (pipeline train-teachers)")
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    model = create_model(record["arch"], record["in_channels"], record["num_classes"])
-    model.load_state_dict(record.pop("state_dict"))
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        model = create_model(record["arch"], record["in_channels"], record["num_classes"])
+        model.load_state_dict(record.pop("state_dict"))
+    except PipelineError:
+        raise
+    except Exception as error:  # a truncated file, a foreign pickle, a mismatched state dict
+        reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else ""
+        raise PipelineError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {reason}); "
+            "pass a checkpoint written by `pipeline train-teachers`"
+        ) from None
     return model.eval(), record

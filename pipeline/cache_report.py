@@ -1,0 +1,112 @@
+"""What `pipeline cache info` and `pipeline cache verify` say about a teacher store.
+
+Both walk the store one block at a time, so they work on stores far larger than memory.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.cache import TEACHER_FIELDS, TEACHER_IDENTITY, TeacherStore, fingerprint
+from pipeline.distill import best_explainer
+from pipeline.explain import confidence_drop
+
+
+def bytes_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def teacher_table(store: TeacherStore) -> pd.DataFrame:
+    """Per teacher: cached-split top-1, mean confidence drop, best-explainer share, map size, bytes, blocks."""
+    names = store.teachers
+    stats = {name: {"correct": 0, "drop": 0.0, "best": 0, "rows": 0} for name in names}
+    shared_rows = 0
+    for block in store.finished_blocks(names) if names else []:
+        fields = ["labels"] + [f"teachers/{n}/{f}" for n in names for f in ("logits", "y_prob", "o_prob")]
+        rows = store.read_rows(*store.block_rows(block), fields)
+        y = torch.from_numpy(np.stack([rows[f"teachers/{n}/y_prob"] for n in names], 1))
+        o = torch.from_numpy(np.stack([rows[f"teachers/{n}/o_prob"] for n in names], 1))
+        best = best_explainer(y, o)
+        drops = confidence_drop(y, o)
+        for m, name in enumerate(names):
+            s = stats[name]
+            s["correct"] += int((rows[f"teachers/{name}/logits"].argmax(1) == rows["labels"]).sum())
+            s["drop"] += float(drops[:, m].sum())
+            s["best"] += int((best == m).sum())
+        shared_rows += len(rows["labels"])
+    table = []
+    for name in names:
+        attrs, s = store.teacher_attrs(name), stats[name]
+        done = store.num_blocks - len(store.pending_blocks(name))
+        table.append({
+            "teacher": name, "arch": attrs.get("arch"),
+            "top1": s["correct"] / shared_rows if shared_rows else float("nan"),
+            "mean_drop": s["drop"] / shared_rows if shared_rows else float("nan"),
+            "best_explainer": s["best"] / shared_rows if shared_rows else float("nan"),
+            "map": "x".join(map(str, attrs.get("map_shape", []))),
+            "bytes": bytes_on_disk(store.path / "teachers" / name),
+            "blocks": f"{done}/{store.num_blocks}",
+        })
+    return pd.DataFrame(table)
+
+
+def describe(store: TeacherStore) -> str:
+    """The text of `pipeline cache info`."""
+    attrs, dataset = store.attrs, store.attrs["dataset"]
+    names = store.teachers
+    complete = names and len(store.finished_blocks(names)) == store.num_blocks
+    lines = [
+        f"store      {store.path}  ({attrs['format']} v{attrs['version']}, {bytes_on_disk(store.path):,} bytes)",
+        f"dataset    {dataset['name']}/{dataset['split']}: {dataset['num_samples']} samples, "
+        f"{dataset['num_classes']} classes, images {'x'.join(map(str, dataset['image_shape']))}",
+        f"target     {attrs['target']}; blocks of {attrs['block_size']} rows: {store.num_blocks}",
+        f"complete   {'yes' if complete else 'no'}",
+        "",
+    ]
+    table = teacher_table(store)
+    body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}") if len(table) else "(no teachers)"
+    lines.append(body)
+    lines.append("top1, mean_drop and best_explainer are over the blocks that every teacher has finished.")
+    return "\n".join(lines)
+
+
+def verify(store: TeacherStore) -> list[str]:
+    """Every problem found: incompleteness, wrong shapes, non-finite values, fingerprint mismatch."""
+    attrs, problems, bad_shapes = store.attrs, [], []
+    n, classes = store.num_samples, attrs["dataset"]["num_classes"]
+    record = {key: attrs[key] for key in ("dataset", "target", "block_size")}
+    if attrs.get("fingerprint") != fingerprint(record):
+        problems.append("root fingerprint does not match the dataset/target/block_size attributes")
+    if store.group["labels"].shape != (n,):
+        bad_shapes.append(f"labels has shape {store.group['labels'].shape}, expected ({n},)")
+    if not store.teachers:
+        problems.append("the store holds no teachers")
+    for name in store.teachers:
+        group, t_attrs = store.teacher_group(name), store.teacher_attrs(name)
+        if t_attrs.get("fingerprint") != fingerprint({k: t_attrs.get(k) for k in TEACHER_IDENTITY}):
+            problems.append(f"{name}: fingerprint does not match its identity attributes")
+        expected = {"logits": (n, classes), "cam": (n, *t_attrs.get("map_shape", [])), "cam_max": (n,),
+                    "y_prob": (n,), "o_prob": (n,)}
+        for field in TEACHER_FIELDS:
+            if group[field].shape != expected[field]:
+                bad_shapes.append(f"{name}/{field}: shape {group[field].shape}, expected {expected[field]}")
+        pending = store.pending_blocks(name)
+        if pending:
+            problems.append(f"{name}: {len(pending)} of {store.num_blocks} blocks unfinished (first: {pending[0]})")
+    if bad_shapes:
+        return problems + bad_shapes  # values cannot be read block-wise from arrays of the wrong shape
+    for name in store.teachers:
+        for block in store.finished_blocks([name]):
+            rows = store.read_rows(*store.block_rows(block), [f"teachers/{name}/{f}" for f in TEACHER_FIELDS])
+            for field in ("logits", "cam_max", "y_prob", "o_prob"):
+                values = rows[f"teachers/{name}/{field}"].astype(np.float64)
+                if not np.isfinite(values).all():
+                    problems.append(f"{name}/{field}: NaN or infinite values in block {block}")
+            y, o = rows[f"teachers/{name}/y_prob"], rows[f"teachers/{name}/o_prob"]
+            if (y <= 0).any() or (y > 1).any() or (o < 0).any() or (o > 1).any():
+                problems.append(f"{name}: y_prob/o_prob outside (0, 1] / [0, 1] in block {block}")
+            if (rows[f"teachers/{name}/cam_max"] < 0).any():
+                problems.append(f"{name}/cam_max: negative scale in block {block}")
+    return problems

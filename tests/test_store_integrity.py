@@ -1,0 +1,209 @@
+"""A cache you can trust: kill and resume, parallel writers, fingerprints, no NaN, determinism."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from conftest import assert_same_store, make_teacher, store_arrays
+from pipeline.cache import TeacherStore
+from pipeline.cli import main
+
+
+def invoke(*args, exit_code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == exit_code, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return [make_teacher(root / "resnet8_slim.pt", "resnet8_slim"), make_teacher(root / "vgg8_bn.pt", "vgg8_bn")]
+
+
+def extract_args(teachers, store, *extra):
+    return ["extract-teachers", "--teachers", ",".join(map(str, teachers)), "--store", store,
+            "--block-size", 32, *extra]
+
+
+@pytest.fixture(scope="module")
+def clean_store(teachers, tmp_path_factory):
+    store = tmp_path_factory.mktemp("clean") / "store.zarr"
+    invoke(*extract_args(teachers, store))
+    return store
+
+
+def spawn(args):
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished_blocks(store):
+    if not (store / "teachers" / "vgg8_bn" / "progress" / "zarr.json").exists():
+        return 0
+    return int(zarr.open_group(store, mode="r")["teachers/vgg8_bn/progress"][...].sum())
+
+
+def test_killed_extraction_resumes_to_an_identical_store(teachers, clean_store, tmp_path):
+    store = tmp_path / "store.zarr"
+    process = spawn(extract_args(teachers, store))
+    deadline = time.time() + 120
+    while finished_blocks(store) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = finished_blocks(store)
+    assert 3 <= done < 45, f"the kill should land mid-run, {done} of 45 blocks were finished"
+
+    result = invoke(*extract_args(teachers, store))
+    assert f"{45 - done} of 45 blocks to extract" in result.output or f"{44 - done} of 45" in result.output
+    assert_same_store(store, clean_store)
+
+
+def test_an_exception_half_way_leaves_a_resumable_store(teachers, clean_store, tmp_path, monkeypatch):
+    store = tmp_path / "store.zarr"
+    original, calls = TeacherStore.write_block, []
+
+    def failing_write(self, name, block, arrays):
+        calls.append(block)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        original(self, name, block, arrays)
+
+    monkeypatch.setattr(TeacherStore, "write_block", failing_write)
+    failed = invoke(*extract_args(teachers, store), exit_code=1)
+    assert "Error: no space left on device; finished blocks and checkpoints are kept" in failed.output
+    monkeypatch.setattr(TeacherStore, "write_block", original)
+    assert 0 < len(TeacherStore.open(store).finished_blocks(["resnet8_slim"])) < 45
+    invoke(*extract_args(teachers, store))
+    assert_same_store(store, clean_store)
+
+
+def test_two_processes_with_disjoint_block_parts_write_the_same_store(teachers, clean_store, tmp_path):
+    store = tmp_path / "store.zarr"
+    processes = [spawn(extract_args(teachers, store, "--blocks", part)) for part in ("1/2", "2/2")]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert any("23 of 45 blocks to extract (part 1/2)" in out for out in outputs)
+    assert any("22 of 45 blocks to extract (part 2/2)" in out for out in outputs)
+    assert_same_store(store, clean_store)
+
+
+def test_same_command_twice_gives_the_same_store(teachers, clean_store, tmp_path):
+    invoke(*extract_args(teachers, tmp_path / "again.zarr"))
+    assert_same_store(tmp_path / "again.zarr", clean_store)
+
+
+def test_adding_a_teacher_extracts_only_it_and_dropping_leaves_the_rest(teachers, tmp_path):
+    store = tmp_path / "store.zarr"
+    invoke(*extract_args(teachers[:1], store))
+    first = store / "teachers" / "resnet8_slim"
+    stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    before = store_arrays(store)
+
+    invoke(*extract_args(teachers, store))
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamps  # not rewritten
+    assert TeacherStore.open(store).teachers == ["resnet8_slim", "vgg8_bn"]
+    assert TeacherStore.open(store).pending_blocks("vgg8_bn") == []
+
+    result = invoke("cache", "drop-teacher", store, "vgg8_bn")
+    assert "it holds: resnet8_slim" in result.output
+    after = store_arrays(store)
+    assert sorted(after) == sorted(before)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    invoke("cache", "verify", store)
+    invoke("cache", "drop-teacher", store, "nope", exit_code=1)
+
+
+def test_student_refuses_a_store_of_other_data_or_an_incomplete_one(teachers, tmp_path):
+    store = tmp_path / "store.zarr"
+    invoke(*extract_args(teachers, store, "--blocks", "1/3"))
+    args = ["train-student", "--store", store, "--method", "kd-avg", "--epochs", 1, "--out-dir", tmp_path / "s"]
+
+    result = invoke(*args, "--split-seed", 1, exit_code=1)
+    assert "was made from dataset.ids_sha256=" in result.output and result.output.count("\n") == 1
+    result = invoke(*args, "--split", "test", exit_code=1)
+    assert "was made from dataset.split='train', not 'test'" in result.output
+
+    result = invoke(*args, exit_code=1)
+    assert "is incomplete (15/45 blocks finished for resnet8_slim, vgg8_bn)" in result.output
+    assert "--allow-partial" in result.output
+    result = invoke(*args, "--allow-partial")
+    assert "--allow-partial: training on 480 of 1437 samples" in result.output
+
+
+def test_empty_maps_are_stored_as_zeros_never_nan(tmp_path):
+    """Zeroed heads give Grad-CAMs with no positive evidence on both Grad-CAM paths."""
+    flat = [make_teacher(tmp_path / f"{arch}.pt", arch, zero_head=True) for arch in ("resnet8_slim", "vgg8_bn")]
+    store = tmp_path / "store.zarr"
+    invoke(*extract_args(flat, store))
+    arrays = store_arrays(store)
+    for arch in ("resnet8_slim", "vgg8_bn"):
+        assert (arrays[f"teachers/{arch}/cam"] == 0).all()
+        assert (arrays[f"teachers/{arch}/cam_max"] == 0).all()
+        for field in ("logits", "cam_max", "y_prob", "o_prob"):
+            assert np.isfinite(arrays[f"teachers/{arch}/{field}"].astype(np.float64)).all()
+    assert "OK" in invoke("cache", "verify", store).output
+
+
+def test_verify_and_info_report_what_is_wrong(clean_store, tmp_path):
+    result = invoke("cache", "info", clean_store)
+    assert "complete   yes" in result.output
+    assert "resnet8_slim" in result.output and "8x8" in result.output and "4x4" in result.output
+
+    import shutil
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(clean_store, broken)
+    group = zarr.open_group(broken, mode="r+")
+    y = group["teachers/vgg8_bn/y_prob"][0:32]
+    y[3] = np.nan
+    group["teachers/vgg8_bn/y_prob"][0:32] = y
+    group["teachers/resnet8_slim/progress"][7] = False
+    result = invoke("cache", "verify", broken, exit_code=1)
+    assert "FAIL vgg8_bn/y_prob: NaN or infinite values in block 0" in result.output
+    assert "FAIL resnet8_slim: 1 of 45 blocks unfinished (first: 7)" in result.output
+    assert "complete   no" in invoke("cache", "info", broken).output
+
+
+def test_interrupted_creation_is_redone_and_foreign_stores_are_refused(teachers, clean_store, tmp_path):
+    half = tmp_path / "half.zarr"
+    zarr.open_group(half, mode="w").attrs.update({"format": "teacher-cache", "version": 1})  # killed in create()
+    result = invoke("cache", "info", half, exit_code=1)
+    assert "was interrupted while being created" in result.output
+    invoke(*extract_args(teachers, half))
+    assert_same_store(half, clean_store)
+
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(foreign, mode="w").attrs["title"] = "somebody else's data"
+    result = invoke(*extract_args(teachers, foreign), exit_code=1)
+    assert "is not a teacher-cache v1 store (format=None, version=None)" in result.output
+    assert zarr.open_group(foreign, mode="r").attrs["title"] == "somebody else's data"
+
+
+def test_unreadable_teacher_checkpoint_fails_cleanly_before_touching_the_store(teachers, clean_store, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    before = store_arrays(clean_store)
+    result = invoke(*extract_args([teachers[0], bad], clean_store), exit_code=1)
+    assert f"checkpoint {bad} cannot be read" in result.output and result.output.count("\n") == 1
+    after = store_arrays(clean_store)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_student_training_is_deterministic_on_cpu(clean_store, tmp_path):
+    for run in ("a", "b"):
+        invoke("train-student", "--store", clean_store, "--method", "explain-kd", "--epochs", 1,
+               "--out-dir", tmp_path, "--run-name", run)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
