@@ -23,7 +23,8 @@ from pipeline.errors import PipelineError
 
 FORMAT, VERSION = "teacher-cache", 1
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
-TEACHER_FIELDS = ("logits", "cam", "cam_max", "y_prob", "o_prob")
+SCORE_FIELDS = ("cam", "cam_max", "y_prob", "o_prob")
+TOPK_FIELDS = ("logits", "logit_classes", "logsumexp")  # `--logits topk:K` stores these instead of all C logits
 TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform")  # what makes two teachers the same
 
 
@@ -94,7 +95,7 @@ class TeacherStore:
     @classmethod
     def create(
         cls, path: str | Path, identity: dict, labels: np.ndarray, images: np.ndarray | None,
-        target: str, block_size: int, chunks_per_block: int = 4,
+        target: str, block_size: int, logits: dict | None = None, chunks_per_block: int = 4,
     ) -> "TeacherStore":
         """Open the store at `path` if it was made from the same data, else create it.
 
@@ -102,7 +103,7 @@ class TeacherStore:
         way is recognisable as ours and is simply redone; call inside `locked(path)`.
         """
         path = Path(path)
-        record = {"dataset": identity, "target": target, "block_size": block_size}
+        record = {"dataset": identity, "target": target, "block_size": block_size, "logits": logits or {"mode": "full"}}
         if (path / "zarr.json").exists():
             found = zarr.open_group(path, mode="r").attrs
             if not (found.get("format") == FORMAT and "fingerprint" not in found):
@@ -117,6 +118,7 @@ class TeacherStore:
         cls._create_rows(group, "labels", labels.astype(np.int32), block_size, chunk)
         if images is not None and max(images.shape[1:3]) <= MAX_STORED_IMAGE_SIDE:
             cls._create_rows(group, "images", images.astype(np.uint8), block_size, chunk)
+        cls._create_rows(group, "valid", np.ones(n, dtype=bool), block_size, chunk)
         group.create_group("teachers")
         group.attrs.update({
             **record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,
@@ -184,12 +186,37 @@ class TeacherStore:
             )
         return self.group["teachers"][name]
 
+    @property
+    def logits_mode(self) -> dict:
+        return self.attrs["logits"]
+
+    @property
+    def logit_fields(self) -> tuple[str, ...]:
+        return TOPK_FIELDS if self.logits_mode["mode"] == "topk" else ("logits",)
+
+    @property
+    def teacher_fields(self) -> tuple[str, ...]:
+        return self.logit_fields + SCORE_FIELDS
+
+    def teacher_shapes(self, map_shape) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shape and dtype of each array of a teacher whose maps are `map_shape`."""
+        n, classes = self.num_samples, self.attrs["dataset"]["num_classes"]
+        mode = self.logits_mode
+        logits = {"logits": ((n, classes), "float16")} if mode["mode"] == "full" else {
+            "logits": ((n, mode["k"]), "float16"),
+            "logit_classes": ((n, mode["k"]), "int16" if classes <= 2**15 else "int32"),
+            "logsumexp": ((n,), "float32"),
+        }
+        return logits | {"cam": ((n, *map_shape), "uint8"), "cam_max": ((n,), "float32"),
+                         "y_prob": ((n,), "float32"), "o_prob": ((n,), "float32")}
+
     # -- writing -------------------------------------------------------------------------
 
-    def add_teacher(self, name: str, identity: dict, num_classes: int, map_shape: tuple[int, int]) -> None:
-        """Create the teacher's arrays, or check that the existing ones came from the same teacher."""
-        identity = {**identity, "map_shape": list(map_shape),
-                    "fingerprint": fingerprint({k: identity[k] for k in TEACHER_IDENTITY})}
+    def add_teacher(self, name: str, identity: dict) -> None:
+        """Create the teacher's arrays (`identity["map_shape"]` sized), or check that the existing
+        ones came from the same teacher."""
+        map_shape = identity["map_shape"]
+        identity = {**identity, "fingerprint": fingerprint({k: identity[k] for k in TEACHER_IDENTITY})}
         if name in self.teachers and "fingerprint" not in self.teacher_attrs(name):
             self.drop_teacher(name)  # its registration was interrupted before any block was written
         if name in self.teachers:
@@ -202,15 +229,8 @@ class TeacherStore:
                 )
             return
         group = self.group["teachers"].create_group(name)
-        n, chunk, block = self.num_samples, self.attrs["chunk_rows"], self.block_size
-        shapes = {
-            "logits": ((n, num_classes), "float16"),
-            "cam": ((n, *map_shape), "uint8"),
-            "cam_max": ((n,), "float32"),
-            "y_prob": ((n,), "float32"),
-            "o_prob": ((n,), "float32"),
-        }
-        for field, (shape, dtype) in shapes.items():
+        chunk, block = self.attrs["chunk_rows"], self.block_size
+        for field, (shape, dtype) in self.teacher_shapes(map_shape).items():
             group.create_array(
                 field, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), shards=(block, *shape[1:]),
                 compressors=compressor(), fill_value=0,
@@ -231,12 +251,17 @@ class TeacherStore:
         """Write one whole shard of every teacher field, then mark the block finished."""
         group = self.teacher_group(name)
         start, stop = self.block_rows(block)
-        for field in TEACHER_FIELDS:
+        for field in self.teacher_fields:
             data = arrays[field]
             if len(data) != stop - start:
                 raise ValueError(f"block {block} of {field} has {len(data)} rows, expected {stop - start}")
-            group[field][start:stop] = data
+            group[field][start:stop] = data.astype(group[field].dtype, copy=False)
         group["progress"][block] = True
+
+    def write_valid(self, block: int, valid: np.ndarray) -> None:
+        """Which rows of a block hold a readable image; written before any teacher marks the block."""
+        start, stop = self.block_rows(block)
+        self.group["valid"][start:stop] = valid
 
     # -- reading -------------------------------------------------------------------------
 
@@ -252,11 +277,34 @@ class TeacherStore:
         return {field: self.group[field][start:stop] for field in fields}
 
 
+def full_logits(rows: dict, name: str, num_classes: int) -> torch.Tensor:
+    """(B, C) float32 logits of teacher `name` from store rows of either logits mode.
+
+    Top-k rows are restored to a full vector: the K stored logits, and every other class
+    at the logit that gives it an equal share of the probability mass the top K leave
+    (exact at T = 1 for the top K and for the total of the rest).
+    """
+    values = torch.as_tensor(rows[f"teachers/{name}/logits"]).float()
+    if f"teachers/{name}/logit_classes" not in rows:
+        return values
+    classes = torch.as_tensor(rows[f"teachers/{name}/logit_classes"]).long()
+    lse = torch.as_tensor(rows[f"teachers/{name}/logsumexp"]).float()
+    rest = (1 - torch.exp(values - lse[:, None]).sum(1)).clamp_min(1e-12)
+    fill = lse + torch.log(rest / (num_classes - values.shape[1]))
+    return fill[:, None].repeat(1, num_classes).scatter(1, classes, values)
+
+
+def cached_predictions(rows: dict, name: str, num_classes: int) -> np.ndarray:
+    return full_logits(rows, name, num_classes).argmax(1).numpy()
+
+
 def cached_top1(store: TeacherStore, name: str) -> float:
-    """Top-1 accuracy of a teacher's cached logits on the finished blocks of the cached split."""
+    """Top-1 accuracy of a teacher's cached logits on the finished, readable rows of the cached split."""
     correct = seen = 0
+    classes = store.attrs["dataset"]["num_classes"]
     for block in store.finished_blocks([name]):
-        rows = store.read_rows(*store.block_rows(block), ["labels", f"teachers/{name}/logits"])
-        correct += int((rows[f"teachers/{name}/logits"].argmax(1) == rows["labels"]).sum())
-        seen += len(rows["labels"])
+        fields = ["labels", "valid", *(f"teachers/{name}/{f}" for f in store.logit_fields)]
+        rows = store.read_rows(*store.block_rows(block), fields)
+        hit = (cached_predictions(rows, name, classes) == rows["labels"])[rows["valid"]]
+        correct, seen = correct + int(hit.sum()), seen + len(hit)
     return correct / max(seen, 1)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.cache import TEACHER_FIELDS, TEACHER_IDENTITY, TeacherStore, fingerprint
+from pipeline.cache import TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint
 from pipeline.distill import best_explainer
 from pipeline.explain import confidence_drop
 
@@ -23,19 +23,22 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
     names = store.teachers
     stats = {name: {"correct": 0, "drop": 0.0, "best": 0, "rows": 0} for name in names}
     shared_rows = 0
+    classes = store.attrs["dataset"]["num_classes"]
     for block in store.finished_blocks(names) if names else []:
-        fields = ["labels"] + [f"teachers/{n}/{f}" for n in names for f in ("logits", "y_prob", "o_prob")]
+        fields = ["labels", "valid"] + [f"teachers/{n}/{f}" for n in names
+                                        for f in (*store.logit_fields, "y_prob", "o_prob")]
         rows = store.read_rows(*store.block_rows(block), fields)
-        y = torch.from_numpy(np.stack([rows[f"teachers/{n}/y_prob"] for n in names], 1))
-        o = torch.from_numpy(np.stack([rows[f"teachers/{n}/o_prob"] for n in names], 1))
+        valid = rows["valid"]
+        y = torch.from_numpy(np.stack([rows[f"teachers/{n}/y_prob"] for n in names], 1)[valid])
+        o = torch.from_numpy(np.stack([rows[f"teachers/{n}/o_prob"] for n in names], 1)[valid])
         best = best_explainer(y, o)
         drops = confidence_drop(y, o)
         for m, name in enumerate(names):
             s = stats[name]
-            s["correct"] += int((rows[f"teachers/{name}/logits"].argmax(1) == rows["labels"]).sum())
+            s["correct"] += int((cached_predictions(rows, name, classes) == rows["labels"])[valid].sum())
             s["drop"] += float(drops[:, m].sum())
             s["best"] += int((best == m).sum())
-        shared_rows += len(rows["labels"])
+        shared_rows += int(valid.sum())
     table = []
     for name in names:
         attrs, s = store.teacher_attrs(name), stats[name]
@@ -52,6 +55,10 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
+def logits_text(mode: dict) -> str:
+    return "all classes" if mode["mode"] == "full" else f"top {mode['k']} (with class indices and logsumexp)"
+
+
 def describe(store: TeacherStore) -> str:
     """The text of `pipeline cache info`."""
     attrs, dataset = store.attrs, store.attrs["dataset"]
@@ -62,6 +69,8 @@ def describe(store: TeacherStore) -> str:
         f"dataset    {dataset['name']}/{dataset['split']}: {dataset['num_samples']} samples, "
         f"{dataset['num_classes']} classes, images {'x'.join(map(str, dataset['image_shape']))}",
         f"target     {attrs['target']}; blocks of {attrs['block_size']} rows: {store.num_blocks}",
+        f"logits     {logits_text(store.logits_mode)}",
+        f"skipped    {int((~store.group['valid'][...]).sum())} unreadable image(s) (valid = False)",
         f"complete   {'yes' if complete else 'no'}",
         "",
     ]
@@ -75,8 +84,8 @@ def describe(store: TeacherStore) -> str:
 def verify(store: TeacherStore) -> list[str]:
     """Every problem found: incompleteness, wrong shapes, non-finite values, fingerprint mismatch."""
     attrs, problems, bad_shapes = store.attrs, [], []
-    n, classes = store.num_samples, attrs["dataset"]["num_classes"]
-    record = {key: attrs[key] for key in ("dataset", "target", "block_size")}
+    n = store.num_samples
+    record = {key: attrs[key] for key in ("dataset", "target", "block_size", "logits")}
     if attrs.get("fingerprint") != fingerprint(record):
         problems.append("root fingerprint does not match the dataset/target/block_size attributes")
     if store.group["labels"].shape != (n,):
@@ -87,11 +96,11 @@ def verify(store: TeacherStore) -> list[str]:
         group, t_attrs = store.teacher_group(name), store.teacher_attrs(name)
         if t_attrs.get("fingerprint") != fingerprint({k: t_attrs.get(k) for k in TEACHER_IDENTITY}):
             problems.append(f"{name}: fingerprint does not match its identity attributes")
-        expected = {"logits": (n, classes), "cam": (n, *t_attrs.get("map_shape", [])), "cam_max": (n,),
-                    "y_prob": (n,), "o_prob": (n,)}
-        for field in TEACHER_FIELDS:
-            if group[field].shape != expected[field]:
-                bad_shapes.append(f"{name}/{field}: shape {group[field].shape}, expected {expected[field]}")
+        for field, (shape, dtype) in store.teacher_shapes(t_attrs.get("map_shape", [])).items():
+            if field not in group:
+                bad_shapes.append(f"{name}/{field}: missing")
+            elif (group[field].shape, str(group[field].dtype)) != (shape, dtype):
+                bad_shapes.append(f"{name}/{field}: {group[field].dtype} {group[field].shape}, expected {dtype} {shape}")
         pending = store.pending_blocks(name)
         if pending:
             problems.append(f"{name}: {len(pending)} of {store.num_blocks} blocks unfinished (first: {pending[0]})")
@@ -99,12 +108,15 @@ def verify(store: TeacherStore) -> list[str]:
         return problems + bad_shapes  # values cannot be read block-wise from arrays of the wrong shape
     for name in store.teachers:
         for block in store.finished_blocks([name]):
-            rows = store.read_rows(*store.block_rows(block), [f"teachers/{name}/{f}" for f in TEACHER_FIELDS])
-            for field in ("logits", "cam_max", "y_prob", "o_prob"):
-                values = rows[f"teachers/{name}/{field}"].astype(np.float64)
-                if not np.isfinite(values).all():
-                    problems.append(f"{name}/{field}: NaN or infinite values in block {block}")
-            y, o = rows[f"teachers/{name}/y_prob"], rows[f"teachers/{name}/o_prob"]
+            fields = ["valid", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
+            rows = store.read_rows(*store.block_rows(block), fields)
+            for field in ("logits", "logsumexp", "cam_max", "y_prob", "o_prob"):
+                if f"teachers/{name}/{field}" in rows:
+                    values = rows[f"teachers/{name}/{field}"].astype(np.float64)
+                    if not np.isfinite(values).all():
+                        problems.append(f"{name}/{field}: NaN or infinite values in block {block}")
+            valid = rows["valid"]  # skipped unreadable images hold zeros
+            y, o = rows[f"teachers/{name}/y_prob"][valid], rows[f"teachers/{name}/o_prob"][valid]
             if (y <= 0).any() or (y > 1).any() or (o < 0).any() or (o > 1).any():
                 problems.append(f"{name}: y_prob/o_prob outside (0, 1] / [0, 1] in block {block}")
             if (rows[f"teachers/{name}/cam_max"] < 0).any():

@@ -32,8 +32,11 @@ def check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
 @dataclass
 class DataConfig:
     dataset: str = setting("digits", "data set registry name")
-    data_root: str | None = setting(None, "folder holding the data set on disk (digits needs none)")
+    data_root: str | None = setting(None, "folder holding the data set (default: $PIPELINE_DATA_ROOT, else "
+                                     "data_cache/datasets; digits needs none)")
     split_seed: int = setting(0, "seed of the train/test split for data sets without an official one")
+    download: bool = setting(False, "cifar10/cifar100: fetch the data set with torchvision's downloader when "
+                             "it is missing (needs internet)")
 
 
 @dataclass
@@ -56,8 +59,14 @@ class ExtractConfig(DataConfig):
     split: str = setting("train", "data set split to cache")
     teachers: list[str] = setting(
         [f"data_cache/teachers/{name}.pt" for name in DEFAULT_TEACHERS],
-        "teacher checkpoints, each a path or checkpoint:<path>",
+        "teachers, each checkpoint:<path> (or a path), torchvision:<arch>:<weights> or timm:<name>",
     )
+    target_layer: list[str] = setting([], "Grad-CAM layer of a teacher, as <teacher>=<module.path> "
+                                      "(default: the last feature map before pooling)")
+    logits: str = setting("full", "full (all C logits) | topk:K (the K largest and their classes)")
+    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    skip_corrupt: bool = setting(False, "skip unreadable images and record them (valid = False) "
+                                 "instead of stopping")
     store: str = setting("data_cache/stores/digits-train.zarr", "Zarr store to write (created, or resumed)")
     target: str = setting("label", "class whose Grad-CAM is cached: label (ground truth) | predicted")
     block_size: int = setting(256, "samples per shard: the unit of writing and of resuming")
@@ -71,6 +80,16 @@ class ExtractConfig(DataConfig):
     def __post_init__(self):
         check_choice("target", self.target, TARGETS)
         self.block_part()
+        self.logits_mode()
+
+    def logits_mode(self) -> dict:
+        """{"mode": "full"} or {"mode": "topk", "k": K}."""
+        if self.logits == "full":
+            return {"mode": "full"}
+        kind, _, k = self.logits.partition(":")
+        if kind != "topk" or not k.isdigit() or int(k) < 1:
+            raise PipelineError(f"--logits takes full or topk:K with K >= 1, e.g. topk:10; got {self.logits!r}")
+        return {"mode": "topk", "k": int(k)}
 
     def block_part(self) -> tuple[int, int]:
         """(i, n) with 0 <= i < n: this process takes the blocks b with b % n == i."""
@@ -91,7 +110,7 @@ class TrainStudentConfig(DataConfig):
     store: str = setting("data_cache/stores/digits-train.zarr", "teacher store to learn from")
     method: str = setting("explain-kd", "ce | kd | kd-avg | explain-kd")
     teacher: str | None = setting(None, "kd only: teacher name (default: best held-out accuracy)")
-    arch: str = setting("resnet8_slim", "student architecture (model registry name)")
+    arch: str = setting("resnet8_slim", "student architecture (model registry name, or torchvision:<arch>)")
     out_dir: str = setting("data_cache/students", "the run writes <out-dir>/<run-name>/")
     run_name: str | None = setting(None, "name of the run folder (default: the method)")
     temperature: float = setting(4.0, "KD temperature T (the KD term is scaled by T^2)")
@@ -105,6 +124,7 @@ class TrainStudentConfig(DataConfig):
     num_workers: int = setting(0, "DataLoader worker processes streaming store blocks")
     mix_blocks: int = setting(2, "store blocks shuffled together, so batches mix shards")
     allow_partial: bool = setting(False, "train on the finished blocks of an incomplete store (says so)")
+    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.cache import dequantize_cam
+from pipeline.cache import dequantize_cam, full_logits
 from pipeline.data import normalize
 from pipeline.explain import CamLayer, grad_cam
 
@@ -51,10 +51,10 @@ def best_explainer(y_prob: torch.Tensor, o_prob: torch.Tensor) -> torch.Tensor:
     return confidence_change(y_prob, o_prob).argmin(dim=1)
 
 
-def teacher_fields(method: str, teachers: list[str]) -> list[str]:
-    """Store arrays a method reads, besides images and labels."""
-    per_teacher = {"ce": (), "kd": ("logits",), "kd-avg": ("logits",),
-                   "explain-kd": ("logits", "cam", "cam_max", "y_prob", "o_prob")}[method]
+def teacher_fields(method: str, teachers: list[str], logit_fields: tuple[str, ...] = ("logits",)) -> list[str]:
+    """Store arrays a method reads, besides images and labels (`logit_fields`: the store's logits mode)."""
+    per_teacher = {"ce": (), "kd": logit_fields, "kd-avg": logit_fields,
+                   "explain-kd": (*logit_fields, "cam", "cam_max", "y_prob", "o_prob")}[method]
     return [f"teachers/{name}/{field}" for name in teachers for field in per_teacher]
 
 
@@ -65,8 +65,9 @@ class DistillationLoss:
     """
 
     def __init__(self, method: str, teachers: list[str], student_layer: CamLayer, mean, std,
-                 temperature: float, alpha: float, beta: float):
+                 temperature: float, alpha: float, beta: float, num_classes: int):
         self.method, self.teachers, self.layer = method, teachers, student_layer
+        self.num_classes = num_classes
         self.mean, self.std = mean, std
         self.temperature, self.alpha, self.beta = temperature, alpha, beta
 
@@ -81,7 +82,7 @@ class DistillationLoss:
         total = losses["ce"]
         if self.method != "ce":
             field = lambda name, key: batch[f"teachers/{name}/{key}"]  # noqa: E731
-            soft = torch.stack([F.softmax(field(t, "logits").float() / self.temperature, dim=1)
+            soft = torch.stack([F.softmax(full_logits(batch, t, self.num_classes) / self.temperature, dim=1)
                                 for t in self.teachers], dim=1)  # (B, M, C)
             if self.method == "kd-avg":
                 probs = soft.mean(1)

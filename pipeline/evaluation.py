@@ -4,14 +4,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data import ArrayDataset, normalize
-from pipeline.explain import CamLayer, confidence_drop, explain
+from pipeline.data import SampleSet, normalize
+from pipeline.explain import CamLayer, confidence_drop, explain, probe_input
 
 
-def evaluate_model(model: nn.Module, dataset: ArrayDataset, target: str, batch_size: int, desc: str) -> dict:
+def evaluate_model(model: nn.Module, dataset: SampleSet, target: str, batch_size: int, desc: str) -> dict:
     """Accuracy, mean Grad-CAM++ confidence drop and increase-in-confidence rate on `dataset`."""
     model.eval()
-    layer = CamLayer.of(model)
+    layer = CamLayer.of(model, probe_input(dataset.info.image_shape))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     top1 = top5 = drop = increase = 0.0
     k = min(5, dataset.info.num_classes)

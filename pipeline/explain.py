@@ -18,6 +18,10 @@ from torch import nn
 from pipeline.errors import PipelineError
 
 
+POOLING = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+           nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
 @dataclass(frozen=True)
 class CamLayer:
     """Where a model's Grad-CAM is taken: a module path, and the GAP head's Linear if any."""
@@ -26,19 +30,68 @@ class CamLayer:
     linear_head: str | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, target_layer: str | None = None) -> "CamLayer":
-        """The model's declared layers (models/small.py), or an explicit `target_layer`."""
-        layer = target_layer or getattr(model, "cam_layer", None)
-        if layer is None:
-            raise PipelineError(f"{type(model).__name__} declares no Grad-CAM layer; pass a target layer")
+    def of(cls, model: nn.Module, probe: torch.Tensor, target_layer: str | None = None) -> "CamLayer":
+        """`target_layer`, else the model's declared `cam_layer`, else the last feature map
+        before pooling; the closed form is used when the head is shown to be GAP + Linear on `probe`."""
+        layer = target_layer or getattr(model, "cam_layer", None) or find_target_layer(model, probe)
         module_path(model, layer)
-        # the closed form is exact only for the layer that feeds the GAP head directly
-        declared = getattr(model, "cam_layer", None)
-        return cls(layer, getattr(model, "linear_head", None) if layer == declared else None)
+        return cls(layer, gap_linear_head(model, layer, probe))
 
     @property
     def path(self) -> str:
         return "closed-form" if self.linear_head else "autograd"
+
+
+def probe_input(image_shape: tuple[int, int, int], batch: int = 2) -> torch.Tensor:
+    """A fixed random (batch, C, H, W) input for shape and head probes."""
+    height, width, channels = image_shape
+    return torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(0))
+
+
+def find_target_layer(model: nn.Module, probe: torch.Tensor) -> str:
+    """The last module output that is a 4-D feature map (larger than 1x1) not made by pooling.
+
+    Of the modules that return that same tensor (a block and its last layer), the outermost
+    is named: `layer4` for a ResNet, `features.19` (the last ReLU) for VGG-11.
+    """
+    finished: list[tuple[str, nn.Module, object]] = []
+    handles = [module.register_forward_hook(lambda m, i, out, path=path: finished.append((path, m, out)))
+               for path, module in model.named_modules() if path]
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    maps = [out for path, module, out in finished
+            if not list(module.children()) and not isinstance(module, POOLING)
+            and isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-2:].numel() > 1]
+    if not maps:
+        raise PipelineError(f"{type(model).__name__} has no module producing a 4-D feature map; "
+                            "name one with --target-layer <teacher>=<module.path>")
+    owners = [(path.count("."), -i, path) for i, (path, _, out) in enumerate(finished) if out is maps[-1]]
+    return min(owners)[2]
+
+
+def gap_linear_head(model: nn.Module, layer: str, probe: torch.Tensor) -> str | None:
+    """The Linear that maps the global average of `layer`'s output to the logits, if one does.
+
+    Checked numerically on `probe` (eval mode), so ReLU, norm or extra layers between the
+    map and the Linear (DenseNet, VGG, MobileNetV3) send the model to the autograd path.
+    """
+    with torch.no_grad(), captured(model, layer) as box:
+        logits = model(probe)
+    activation = box["activation"]
+    if activation.dim() != 4:
+        return None
+    pooled = activation.float().mean(dim=(2, 3))
+    for path, module in reversed(list(model.named_modules())):
+        if isinstance(module, nn.Linear) and (module.in_features, module.out_features) == (
+                pooled.shape[1], logits.shape[1]):
+            predicted = F.linear(pooled, module.weight.float(), None if module.bias is None else module.bias.float())
+            if torch.allclose(predicted, logits.float(), rtol=1e-3, atol=1e-4 * (1 + float(logits.abs().max()))):
+                return path
+    return None
 
 
 def module_path(model: nn.Module, path: str) -> nn.Module:
@@ -54,8 +107,8 @@ def module_path(model: nn.Module, path: str) -> nn.Module:
 def captured(model: nn.Module, layer: str, detach: bool = False) -> Iterator[dict]:
     """Record the output of `layer` during forward passes inside the block.
 
-    With `detach`, the recorded output is made a leaf that requires grad and replaces
-    the layer's output, so a backward pass only runs through the layers after it.
+    With `detach`, the recorded output is made a leaf that requires grad and feeds the
+    layers after it, so a backward pass only runs through those layers.
     """
     box: dict = {}
 
@@ -63,7 +116,7 @@ def captured(model: nn.Module, layer: str, detach: bool = False) -> Iterator[dic
         if detach:
             output = output.detach().requires_grad_(True)
         box["activation"] = output
-        return output
+        return output.clone()  # in-place ops after the layer (DenseNet's ReLU) must not change it
 
     handle = module_path(model, layer).register_forward_hook(hook)
     try:
@@ -81,7 +134,8 @@ def grad_cam(
     in the loss); otherwise the maps carry no graph.
     """
     if layer.linear_head:
-        with torch.set_grad_enabled(create_graph), captured(model, layer.target_layer) as box:
+        no_graph = torch.inference_mode() if not create_graph else torch.enable_grad()
+        with no_graph, captured(model, layer.target_layer) as box:
             logits = model(x)
             activation = box["activation"]
             target = logits.argmax(1) if target is None else target
@@ -109,7 +163,7 @@ def upsample_minmax(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.where(span > 0, (up - low) / span.clamp_min(torch.finfo(up.dtype).tiny), torch.zeros_like(up))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def explanation_confidences(
     model: nn.Module, x: torch.Tensor, logits: torch.Tensor, cam: torch.Tensor, target: torch.Tensor,
     mean: tuple[float, ...], std: tuple[float, ...],

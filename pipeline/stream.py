@@ -12,13 +12,18 @@ from pipeline.cache import TeacherStore
 
 
 class BlockStream(torch.utils.data.IterableDataset):
-    """Yields dicts {array path: tensor} of up to `batch_size` rows; use DataLoader(batch_size=None)."""
+    """Yields dicts {array path: tensor} of up to `batch_size` rows; use DataLoader(batch_size=None).
+
+    Rows whose image was unreadable at extraction (`valid` False) are left out. With
+    `dataset`, "images" come from the data set's files (stores of large images hold none).
+    """
 
     def __init__(self, path: str, fields: list[str], blocks: list[int], batch_size: int,
-                 seed: int = 0, mix_blocks: int = 2, shuffle: bool = True):
+                 seed: int = 0, mix_blocks: int = 2, shuffle: bool = True, dataset=None):
         super().__init__()
         self.path, self.fields, self.blocks = str(path), list(fields), list(blocks)
         self.batch_size, self.seed, self.mix_blocks, self.shuffle = batch_size, seed, max(1, mix_blocks), shuffle
+        self.dataset = dataset
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -32,14 +37,20 @@ class BlockStream(torch.utils.data.IterableDataset):
         mine = order[worker::workers]
         rng = np.random.default_rng([self.seed, self.epoch, worker + 1])
         store = TeacherStore.open(self.path)
+        stored = [f for f in self.fields if not (f == "images" and self.dataset is not None)]
         for i in range(0, len(mine), self.mix_blocks):
-            parts = [store.read_rows(*store.block_rows(int(b)), self.fields) for b in mine[i:i + self.mix_blocks]]
-            rows = {f: np.concatenate([p[f] for p in parts]) for f in self.fields}
-            count = len(rows[self.fields[0]])
-            perm = rng.permutation(count) if self.shuffle else np.arange(count)
-            for s in range(0, count, self.batch_size):
+            window = [store.block_rows(int(b)) for b in mine[i:i + self.mix_blocks]]
+            parts = [store.read_rows(start, stop, [*stored, "valid"]) for start, stop in window]
+            valid = np.concatenate([p["valid"] for p in parts])
+            rows = {f: np.concatenate([p[f] for p in parts])[valid] for f in stored}
+            index = np.concatenate([np.arange(start, stop) for start, stop in window])[valid]
+            perm = rng.permutation(len(index)) if self.shuffle else np.arange(len(index))
+            for s in range(0, len(index), self.batch_size):
                 take = perm[s:s + self.batch_size]
-                yield {f: torch.from_numpy(rows[f][take]) for f in self.fields}
+                batch = {f: torch.from_numpy(rows[f][take]) for f in stored}
+                if len(stored) < len(self.fields):
+                    batch["images"] = torch.from_numpy(np.stack([self.dataset.image(int(r)) for r in index[take]]))
+                yield batch
 
     def approx_num_batches(self, store: TeacherStore) -> int:
         """Batches per epoch, give or take one per window: for progress bars and the LR schedule."""

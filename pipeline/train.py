@@ -14,12 +14,15 @@ def fit(
     batches: Callable[[int], Iterable[dict]],
     loss_fn: Callable[[nn.Module, dict], dict[str, torch.Tensor]],
     *, epochs: int, steps_per_epoch: int, lr: float, weight_decay: float, desc: str,
+    device: torch.device = torch.device("cpu"),
 ) -> list[dict]:
     """Train `model` and return one row per epoch with the mean of every loss component.
 
     `batches(epoch)` yields batch dicts; `loss_fn` returns a dict whose "loss" entry is
     minimised and whose other entries (components, per-teacher terms) are only logged.
+    The model and each batch are moved to `device`; the model is left there.
     """
+    model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     total_steps = max(1, epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine decay from lr to 0, per step
@@ -31,6 +34,7 @@ def fit(
         sums, seen = defaultdict(float), 0
         progress = tqdm(batches(epoch), total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None)
         for batch in progress:
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             losses = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import EvaluateConfig
-from pipeline.data import get_dataset
+from pipeline.data import get_test_split
 from pipeline.errors import PipelineError
 from pipeline.evaluation import evaluate_model
 from pipeline.models import count_parameters
@@ -14,7 +14,7 @@ from pipeline.models.checkpoint import load_checkpoint
 
 
 def run(cfg: EvaluateConfig) -> dict:
-    test = get_dataset(cfg.dataset, "test", cfg.data_root, cfg.split_seed)
+    test = get_test_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     teacher_file = Path(cfg.teacher_metrics)
     if not teacher_file.is_file():
         raise PipelineError(f"teacher metrics {teacher_file} do not exist; run `pipeline train-teachers` first")

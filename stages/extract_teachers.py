@@ -1,97 +1,139 @@
 """Stage one: run every teacher once over a split and cache its artefacts in a Zarr store.
 
-The work is done block by block (one block = one shard). For each block the images are
-loaded once and every teacher that has not finished that block runs on them; a block
-is marked finished per teacher only after its arrays are written.
+The work is done block by block (one block = one shard). One DataLoader streams the
+pending blocks' images, decoded once per distinct teacher geometry; every teacher that
+has not finished a block runs on its batches, and the block is marked finished per
+teacher only after its arrays are written. Nothing larger than a block is held.
 """
-
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from pipeline.cache import TeacherStore, quantize_cam
 from pipeline.config import ExtractConfig
-from pipeline.data import get_dataset, normalize
+from pipeline.data import Dataset, Geometry, UnreadableImage, get_dataset, normalize
+from pipeline.devices import autocast, prepare_model, resolve_device, to_device
 from pipeline.errors import PipelineError
-from pipeline.explain import CamLayer, captured, explain
-from pipeline.models.checkpoint import load_checkpoint, weights_sha256
+from pipeline.explain import explain
+from pipeline.teachers import Teacher, load_teacher, parse_target_layers
 
 
-@dataclass
-class Teacher:
-    name: str
-    model: nn.Module
-    layer: CamLayer
-    identity: dict  # what the store records about where this teacher came from
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+class ExtractionImages(torch.utils.data.Dataset):
+    """Sample i -> (one uint8 image per geometry, label, error text or "" when readable)."""
+
+    def __init__(self, dataset: Dataset, geometries: list[Geometry | None], skip_corrupt: bool):
+        self.dataset, self.geometries, self.skip_corrupt = dataset, geometries, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        label = int(self.dataset.labels[index])
+        try:
+            return tuple(self.dataset.image(index, g) for g in self.geometries), label, ""
+        except UnreadableImage as error:  # reported by the main process, one line, never a worker traceback
+            blank = tuple(np.zeros((g.crop, g.crop, self.dataset.info.image_shape[2]), np.uint8)
+                          if g else np.zeros(self.dataset.info.image_shape, np.uint8) for g in self.geometries)
+            return blank, label, str(error)
 
 
-def load_teacher(spec: str) -> Teacher:
-    """A teacher from `checkpoint:<path>` or a bare checkpoint path."""
-    path = Path(spec.removeprefix("checkpoint:"))
-    model, record = load_checkpoint(path)
-    layer = CamLayer.of(model)
-    transform = record["transform"]
-    identity = {
-        "arch": record["arch"], "source": f"checkpoint:{path}", "weights_sha256": weights_sha256(model),
-        "target_layer": layer.target_layer, "cam_path": layer.path, "transform": transform,
-        "heldout_top1": record.get("metrics", {}).get("top1"),
-    }
-    return Teacher(record["name"], model, layer, identity, tuple(transform["mean"]), tuple(transform["std"]))
-
-
-def map_shape(teacher: Teacher, image_shape: tuple[int, int, int]) -> tuple[int, int]:
-    """The Grad-CAM resolution of `teacher` at this data set's image size (one probe pass)."""
-    probe = torch.zeros(1, image_shape[2], image_shape[0], image_shape[1])
-    with torch.no_grad(), captured(teacher.model, teacher.layer.target_layer) as box:
-        teacher.model(probe)
-    return tuple(box["activation"].shape[-2:])
+def block_batches(store: TeacherStore, blocks: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """(block, row indices) per batch, in block order; no batch spans two blocks."""
+    batches = []
+    for block in blocks:
+        start, stop = store.block_rows(block)
+        batches += [(block, list(range(s, min(s + batch_size, stop)))) for s in range(start, stop, batch_size)]
+    return batches
 
 
 def run(cfg: ExtractConfig) -> TeacherStore:
-    dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed)
-    teachers = [load_teacher(spec) for spec in cfg.teachers]
+    dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download)
+    info = dataset.info
+    layers = parse_target_layers(cfg.target_layer)
+    teachers = [load_teacher(spec, info, layers) for spec in cfg.teachers]
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
         raise PipelineError(f"teacher names must be unique, got {', '.join(names)}")
+    if set(layers) - set(names):
+        raise PipelineError(f"--target-layer names unknown teacher(s) {', '.join(sorted(set(layers) - set(names)))}; "
+                            f"teachers are: {', '.join(names)}")
+    logits = cfg.logits_mode()
+    if logits["mode"] == "topk" and logits["k"] >= info.num_classes:
+        raise PipelineError(f"--logits topk:{logits['k']} keeps every one of the {info.num_classes} classes; "
+                            "use --logits full or a smaller K")
+    device = resolve_device(cfg.device)
     with TeacherStore.locked(cfg.store):  # parallel extractors of one store create it once
         store = TeacherStore.create(
-            cfg.store, dataset.identity(), dataset.labels, dataset.images, target=cfg.target,
-            block_size=cfg.block_size,
+            cfg.store, dataset.identity(), dataset.labels, getattr(dataset, "images", None), target=cfg.target,
+            block_size=cfg.block_size, logits=logits,
         )
         for t in teachers:
-            store.add_teacher(t.name, t.identity, dataset.info.num_classes, map_shape(t, dataset.info.image_shape))
+            store.add_teacher(t.name, t.identity)
     part, parts = cfg.block_part()
     pending = {t.name: {b for b in store.pending_blocks(t.name) if b % parts == part} for t in teachers}
     blocks = sorted(set().union(*pending.values()))
     print(f"store {store.path}: {len(blocks)} of {store.num_blocks} blocks to extract"
-          + (f" (part {cfg.blocks})" if cfg.blocks else ""))
-    for block in tqdm(blocks, desc=f"extract {cfg.split} ({len(teachers)} teachers)", unit="block"):
-        start, stop = store.block_rows(block)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, range(start, stop)), batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-        )
-        batches = list(loader)
-        for t in teachers:
-            if block in pending[t.name]:
-                store.write_block(t.name, block, explain_block(t, batches, cfg.target))
+          + (f" (part {cfg.blocks})" if cfg.blocks else "") + f" on {device}")
+    geometries = list(dict.fromkeys(t.geometry for t in teachers))
+    batches = block_batches(store, blocks, cfg.batch_size)
+    loader = torch.utils.data.DataLoader(
+        ExtractionImages(dataset, geometries, cfg.skip_corrupt), batch_sampler=[rows for _, rows in batches],
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+    )
+    for t in teachers:
+        t.model = prepare_model(t.model, device)
+    parts_of: dict[str, list] = {t.name: [] for t in teachers}
+    valid_parts: list[np.ndarray] = []
+    with tqdm(total=len(blocks), desc=f"extract {cfg.split} ({len(teachers)} teachers)", unit="block") as progress:
+        for (block, rows), (images, labels, errors) in zip(batches, loader):
+            valid_parts.append(check_readable(dataset, rows, errors, cfg.skip_corrupt))
+            for t in teachers:
+                if block in pending[t.name]:
+                    parts_of[t.name].append(explain_batch(t, images[geometries.index(t.geometry)], labels,
+                                                          cfg.target, device))
+            if rows[-1] + 1 == store.block_rows(block)[1]:  # the block's last batch: write it
+                write_block(store, block, np.concatenate(valid_parts), parts_of, logits)
+                parts_of, valid_parts = {t.name: [] for t in teachers}, []
+                progress.update()
     return store
 
 
-def explain_block(teacher: Teacher, batches: list, target: str) -> dict[str, np.ndarray]:
-    parts = []
-    for images, labels in batches:
-        x = normalize(images, teacher.mean, teacher.std)
-        result = explain(teacher.model, teacher.layer, x, labels, target, teacher.mean, teacher.std)
-        cam_u8, cam_max = quantize_cam(result.cam)
-        parts.append({
-            "logits": result.logits.half().numpy(), "cam": cam_u8, "cam_max": cam_max,
-            "y_prob": result.y_prob.numpy(), "o_prob": result.o_prob.numpy(),
-        })
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+def write_block(store: TeacherStore, block: int, valid: np.ndarray, parts_of: dict[str, list], logits: dict) -> None:
+    """The valid mask first, then each teacher's rows (which marks the block finished for it)."""
+    store.write_valid(block, valid)
+    for name, parts in parts_of.items():
+        if parts:
+            arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+            store.write_block(name, block, arrays | as_logit_fields(arrays.pop("logits"), logits))
+
+
+def check_readable(dataset: Dataset, rows: list[int], errors: tuple[str, ...], skip_corrupt: bool) -> np.ndarray:
+    """The batch's valid mask; the first unreadable image stops the run unless --skip-corrupt."""
+    bad = [(row, error) for row, error in zip(rows, errors) if error]
+    if bad and not skip_corrupt:
+        raise PipelineError(bad[0][1])
+    for row, _ in bad:
+        tqdm.write(f"skipped unreadable image {dataset.describe(row)} (row {row}, recorded as valid = False)")
+    return np.array([not error for error in errors], dtype=bool)
+
+
+def explain_batch(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, target: str,
+                  device: torch.device) -> dict[str, np.ndarray]:
+    mean, std = teacher.transform.mean, teacher.transform.std
+    x = to_device(normalize(images.to(device, non_blocking=True), mean, std), device)
+    with autocast(device):
+        result = explain(teacher.model, teacher.layer, x, labels.to(device), target, mean, std)
+    cam_u8, cam_max = quantize_cam(result.cam.float())
+    return {"logits": result.logits.float().cpu().numpy(), "cam": cam_u8, "cam_max": cam_max,
+            "y_prob": result.y_prob.float().cpu().numpy(), "o_prob": result.o_prob.float().cpu().numpy()}
+
+
+def as_logit_fields(logits: np.ndarray, mode: dict) -> dict[str, np.ndarray]:
+    """float32 logits (B, C) -> the store's logit arrays for its mode (float16 values)."""
+    logits = torch.from_numpy(logits)
+    if mode["mode"] == "full":
+        return {"logits": logits.half().numpy()}
+    values, classes = logits.topk(mode["k"], dim=1)
+    return {"logits": values.half().numpy(), "logit_classes": classes.numpy(),
+            "logsumexp": torch.logsumexp(logits, dim=1).numpy()}

@@ -15,7 +15,8 @@ from pipeline.config import TrainStudentConfig
 from pipeline.data import get_dataset
 from pipeline.distill import DistillationLoss, teacher_fields
 from pipeline.errors import PipelineError
-from pipeline.explain import CamLayer
+from pipeline.devices import resolve_device
+from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.stream import BlockStream
@@ -43,7 +44,7 @@ def choose_teachers(store: TeacherStore, method: str, teacher: str | None) -> li
 
 def run(cfg: TrainStudentConfig) -> dict:
     store = TeacherStore.open(cfg.store)
-    dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed)
+    dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download)
     store.check_made_from({"dataset": dataset.identity()})
     teachers = choose_teachers(store, cfg.method, cfg.teacher)
     blocks = store.finished_blocks(teachers)
@@ -56,11 +57,10 @@ def run(cfg: TrainStudentConfig) -> dict:
             )
         rows = sum(stop - start for start, stop in map(store.block_rows, blocks))
         print(f"--allow-partial: training on {rows} of {store.num_samples} samples ({state})")
-    if "images" not in store.group:
-        raise PipelineError(f"store {store.path} holds no images; only data sets of at most 64 px are supported")
     info = dataset.info
-    stream = BlockStream(cfg.store, ["images", "labels", *teacher_fields(cfg.method, teachers)], blocks,
-                         cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks)
+    fields = ["images", "labels", *teacher_fields(cfg.method, teachers, store.logit_fields)]
+    stream = BlockStream(cfg.store, fields, blocks, cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks,
+                         dataset=None if "images" in store.group else dataset)  # large images come from files
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.num_workers,
         multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
@@ -72,11 +72,13 @@ def run(cfg: TrainStudentConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, info.image_shape[2], info.num_classes)
-    loss_fn = DistillationLoss(cfg.method, teachers, CamLayer.of(model), info.mean, info.std,
-                               cfg.temperature, cfg.alpha, cfg.beta)
+    layer = CamLayer.of(model.eval(), probe_input(info.image_shape))
+    loss_fn = DistillationLoss(cfg.method, teachers, layer, info.mean, info.std,
+                               cfg.temperature, cfg.alpha, cfg.beta, info.num_classes)
     run_name = cfg.run_name or cfg.method
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.approx_num_batches(store),
-                  lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}")
+                  lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",
+                  device=resolve_device(cfg.device))
     run_dir = Path(cfg.out_dir) / run_name
     save_checkpoint(run_dir / "checkpoint.pt", model, {
         "name": run_name, "arch": cfg.arch, "in_channels": info.image_shape[2], "num_classes": info.num_classes,

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import TrainTeachersConfig
-from pipeline.data import get_dataset, normalize
+from pipeline.data import get_dataset, get_test_split, normalize
 from pipeline.evaluation import evaluate_model
 from pipeline.models import MODELS, count_parameters, create_model
 from pipeline.models.checkpoint import save_checkpoint
@@ -17,8 +17,8 @@ from pipeline.train import fit, seeded_generator
 def run(cfg: TrainTeachersConfig) -> dict[str, dict]:
     for arch in cfg.teachers:
         MODELS.get(arch)  # fail on a bad name before hours of training
-    train = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.split_seed)
-    test = get_dataset(cfg.dataset, "test", cfg.data_root, cfg.split_seed)
+    train = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.split_seed, cfg.download)
+    test = get_test_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     info, out_dir = train.info, Path(cfg.out_dir)
     all_metrics = {}
     for arch in cfg.teachers:

@@ -42,3 +42,61 @@ def assert_same_store(a: Path, b: Path) -> None:
     for name in left:
         np.testing.assert_array_equal(left[name], right[name], err_msg=name)
         assert left[name].dtype == right[name].dtype, name
+
+
+# -- fabricated real-world layouts -------------------------------------------------------
+
+def make_cifar(root: Path, name: str = "cifar10", per_batch: int = 4, seed: int = 0) -> Path:
+    """torchvision's CIFAR python layout with `per_batch` random images in every batch file."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder, files, key, classes = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10),
+        "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
+    }[name]
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    for file in files:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 key: rng.integers(0, classes, per_batch).tolist(),
+                 b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
+        with open(root / folder / file, "wb") as handle:
+            pickle.dump(batch, handle)
+    return root
+
+
+IMAGENET_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475"]
+
+
+def make_imagenet(root: Path, classes=IMAGENET_WNIDS[1:4], train_per_class: int = 3, val_per_class: int = 1,
+                  meta: bool = True, corrupt: bool = False) -> Path:
+    """A tiny ImageNet tree of real JPEGs (varied sizes); `meta` writes torchvision's meta.bin for
+    all five IMAGENET_WNIDS, `corrupt` adds one unreadable train/<first class>/zz_corrupt.JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c, wnid in enumerate(classes):
+            (root / split / wnid).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                h, w = int(rng.integers(180, 400)), int(rng.integers(180, 400))
+                pixels = (rng.random((h, w, 3)) * 60 + np.array([60 * c, 120, 200 - 60 * c])).clip(0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / wnid / f"{wnid}_{i:04d}.JPEG")
+    if corrupt:
+        (root / "train" / classes[0] / "zz_corrupt.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    if meta:
+        torch.save(({w: (f"class {w}",) for w in IMAGENET_WNIDS}, []), root / "meta.bin")
+    return root
+
+
+def make_torchvision_teacher(path: Path, arch: str, num_classes: int, seed: int = 0) -> Path:
+    """A torchvision architecture with random weights, saved as this project's checkpoint."""
+    from pipeline.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(f"torchvision:{arch}", 3, num_classes)
+    save_checkpoint(path, model, {
+        "name": arch, "arch": f"torchvision:{arch}", "in_channels": 3, "num_classes": num_classes,
+        "transform": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, "metrics": {"top1": 0.5},
+    })
+    return path

@@ -17,7 +17,8 @@ def identity(num_samples=N, ids="abc"):
 
 
 TEACHER = {"arch": "resnet8", "source": "checkpoint:x.pt", "weights_sha256": "w1", "target_layer": "features",
-           "cam_path": "closed-form", "transform": {"mean": [0.5], "std": [0.25]}, "heldout_top1": 0.9}
+           "cam_path": "closed-form", "transform": {"mean": [0.5], "std": [0.25]}, "heldout_top1": 0.9,
+           "map_shape": list(MAP)}
 
 
 def block_arrays(rng, rows):
@@ -37,7 +38,7 @@ def make_store(path, block_size=4):
 
 def test_round_trip_and_plain_zarr(tmp_path):
     store = make_store(tmp_path / "s.zarr")
-    store.add_teacher("t1", TEACHER, C, MAP)
+    store.add_teacher("t1", TEACHER)
     assert store.num_blocks == 3 and store.block_rows(2) == (8, 10)
     rng = np.random.default_rng(0)
     written = {}
@@ -64,7 +65,7 @@ def test_round_trip_and_plain_zarr(tmp_path):
 
 def test_unfinished_blocks_are_pending(tmp_path):
     store = make_store(tmp_path / "s.zarr")
-    store.add_teacher("t1", TEACHER, C, MAP)
+    store.add_teacher("t1", TEACHER)
     store.write_block("t1", 1, block_arrays(np.random.default_rng(0), 4))
     assert store.pending_blocks("t1") == [0, 2]
     assert store.finished_blocks(["t1"]) == [1]
@@ -80,10 +81,10 @@ def test_reopening_with_other_data_is_refused(tmp_path):
 
 def test_a_different_teacher_under_the_same_name_is_refused(tmp_path):
     store = make_store(tmp_path / "s.zarr")
-    store.add_teacher("t1", TEACHER, C, MAP)
-    store.add_teacher("t1", {**TEACHER, "source": "checkpoint:moved.pt"}, C, MAP)  # same weights: fine
+    store.add_teacher("t1", TEACHER)
+    store.add_teacher("t1", {**TEACHER, "source": "checkpoint:moved.pt"})  # same weights: fine
     with pytest.raises(PipelineError, match="different teacher 't1' \\(differs in: weights_sha256\\)"):
-        store.add_teacher("t1", {**TEACHER, "weights_sha256": "w2"}, C, MAP)
+        store.add_teacher("t1", {**TEACHER, "weights_sha256": "w2"})
 
 
 def test_unknown_format_or_version_is_refused(tmp_path):
@@ -98,7 +99,7 @@ def test_unknown_format_or_version_is_refused(tmp_path):
 
 def test_unknown_teacher_lists_the_stored_ones(tmp_path):
     store = make_store(tmp_path / "s.zarr")
-    store.add_teacher("t1", TEACHER, C, MAP)
+    store.add_teacher("t1", TEACHER)
     with pytest.raises(PipelineError, match="has no teacher 'nope'; it holds: t1"):
         store.teacher_group("nope")
 

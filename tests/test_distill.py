@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 from pipeline.data import normalize
 from pipeline.distill import DistillationLoss, best_explainer, kd_loss, map_loss, teacher_fields
-from pipeline.explain import CamLayer, grad_cam
+from pipeline.explain import CamLayer, grad_cam, probe_input
 from pipeline.models import create_model
+
+PROBE = probe_input((32, 32, 1))
 
 
 def test_kd_loss_golden_value():
@@ -61,9 +63,10 @@ def make_batch():
 def test_distillation_loss_components(method):
     batch = make_batch()
     student = create_model("resnet8_slim", 1, 10).eval()
-    layer = CamLayer.of(student)
+    layer = CamLayer.of(student, PROBE)
     teachers = ["t2"] if method == "kd" else ["t1", "t2"]
-    loss_fn = DistillationLoss(method, teachers, layer, (0.3,), (0.32,), temperature=4.0, alpha=0.5, beta=2.0)
+    loss_fn = DistillationLoss(method, teachers, layer, (0.3,), (0.32,), temperature=4.0, alpha=0.5, beta=2.0,
+                               num_classes=10)
     losses = loss_fn(student, batch)
 
     x = (batch["images"].permute(0, 3, 1, 2).float() / 255 - 0.3) / 0.32

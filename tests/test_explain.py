@@ -7,8 +7,10 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pipeline.errors import PipelineError
-from pipeline.explain import CamLayer, confidence_drop, explain, explanation_confidences, grad_cam, upsample_minmax
+from pipeline.explain import CamLayer, confidence_drop, explain, explanation_confidences, grad_cam, upsample_minmax, probe_input
 from pipeline.models import create_model
+
+PROBE = probe_input((32, 32, 1))
 
 
 def random_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -25,7 +27,7 @@ def random_model(name: str, seed: int = 0) -> torch.nn.Module:
 @pytest.mark.parametrize("target_mode", ["label", "predicted"])
 def test_closed_form_equals_autograd_on_gap_heads(name, target_mode):
     model = random_model(name)
-    layer = CamLayer.of(model)
+    layer = CamLayer.of(model, PROBE)
     assert layer.path == "closed-form"
     x = torch.randn(6, 1, 32, 32)
     target = torch.tensor([0, 1, 2, 3, 4, 9]) if target_mode == "label" else None
@@ -40,7 +42,7 @@ def test_closed_form_equals_autograd_on_gap_heads(name, target_mode):
 @pytest.mark.parametrize("name", ["vgg8_bn", "resnet8_slim"])
 def test_autograd_path_matches_grad_cam_package(name):
     model = random_model(name, seed=1)
-    layer = CamLayer(CamLayer.of(model).target_layer, None)  # force the autograd path
+    layer = CamLayer(CamLayer.of(model, PROBE).target_layer, None)  # force the autograd path
     x = torch.randn(5, 1, 32, 32)
     target = torch.tensor([3, 1, 4, 1, 5])
     _, ours = grad_cam(model, x, target, layer)
@@ -54,7 +56,7 @@ def test_autograd_path_matches_grad_cam_package(name):
 
 def test_vgg_takes_autograd_path_and_has_coarser_maps():
     model = random_model("vgg8_bn")
-    layer = CamLayer.of(model)
+    layer = CamLayer.of(model, PROBE)
     assert layer.path == "autograd"
     _, cam = grad_cam(model, torch.randn(2, 1, 32, 32), torch.tensor([0, 1]), layer)
     assert cam.shape == (2, 4, 4)
@@ -62,7 +64,7 @@ def test_vgg_takes_autograd_path_and_has_coarser_maps():
 
 def test_differentiable_student_map_carries_gradient_to_weights():
     model = random_model("resnet8_slim").train()
-    _, cam = grad_cam(model, torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]), CamLayer.of(model),
+    _, cam = grad_cam(model, torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]), CamLayer.of(model, PROBE),
                       create_graph=True)
     cam.sum().backward()
     assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
@@ -71,14 +73,14 @@ def test_differentiable_student_map_carries_gradient_to_weights():
 
 def test_maps_without_graph_when_not_requested():
     model = random_model("vgg8_bn")
-    logits, cam = grad_cam(model, torch.randn(2, 1, 32, 32), None, CamLayer.of(model))
+    logits, cam = grad_cam(model, torch.randn(2, 1, 32, 32), None, CamLayer.of(model, PROBE))
     assert not cam.requires_grad and not logits.requires_grad
 
 
 def test_unknown_target_layer_lists_modules():
     model = random_model("resnet8_slim")
     with pytest.raises(PipelineError, match="has no module 'layer9'; modules are: features"):
-        CamLayer.of(model, "layer9")
+        CamLayer.of(model, PROBE, "layer9")
 
 
 def test_upsample_minmax_scales_to_unit_range_and_keeps_empty_maps_zero():
@@ -102,7 +104,7 @@ def test_explanation_image_is_the_masked_image_not_the_masked_input():
     image = torch.rand(3, 1, 32, 32)
     x = (image - 0.3) / 0.32
     labels = torch.tensor([1, 2, 3])
-    result = explain(model, CamLayer.of(model), x, labels, "label", mean, std)
+    result = explain(model, CamLayer.of(model, PROBE), x, labels, "label", mean, std)
     mask = upsample_minmax(result.cam, (32, 32))[:, None]
     with torch.no_grad():
         expected_o = torch.softmax(model((mask * image - 0.3) / 0.32), 1)[torch.arange(3), labels]

@@ -10,29 +10,41 @@ from pipeline.errors import PipelineError
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """How a stored image becomes a model input: resize the shorter side, then centre-crop."""
+
+    resize: int
+    crop: int
+    interpolation: str = "bilinear"
+
+    def as_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     name: str
     num_classes: int
-    image_shape: tuple[int, int, int]  # H, W, C of the uint8 images
+    image_shape: tuple[int, int, int]  # H, W, C of the uint8 images a model sees
     mean: tuple[float, ...]  # per channel, for images scaled to [0, 1]
     std: tuple[float, ...]
     splits: tuple[str, ...]
+    geometry: Geometry | None = None  # eval resize/crop of data sets read from image files
 
 
-class ArrayDataset(torch.utils.data.Dataset):
-    """One split held in memory: images uint8 (N, H, W, C), labels int64 (N,), ids str (N,)."""
+class SampleSet(torch.utils.data.Dataset):
+    """What every data set split provides: `info`, `split`, `labels` (N,), stable `ids`, and
+    `image(i, geometry)` -> uint8 (H, W, C); items are (image, label)."""
 
-    def __init__(self, info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray, ids: np.ndarray):
-        if not (len(images) == len(labels) == len(ids)):
-            raise ValueError("images, labels and ids must have the same length")
-        self.info, self.split = info, split
-        self.images, self.labels, self.ids = images, labels.astype(np.int64), ids
+    info: DatasetInfo
+    split: str
+    labels: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return self.images[index], int(self.labels[index])
+        return self.image(index), int(self.labels[index])
 
     def identity(self) -> dict:
         """What a teacher store records about the data it was made from (see cache.py)."""
@@ -49,9 +61,30 @@ class ArrayDataset(torch.utils.data.Dataset):
         }
 
 
+class ArrayDataset(SampleSet):
+    """One split held in memory: images uint8 (N, H, W, C), labels int64 (N,), ids str (N,)."""
+
+    def __init__(self, info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray, ids: np.ndarray):
+        if not (len(images) == len(labels) == len(ids)):
+            raise ValueError("images, labels and ids must have the same length")
+        self.info, self.split = info, split
+        self.images, self.labels, self.ids = images, labels.astype(np.int64), ids
+
+    def image(self, index: int, geometry: Geometry | None = None) -> np.ndarray:
+        """The stored image; in-memory data sets have one native geometry."""
+        return self.images[index]
+
+    def describe(self, index: int) -> str:
+        return str(self.ids[index])
+
+
+class UnknownSplit(PipelineError):
+    pass
+
+
 def check_split(info: DatasetInfo, split: str) -> None:
     if split not in info.splits:
-        raise PipelineError(f"data set {info.name!r} has no split {split!r}; choose one of: {', '.join(info.splits)}")
+        raise UnknownSplit(f"data set {info.name!r} has no split {split!r}; choose one of: {', '.join(info.splits)}")
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:

@@ -21,7 +21,7 @@ INFO = DatasetInfo(
 )
 
 
-def load(split: str, root: str | None = None, split_seed: int = 0) -> ArrayDataset:
+def load(split: str, root: str | None = None, split_seed: int = 0, download: bool = False) -> ArrayDataset:
     """1,797 images, stratified 80/20 train/test split fixed by `split_seed`; `root` is unused."""
     check_split(INFO, split)
     raw = load_digits()

@@ -1,9 +1,9 @@
 """Small CIFAR-style networks, usable as teachers and students.
 
-Every network here names its Grad-CAM layer (`cam_layer`, the last 4-D feature map)
-and, when its head is global-average-pool + Linear, that Linear (`linear_head`), which
-lets explain.py take the closed-form Grad-CAM path. `vgg8_bn` deliberately has a
-flatten + MLP head, so the default teacher set exercises the autograd path too.
+Every network here names its Grad-CAM layer (`cam_layer`, the last 4-D feature map).
+explain.py takes the closed-form Grad-CAM path where it finds a global-average-pool +
+Linear head; `vgg8_bn` deliberately has a flatten + MLP head, so the default teacher set
+exercises the autograd path too.
 """
 
 import torch
@@ -54,7 +54,6 @@ class GapLinearNet(nn.Module):
     """features -> global average pool -> Linear: the head that admits closed-form Grad-CAM."""
 
     cam_layer = "features"
-    linear_head = "fc"
 
     def __init__(self, features: nn.Sequential, width: int, num_classes: int):
         super().__init__()
@@ -113,7 +112,6 @@ class VGG(nn.Module):
     """VGG-style conv/BN/ReLU stack with max-pooling and a flatten + MLP head (no GAP)."""
 
     cam_layer = "features"
-    linear_head = None
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int = 32):
         super().__init__()

@@ -1,0 +1,79 @@
+"""ILSVRC2012 and any folder-per-class image tree.
+
+`ilsvrc2012` reads <root>/train/<wnid>/ and <root>/val/<wnid>/ (torchvision's `ImageNet`
+layout after it sorted val/ into class folders, or a plain ImageFolder copy). Class
+index = position of the wnid in sorted order, so torchvision's pretrained heads line
+up; with torchvision's devkit file <root>/meta.bin the full class list comes from it,
+so a tree holding only some classes keeps the standard indices.
+"""
+
+from pathlib import Path
+
+import torch
+
+from pipeline.data.base import DatasetInfo, Geometry, check_split
+from pipeline.data.files import IMAGE_EXTENSIONS, ImageFileDataset, class_folders, scan_class_folders
+from pipeline.errors import PipelineError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_EVAL = Geometry(resize=256, crop=224)
+
+
+def load_ilsvrc2012(split: str, root: str, split_seed: int = 0, download: bool = False) -> ImageFileDataset:
+    """The official train or val split; `split_seed` and `download` are unused (no download)."""
+    root = Path(root)
+    expected = f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG (torchvision ImageNet layout)"
+    classes = devkit_classes(root) or split_classes(root, "train", expected)
+    info = DatasetInfo("ilsvrc2012", len(classes), (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD,
+                       ("train", "val"), geometry=IMAGENET_EVAL)
+    check_split(info, split)
+    folder = split_folder(root, split, expected)
+    files, labels = scan_class_folders(folder, classes, root)
+    return ImageFileDataset(info, split, root, files, labels)
+
+
+def load_imagefolder(split: str, root: str, split_seed: int = 0, download: bool = False) -> ImageFileDataset:
+    """`imagefolder:<path>`: <path>/<split>/<class>/ for the splits present (train, val, test), or
+    <path>/<class>/ as the one split `all`; classes sorted by folder name, ImageNet eval transform."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"image folder {root} does not exist; pass imagefolder:<path to class folders>")
+    splits = tuple(s for s in ("train", "val", "test") if (root / s).is_dir()) or ("all",)
+    expected = f"{root}/<split>/<class>/*.jpg or {root}/<class>/*.jpg"
+    classes = split_classes(root, splits[0], expected)
+    info = DatasetInfo("imagefolder", len(classes), (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD, splits,
+                       geometry=IMAGENET_EVAL)
+    check_split(info, split)
+    files, labels = scan_class_folders(root if split == "all" else root / split, classes, root)
+    return ImageFileDataset(info, split, root, files, labels)
+
+
+def devkit_classes(root: Path) -> list[str] | None:
+    """Sorted wnids of torchvision's meta.bin (parsed devkit), or None without one."""
+    meta = root / "meta.bin"
+    if not meta.is_file():
+        return None
+    try:
+        wnid_to_classes = torch.load(meta, weights_only=True)[0]
+        return sorted(wnid_to_classes)
+    except Exception as error:
+        raise PipelineError(f"{meta} is not torchvision's ImageNet meta.bin ({type(error).__name__}); "
+                            "delete it (classes then come from train/) or let torchvision rewrite it") from None
+
+
+def split_folder(root: Path, split: str, expected: str) -> Path:
+    folder = root / split
+    if not folder.is_dir():
+        raise PipelineError(f"expected {expected}; {folder} does not exist (pass --data-root)")
+    loose = [e.name for e in folder.iterdir() if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+    if loose:
+        raise PipelineError(f"{folder} holds images directly ({loose[0]}, ...); sort them into class folders "
+                            "first (torchvision.datasets.ImageNet(root, split='val') does so with the devkit)")
+    return folder
+
+
+def split_classes(root: Path, split: str, expected: str) -> list[str]:
+    classes = class_folders(split_folder(root, split, expected))
+    if not classes:
+        raise PipelineError(f"expected {expected}; {root / split} has no class folders")
+    return classes

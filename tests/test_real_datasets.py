@@ -1,0 +1,268 @@
+"""CIFAR pickles, ImageNet folders, torchvision teachers, top-k logits: on fabricated on-disk layouts."""
+
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import IMAGENET_WNIDS, make_cifar, make_imagenet, make_torchvision_teacher
+from pipeline.cache import TeacherStore, full_logits
+from pipeline.cli import main
+from pipeline.data import DATA_ROOT_ENV, get_dataset, normalize
+from pipeline.errors import PipelineError
+from pipeline.explain import CamLayer, probe_input
+from pipeline.models import create_model
+from pipeline.teachers import load_teacher, torchvision_weights
+
+
+def invoke(*args, exit_code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == exit_code, result.output
+    return result
+
+
+# -- CIFAR ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "classes", "train", "test"), [("cifar10", 10, 20, 4), ("cifar100", 100, 4, 4)])
+def test_cifar_pickles_load_in_hwc_order(tmp_path, name, classes, train, test):
+    make_cifar(tmp_path, name)
+    folder = tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    first = "data_batch_1" if name == "cifar10" else "train"
+    with open(folder / first, "rb") as handle:
+        raw = pickle.load(handle, encoding="bytes")
+    data = get_dataset(name, "train", str(tmp_path))
+    assert len(data) == train and len(get_dataset(name, "test", str(tmp_path))) == test
+    assert data.info.num_classes == classes and data.images.shape == (train, 32, 32, 3)
+    # row layout is 1024 red, 1024 green, 1024 blue values, each row-major 32 x 32
+    assert data.images[1, 2, 5, 0] == raw[b"data"][1][2 * 32 + 5]
+    assert data.images[1, 2, 5, 2] == raw[b"data"][1][2048 + 2 * 32 + 5]
+    label_key = b"labels" if name == "cifar10" else b"fine_labels"
+    assert data.labels[:4].tolist() == raw[label_key]
+    assert get_dataset(name, "train", str(folder)).identity() == data.identity()  # root may be the folder itself
+
+
+def test_cifar_errors_say_what_was_expected_where(tmp_path):
+    with pytest.raises(PipelineError, match=r"expects torchvision's CIFAR python layout .*cifar-10-batches-py/ "
+                                            r"\(data_batch_1, \.\.\., test_batch\), which does not exist"):
+        get_dataset("cifar10", "train", str(tmp_path))
+    make_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_text("garbage")
+    with pytest.raises(PipelineError, match="data_batch_3 is not a CIFAR python batch"):
+        get_dataset("cifar10", "train", str(tmp_path))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(PipelineError, match="data_batch_3 is missing"):
+        get_dataset("cifar10", "train", str(tmp_path))
+
+
+def test_data_root_precedence_command_line_then_params_then_environment(tmp_path, monkeypatch):
+    env_root, params_root = make_cifar(tmp_path / "env", seed=1), make_cifar(tmp_path / "params", seed=2)
+    cli_root = make_cifar(tmp_path / "cli", seed=3)
+    monkeypatch.setenv(DATA_ROOT_ENV, str(env_root))
+    assert get_dataset("cifar10", "test").identity() == get_dataset("cifar10", "test", str(env_root)).identity()
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  dataset: cifar10\n  data_root: {params_root}\n")
+    from pipeline.config import ExtractConfig, load_config
+    assert load_config(ExtractConfig, params).data_root == str(params_root)
+    assert load_config(ExtractConfig, params, data_root=str(cli_root)).data_root == str(cli_root)
+
+
+# -- ImageNet folders --------------------------------------------------------------------
+
+def test_imagenet_class_order_follows_the_devkit_or_the_sorted_folders(tmp_path):
+    with_meta = get_dataset("ilsvrc2012", "train", str(make_imagenet(tmp_path / "a")))
+    assert with_meta.info.num_classes == 5  # meta.bin lists five wnids; the tree holds three of them
+    assert sorted(set(with_meta.labels.tolist())) == [1, 2, 3]  # their standard indices, not 0..2
+    assert next(iter(with_meta.ids)) == f"train/{IMAGENET_WNIDS[1]}/{IMAGENET_WNIDS[1]}_0000.JPEG"
+    plain = get_dataset("ilsvrc2012", "val", str(make_imagenet(tmp_path / "b", meta=False)))
+    assert plain.info.num_classes == 3 and plain.labels.tolist() == [0, 1, 2]
+    folder = get_dataset(f"imagefolder:{tmp_path / 'b'}", "val")
+    assert folder.labels.tolist() == [0, 1, 2] and folder.info.splits == ("train", "val")
+    assert folder.identity()["ids_sha256"] == plain.identity()["ids_sha256"]
+
+
+def test_imagenet_images_match_torchvision_eval_transform(tmp_path):
+    data = get_dataset("ilsvrc2012", "val", str(make_imagenet(tmp_path)))
+    preset = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()  # resize 232, crop 224
+    _, transform = torchvision_weights("resnet50", "IMAGENET1K_V2")
+    ours = normalize(torch.from_numpy(data.image(0, transform.geometry))[None], preset.mean, preset.std)[0]
+    with Image.open(data.root / next(iter(data.ids))) as image:
+        reference = preset(image.convert("RGB"))
+    assert ours.shape == reference.shape == (3, 224, 224)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    assert data.image(0).shape == (224, 224, 3)  # the data set's own 256 -> 224 geometry
+
+
+def test_imagenet_layout_errors_name_the_expected_place(tmp_path):
+    with pytest.raises(PipelineError, match=r"expected .*/train/<wnid>/\*\.JPEG .*; .*train does not exist"):
+        get_dataset("ilsvrc2012", "train", str(tmp_path))
+    root = make_imagenet(tmp_path / "flat", meta=False)
+    for image in list((root / "val").rglob("*.JPEG")):
+        image.rename(root / "val" / image.name)
+    for folder in (root / "val").iterdir():
+        if folder.is_dir():
+            folder.rmdir()
+    with pytest.raises(PipelineError, match="val holds images directly .*sort them into class folders"):
+        get_dataset("ilsvrc2012", "val", str(root))
+    root = make_imagenet(tmp_path / "extra")
+    (root / "val" / "n99999999").mkdir()
+    with pytest.raises(PipelineError, match="class folder.s. n99999999 that are not among the 5 classes"):
+        get_dataset("ilsvrc2012", "val", str(root))
+
+
+# -- teachers -----------------------------------------------------------------------------
+
+def test_target_layer_is_the_last_feature_map_and_the_head_decides_the_path():
+    probe = probe_input((224, 224, 3))
+    found = {}
+    for arch in ("resnet18", "vgg11", "densenet121"):
+        model = create_model(f"torchvision:{arch}", 3, 5).eval()
+        found[arch] = CamLayer.of(model, probe)
+    assert found["resnet18"] == CamLayer("layer4", "fc")  # GAP + Linear: closed form
+    assert found["vgg11"] == CamLayer("features.19", None)  # last ReLU before the final max-pool
+    assert found["densenet121"] == CamLayer("features", None)  # ReLU after the map: autograd
+
+
+def test_weights_enum_resolves_its_transform_without_fetching():
+    weights, transform = torchvision_weights("resnet50", "IMAGENET1K_V2")
+    assert weights is torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    assert (transform.geometry.resize, transform.geometry.crop) == (232, 224)
+    assert transform.mean == (0.485, 0.456, 0.406)
+    with pytest.raises(PipelineError, match="has no weights 'IMAGENET9K'; choose one of: IMAGENET1K_V1, IMAGENET1K_V2"):
+        torchvision_weights("resnet50", "IMAGENET9K")
+    with pytest.raises(PipelineError, match=r"torchvision:resnet50 needs weights, one of: .*DEFAULT"):
+        torchvision_weights("resnet50", "")
+    with pytest.raises(PipelineError, match="unknown torchvision architecture 'resnet51'; choose one of: alexnet"):
+        torchvision_weights("resnet51", "DEFAULT")
+
+
+def test_pretrained_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch):
+    """A file already in TORCH_HOME is used as is; nothing is downloaded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    info = get_dataset("ilsvrc2012", "val", str(make_imagenet(tmp_path / "in"))).info
+    info = type(info)(**{**info.__dict__, "num_classes": 1000})
+    teacher = load_teacher("torchvision:resnet18:IMAGENET1K_V1", info)
+    assert teacher.name == "resnet18" and teacher.identity["arch"] == "torchvision:resnet18"
+    assert teacher.identity["transform"]["resize"] == 256 and teacher.identity["heldout_top1"] == 0.69758
+    assert torch.equal(teacher.model.fc.weight, torch.load(cached)["fc.weight"])
+
+
+def test_timm_teachers_need_timm_and_say_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    info = get_dataset("digits", "test").info
+    with pytest.raises(PipelineError, match=r"teacher timm:resnet50.a1_in1k needs the timm package: pip install timm"):
+        load_teacher("timm:resnet50.a1_in1k", info)
+
+
+# -- end to end over a fabricated ImageNet tree ------------------------------------------
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    make_imagenet(root / "data", corrupt=True)
+    teachers = [make_torchvision_teacher(root / f"{arch}.pt", arch, 5, seed=i)
+                for i, arch in enumerate(("resnet18", "vgg11", "densenet121"))]
+    return root, teachers
+
+
+def test_three_torchvision_teachers_keep_their_own_map_resolution(imagenet):
+    root, teachers = imagenet
+    store = root / "store.zarr"
+    args = ["extract-teachers", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
+            "--teachers", ",".join(map(str, teachers)), "--block-size", 4, "--batch-size", 4]
+    failed = invoke(*args, exit_code=1)
+    assert f"cannot read image {root / 'data' / 'train' / IMAGENET_WNIDS[1] / 'zz_corrupt.JPEG'}" in failed.output
+    error = [line for line in failed.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and error[0].endswith("replace the file, or pass --skip-corrupt to skip and record it")
+    result = invoke(*args, "--skip-corrupt")
+    assert "skipped unreadable image" in result.output and "zz_corrupt.JPEG" in result.output
+
+    group = zarr.open_group(store, mode="r")
+    assert group["labels"].shape == (10,) and "images" not in group  # 224 px images stay in the files
+    assert group["valid"][...].tolist() == [True] * 3 + [False] + [True] * 6  # the corrupt file sorts last
+    shapes = {name: group[f"teachers/{name}/cam"].shape[1:] for name in ("resnet18", "vgg11", "densenet121")}
+    assert shapes == {"resnet18": (7, 7), "vgg11": (14, 14), "densenet121": (7, 7)}
+    paths = {name: group[f"teachers/{name}"].attrs["cam_path"] for name in shapes}
+    assert paths == {"resnet18": "closed-form", "vgg11": "autograd", "densenet121": "autograd"}
+    assert group["teachers/resnet18/logits"].shape == (10, 5)
+    assert invoke("cache", "verify", store).output.startswith("OK")
+    assert "skipped    1 unreadable image(s)" in invoke("cache", "info", store).output
+
+    student = invoke("train-student", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
+                     "--method", "explain-kd", "--arch", "torchvision:resnet18", "--epochs", 1, "--batch-size", 4,
+                     "--out-dir", root / "students")
+    assert "chosen/resnet18=" in student.output
+    assert (root / "students" / "explain-kd" / "checkpoint.pt").is_file()
+
+
+def test_target_layer_option_and_topk_logits(imagenet, tmp_path):
+    root, teachers = imagenet
+    store = tmp_path / "topk.zarr"
+    invoke("extract-teachers", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
+           "--teachers", teachers[0], "--target-layer", "resnet18=layer3", "--logits", "topk:2",
+           "--block-size", 4, "--skip-corrupt")
+    group = zarr.open_group(store, mode="r")
+    assert group.attrs["logits"] == {"mode": "topk", "k": 2}
+    assert group["teachers/resnet18/cam"].shape == (10, 14, 14)
+    assert group["teachers/resnet18"].attrs["cam_path"] == "autograd"  # layer3 does not feed the GAP head
+    assert group["teachers/resnet18/logits"].shape == (10, 2)
+    assert group["teachers/resnet18/logit_classes"].dtype == np.int16
+    full = tmp_path / "full.zarr"
+    invoke("extract-teachers", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", full,
+           "--teachers", teachers[0], "--target-layer", "resnet18=layer3", "--block-size", 4, "--skip-corrupt")
+    all_logits = zarr.open_group(full, mode="r")["teachers/resnet18/logits"][...].astype(np.float32)
+    top = np.sort(all_logits, axis=1)[:, ::-1][:, :2]
+    np.testing.assert_allclose(group["teachers/resnet18/logits"][...].astype(np.float32), top, atol=1e-2)
+    invoke("train-student", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
+           "--method", "kd", "--arch", "torchvision:resnet18", "--epochs", 1, "--batch-size", 4,
+           "--out-dir", tmp_path / "students")
+    bad = invoke("extract-teachers", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store",
+                 tmp_path / "x.zarr", "--teachers", teachers[0], "--target-layer", "vgg=features.3", exit_code=1)
+    assert "--target-layer names unknown teacher(s) vgg; teachers are: resnet18" in bad.output
+
+
+def test_topk_restores_a_full_distribution():
+    logits = torch.tensor([[4.0, 1.0, 0.5, -1.0, 2.0], [0.0, 0.0, 3.0, 0.0, 0.0]])
+    values, classes = logits.topk(2, dim=1)
+    rows = {"teachers/t/logits": values, "teachers/t/logit_classes": classes,
+            "teachers/t/logsumexp": torch.logsumexp(logits, 1)}
+    restored = torch.softmax(full_logits(rows, "t", 5), 1)
+    original = torch.softmax(logits, 1)
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter(1, classes, True)
+    torch.testing.assert_close(restored[kept], original[kept])  # the top K keep their probabilities
+    rest = (1 - original[kept].view(2, 2).sum(1)) / 3
+    torch.testing.assert_close(restored[~kept].view(2, 3), rest[:, None].expand(2, 3))  # the rest share evenly
+    full = {"teachers/t/logits": logits}
+    assert torch.equal(full_logits(full, "t", 5), logits)
+
+
+def test_teacher_for_another_class_count_is_refused(imagenet, tmp_path):
+    root, _ = imagenet
+    wrong = make_torchvision_teacher(tmp_path / "r.pt", "resnet18", 1000)
+    result = invoke("extract-teachers", "--dataset", "ilsvrc2012", "--data-root", root / "data",
+                    "--store", tmp_path / "s.zarr", "--teachers", wrong, exit_code=1)
+    assert "predicts 1000 classes but data set ilsvrc2012 has 5" in result.output
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_cifar_end_to_end_with_a_small_teacher(tmp_path):
+    make_cifar(tmp_path / "data", per_batch=8)
+    invoke("train-teachers", "--dataset", "cifar10", "--data-root", tmp_path / "data", "--teachers", "resnet8",
+           "--epochs", 1, "--out-dir", tmp_path / "teachers")
+    invoke("extract-teachers", "--dataset", "cifar10", "--data-root", tmp_path / "data",
+           "--teachers", tmp_path / "teachers" / "resnet8.pt", "--store", tmp_path / "c.zarr", "--block-size", 16)
+    group = zarr.open_group(tmp_path / "c.zarr", mode="r")
+    assert group["images"].shape == (40, 32, 32, 3) and group["teachers/resnet8/cam"].shape == (40, 8, 8)
+    invoke("train-student", "--dataset", "cifar10", "--data-root", tmp_path / "data", "--store", tmp_path / "c.zarr",
+           "--method", "explain-kd", "--epochs", 1, "--out-dir", tmp_path / "students")
+    assert TeacherStore.open(tmp_path / "c.zarr").attrs["dataset"]["name"] == "cifar10"
