@@ -1,4 +1,4 @@
-"""The teacher cache: one Zarr v3 group per data set split (format v1, see README).
+"""The teacher cache: one Zarr v3 group per data set split (format v2, see README).
 
 Rows are sharded along N; a *block* is exactly one shard, the unit of writing, so no
 two writers ever touch one shard and a block is marked done in `progress` only after
@@ -21,9 +21,9 @@ from zarr.codecs import BloscCodec
 from pipeline import __version__
 from pipeline.errors import PipelineError
 
-FORMAT, VERSION = "teacher-cache", 1
+FORMAT, VERSION = "teacher-cache", 2  # 2: `valid`, logits modes, attention maps
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
-SCORE_FIELDS = ("cam", "cam_max", "y_prob", "o_prob")
+SCORE_FIELDS = ("cam", "cam_max", "y_prob", "o_prob", "attention", "attention_max")
 TOPK_FIELDS = ("logits", "logit_classes", "logsumexp")  # `--logits topk:K` stores these instead of all C logits
 TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform")  # what makes two teachers the same
 
@@ -208,7 +208,8 @@ class TeacherStore:
             "logsumexp": ((n,), "float32"),
         }
         return logits | {"cam": ((n, *map_shape), "uint8"), "cam_max": ((n,), "float32"),
-                         "y_prob": ((n,), "float32"), "o_prob": ((n,), "float32")}
+                         "y_prob": ((n,), "float32"), "o_prob": ((n,), "float32"),
+                         "attention": ((n, *map_shape), "uint8"), "attention_max": ((n,), "float32")}
 
     # -- writing -------------------------------------------------------------------------
 
@@ -253,15 +254,25 @@ class TeacherStore:
         start, stop = self.block_rows(block)
         for field in self.teacher_fields:
             data = arrays[field]
-            if len(data) != stop - start:
-                raise ValueError(f"block {block} of {field} has {len(data)} rows, expected {stop - start}")
+            if data.shape[1:] != group[field].shape[1:] or len(data) != stop - start:
+                raise ValueError(f"block {block} of {name}/{field} has shape {data.shape}, "
+                                 f"expected ({stop - start}, {', '.join(map(str, group[field].shape[1:]))})")
             group[field][start:stop] = data.astype(group[field].dtype, copy=False)
         group["progress"][block] = True
 
     def write_valid(self, block: int, valid: np.ndarray) -> None:
-        """Which rows of a block hold a readable image; written before any teacher marks the block."""
+        """Which rows of a block hold a readable image; written before the first teacher marks the
+        block, and only checked afterwards (teachers added later must see the same images)."""
         start, stop = self.block_rows(block)
-        self.group["valid"][start:stop] = valid
+        if not any(self.teacher_group(name)["progress"][block] for name in self.teachers):
+            self.group["valid"][start:stop] = valid
+            return
+        changed = np.flatnonzero(self.group["valid"][start:stop] != valid)
+        if len(changed):
+            raise PipelineError(
+                f"row {start + changed[0]} of {self.path} was {'un' if valid[changed[0]] else ''}readable when "
+                "other teachers were extracted and is not now; restore the image file as it was, or write a new --store"
+            )
 
     # -- reading -------------------------------------------------------------------------
 

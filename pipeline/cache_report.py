@@ -110,7 +110,7 @@ def verify(store: TeacherStore) -> list[str]:
         for block in store.finished_blocks([name]):
             fields = ["valid", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
             rows = store.read_rows(*store.block_rows(block), fields)
-            for field in ("logits", "logsumexp", "cam_max", "y_prob", "o_prob"):
+            for field in ("logits", "logsumexp", "cam_max", "y_prob", "o_prob", "attention_max"):
                 if f"teachers/{name}/{field}" in rows:
                     values = rows[f"teachers/{name}/{field}"].astype(np.float64)
                     if not np.isfinite(values).all():
@@ -119,6 +119,7 @@ def verify(store: TeacherStore) -> list[str]:
             y, o = rows[f"teachers/{name}/y_prob"][valid], rows[f"teachers/{name}/o_prob"][valid]
             if (y <= 0).any() or (y > 1).any() or (o < 0).any() or (o > 1).any():
                 problems.append(f"{name}: y_prob/o_prob outside (0, 1] / [0, 1] in block {block}")
-            if (rows[f"teachers/{name}/cam_max"] < 0).any():
-                problems.append(f"{name}/cam_max: negative scale in block {block}")
+            for field in ("cam_max", "attention_max"):
+                if (rows[f"teachers/{name}/{field}"] < 0).any():
+                    problems.append(f"{name}/{field}: negative scale in block {block}")
     return problems

@@ -10,7 +10,9 @@ import typing
 
 import click
 
-from pipeline.config import EvaluateConfig, ExtractConfig, TrainStudentConfig, TrainTeachersConfig, load_config
+from pipeline.config import (
+    EvaluateConfig, ExtractConfig, ReportConfig, TrainStudentConfig, TrainTeachersConfig, load_config,
+)
 from pipeline.errors import PipelineError
 
 
@@ -120,6 +122,15 @@ def _evaluate():
     """Test top-1/top-5 and Grad-CAM confidence drop of every student next to the teachers.
 
     Example: pipeline evaluate --students-dir data_cache/students --out data_cache/metrics.json
+    """
+
+
+@stage_command("report", ReportConfig, "report")
+def _report():
+    """Aggregate student runs (<variant>-s<seed>): test top-1 mean, std and the paired difference
+    to the baseline with its 95 % interval; writes results.csv, results.md and a figure.
+
+    Example: pipeline report --dataset cluttered-digits --students-dir data_cache/cluttered/students
     """
 
 

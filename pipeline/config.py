@@ -12,7 +12,8 @@ import yaml
 
 from pipeline.errors import PipelineError
 
-METHODS = ("ce", "kd", "kd-avg", "explain-kd")
+METHODS = ("ce", "kd", "kd-avg", "at", "explain-kd")
+POLICIES = ("per-sample", "global", "weighted", "correct")
 TARGETS = ("label", "predicted")
 DEFAULT_TEACHERS = ("resnet20", "wrn16_2", "vgg8_bn")
 
@@ -49,6 +50,7 @@ class TrainTeachersConfig(DataConfig):
     weight_decay: float = setting(5e-4, "L2 weight decay")
     seed: int = setting(0, "seed for initialisation and batch order")
     target: str = setting("label", "class whose Grad-CAM the test metrics score: label | predicted")
+    shift: int = setting(0, "augmentation: random translation by up to this many pixels (0: none)")
 
     def __post_init__(self):
         check_choice("target", self.target, TARGETS)
@@ -108,14 +110,23 @@ class ExtractConfig(DataConfig):
 class TrainStudentConfig(DataConfig):
     split: str = setting("train", "data set split the store was extracted from")
     store: str = setting("data_cache/stores/digits-train.zarr", "teacher store to learn from")
-    method: str = setting("explain-kd", "ce | kd | kd-avg | explain-kd")
-    teacher: str | None = setting(None, "kd only: teacher name (default: best held-out accuracy)")
+    method: str = setting("explain-kd", "ce | kd | kd-avg | at | explain-kd")
+    teacher: str | None = setting(None, "kd and at: teacher name (default: best held-out accuracy)")
+    policy: str = setting("per-sample", "explain-kd teacher choice: per-sample (lowest confidence drop) | "
+                          "global (the one teacher with the lowest mean drop) | weighted (softmax of -drop) | "
+                          "correct (per-sample among teachers that classify the sample correctly)")
+    policy_temperature: float = setting(0.1, "weighted policy: temperature of softmax(-(Y - O) / Y / t)")
+    detach_head: bool = setting(False, "explain-kd: the student map uses detached classifier weights, so the "
+                                "map term shapes features only")
+    beta_warmup: int = setting(0, "epochs over which the map weight beta ramps up linearly (0: none)")
+    shift: int = setting(0, "augmentation: random translation by up to this many pixels (0: none)")
+    map_follows: bool = setting(True, "with --shift: cached teacher maps move with their images")
     arch: str = setting("resnet8_slim", "student architecture (model registry name, or torchvision:<arch>)")
     out_dir: str = setting("data_cache/students", "the run writes <out-dir>/<run-name>/")
     run_name: str | None = setting(None, "name of the run folder (default: the method)")
     temperature: float = setting(4.0, "KD temperature T (the KD term is scaled by T^2)")
     alpha: float = setting(1.0, "weight of the KD term (cross-entropy has weight 1)")
-    beta: float = setting(10.0, "weight of the Grad-CAM map term (explain-kd only)")
+    beta: float = setting(10.0, "weight of the map term: Grad-CAM (explain-kd) or attention (at)")
     epochs: int = setting(15, "training epochs")
     batch_size: int = setting(64, "training batch size")
     lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, cosine decay)")
@@ -128,6 +139,7 @@ class TrainStudentConfig(DataConfig):
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
+        check_choice("policy", self.policy, POLICIES)
 
 
 @dataclass
@@ -142,11 +154,20 @@ class EvaluateConfig(DataConfig):
         check_choice("target", self.target, TARGETS)
 
 
+@dataclass
+class ReportConfig(DataConfig):
+    students_dir: str = setting("data_cache/students", "every <run>/checkpoint.pt below it is a run; runs named "
+                                "<variant>-s<seed> are grouped by variant")
+    out_dir: str = setting("reports", "writes results.csv, results.md and accuracy.png here")
+    baseline: str = setting("kd", "variant the paired (same seed) differences are taken against")
+
+
 STAGE_SECTIONS = {
     TrainTeachersConfig: "train_teachers",
     ExtractConfig: "extract_teachers",
     TrainStudentConfig: "train_student",
     EvaluateConfig: "evaluate",
+    ReportConfig: "report",
 }
 
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.cache import dequantize_cam, full_logits
-from pipeline.data import normalize
-from pipeline.explain import CamLayer, grad_cam
+from pipeline.data.base import standardize, to_unit
+from pipeline.explain import CamLayer, attention_map, captured, grad_cam
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -54,52 +54,116 @@ def best_explainer(y_prob: torch.Tensor, o_prob: torch.Tensor) -> torch.Tensor:
 def teacher_fields(method: str, teachers: list[str], logit_fields: tuple[str, ...] = ("logits",)) -> list[str]:
     """Store arrays a method reads, besides images and labels (`logit_fields`: the store's logits mode)."""
     per_teacher = {"ce": (), "kd": logit_fields, "kd-avg": logit_fields,
+                   "at": (*logit_fields, "attention", "attention_max"),
                    "explain-kd": (*logit_fields, "cam", "cam_max", "y_prob", "o_prob")}[method]
     return [f"teachers/{name}/{field}" for name in teachers for field in per_teacher]
+
+
+def selection_weights(policy: str, change: torch.Tensor, correct: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, M) weights over teachers per sample from their confidence changes (Y - O) / Y.
+
+    per-sample: all weight on the lowest change; correct: the same among teachers whose
+    argmax is the label (all teachers where none is); weighted: softmax(-change / temperature).
+    """
+    if policy == "weighted":
+        return torch.softmax(-change / temperature, dim=1)
+    if policy == "correct":
+        allowed = correct | ~correct.any(dim=1, keepdim=True)
+        change = torch.where(allowed, change, torch.full_like(change, float("inf")))
+    return F.one_hot(change.argmin(dim=1), change.shape[1]).float()
+
+
+def random_shifts(batch_size: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, 2) integer (dy, dx) in [-max_shift, max_shift]."""
+    return torch.randint(-max_shift, max_shift + 1, (batch_size, 2), generator=generator)
+
+
+def shift(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Translate each (C, H, W) of `x` by its (dy, dx), filling with zeros (black images, empty maps)."""
+    pad = int(shifts.abs().max()) if len(shifts) else 0
+    if pad == 0:
+        return x
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (pad, pad, pad, pad))
+    return torch.stack([padded[i, :, pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+                        for i, (dy, dx) in enumerate(shifts.tolist())])
 
 
 class DistillationLoss:
     """loss_fn for train.fit: maps a batch of store rows to a dict of loss components.
 
-    `teachers` are the store's teacher names the method draws on (for `kd`, the one teacher).
+    `teachers` are the store's teacher names the method draws on (for `kd` and `at`, the one
+    teacher). `max_shift` > 0 translates every image at random; with `map_follows` the
+    cached teacher maps move with their images (logits do not depend on position).
     """
 
-    def __init__(self, method: str, teachers: list[str], student_layer: CamLayer, mean, std,
-                 temperature: float, alpha: float, beta: float, num_classes: int):
+    def __init__(self, method: str, teachers: list[str], student_layer: CamLayer | None, mean, std,
+                 temperature: float, alpha: float, beta: float, num_classes: int, *,
+                 policy: str = "per-sample", policy_temperature: float = 0.1, detach_head: bool = False,
+                 beta_warmup: int = 0, max_shift: int = 0, map_follows: bool = True, seed: int = 0):
         self.method, self.teachers, self.layer = method, teachers, student_layer
         self.num_classes = num_classes
         self.mean, self.std = mean, std
         self.temperature, self.alpha, self.beta = temperature, alpha, beta
+        self.policy, self.policy_temperature, self.detach_head = policy, policy_temperature, detach_head
+        self.beta_warmup, self.max_shift, self.map_follows = beta_warmup, max_shift, map_follows
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+
+    def beta_now(self) -> float:
+        """beta, ramped linearly over the first `beta_warmup` epochs."""
+        return self.beta * min(1.0, (self.epoch + 1) / self.beta_warmup) if self.beta_warmup else self.beta
 
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        x, labels = normalize(batch["images"], self.mean, self.std), batch["labels"].long()
-        use_map = self.method == "explain-kd" and self.beta > 0
-        if use_map:
-            logits, student_cam = grad_cam(model, x, labels, self.layer, create_graph=True)
+        images = to_unit(batch["images"])
+        shifts = random_shifts(len(images), self.max_shift, self.generator) if self.max_shift else None
+        if shifts is not None:
+            images = shift(images, shifts.to(images.device))
+        x, labels = standardize(images, self.mean, self.std), batch["labels"].long()
+        beta = self.beta_now()
+        use_cam = self.method == "explain-kd" and beta > 0
+        if use_cam:
+            logits, student_cam, _ = grad_cam(model, x, labels, self.layer, create_graph=True,
+                                              detach_head=self.detach_head)
         else:
-            logits = model(x)
+            logits, activation = self.forward(model, x)
         losses = {"ce": F.cross_entropy(logits, labels)}
         total = losses["ce"]
-        if self.method != "ce":
-            field = lambda name, key: batch[f"teachers/{name}/{key}"]  # noqa: E731
-            soft = torch.stack([F.softmax(full_logits(batch, t, self.num_classes) / self.temperature, dim=1)
-                                for t in self.teachers], dim=1)  # (B, M, C)
-            if self.method == "kd-avg":
-                probs = soft.mean(1)
-            elif self.method == "kd":
-                probs = soft[:, 0]
-            else:
-                choice = best_explainer(torch.stack([field(t, "y_prob") for t in self.teachers], 1),
-                                        torch.stack([field(t, "o_prob") for t in self.teachers], 1))
-                probs = soft[torch.arange(len(choice)), choice]
-                for m, name in enumerate(self.teachers):
-                    losses[f"chosen/{name}"] = (choice == m).float().mean()
-            losses["kd"] = kd_loss(logits, probs, self.temperature)
-            total = total + self.alpha * losses["kd"]
-            if use_map:
-                maps = torch.stack([resize_maps(dequantize_cam(field(t, "cam"), field(t, "cam_max")),
-                                                student_cam.shape[-2:]) for t in self.teachers], dim=1)
-                losses["map"] = map_loss(student_cam, maps[torch.arange(len(choice)), choice])
-                total = total + self.beta * losses["map"]
-        losses["loss"] = total
-        return losses
+        if self.method == "ce":
+            return losses | {"loss": total}
+        field = lambda name, key: batch[f"teachers/{name}/{key}"]  # noqa: E731
+        teacher_logits = [full_logits(batch, t, self.num_classes) for t in self.teachers]
+        soft = torch.stack([F.softmax(z / self.temperature, dim=1) for z in teacher_logits], dim=1)  # (B, M, C)
+        if self.method == "explain-kd":
+            change = confidence_change(torch.stack([field(t, "y_prob") for t in self.teachers], 1),
+                                       torch.stack([field(t, "o_prob") for t in self.teachers], 1))
+            correct = torch.stack([z.argmax(1) == labels for z in teacher_logits], 1)
+            weights = selection_weights(self.policy, change, correct, self.policy_temperature)
+            for m, name in enumerate(self.teachers):
+                losses[f"chosen/{name}"] = weights[:, m].mean()
+        else:  # kd and at: the one teacher; kd-avg: all alike
+            weights = torch.full(soft.shape[:2], 1.0 / soft.shape[1], device=soft.device)
+        losses["kd"] = kd_loss(logits, (weights[..., None] * soft).sum(1), self.temperature)
+        total = total + self.alpha * losses["kd"]
+        if use_cam or self.method == "at":
+            key, student_map = ("cam", student_cam) if use_cam else ("attention", attention_map(activation))
+            maps = torch.stack([self.teacher_map(dequantize_cam(field(t, key), field(t, f"{key}_max")),
+                                                 x.shape[-2:], student_map.shape[-2:], shifts)
+                                for t in self.teachers], dim=1)  # (B, M, h, w), each L2-normalised
+            losses["map"] = map_loss(student_map, (weights[..., None, None] * maps).sum(1))
+            total = total + (beta if use_cam else self.beta) * losses["map"]
+        return losses | {"loss": total}
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, the CAM layer's activation when `at` needs it)."""
+        if self.method != "at":
+            return model(x), None
+        with captured(model, self.layer.target_layer) as box:
+            logits = model(x)
+        return logits, box["activation"]
+
+    def teacher_map(self, maps: torch.Tensor, image_size, map_size, shifts: torch.Tensor | None) -> torch.Tensor:
+        """Cached (B, h, w) maps -> the student's map size, moved like their images, L2-normalised."""
+        if shifts is not None and self.map_follows:
+            maps = shift(resize_maps(maps, tuple(image_size))[:, None], shifts)[:, 0]
+        return F.normalize(resize_maps(maps, tuple(map_size)).flatten(1), dim=1).view(len(maps), *map_size)

@@ -8,6 +8,16 @@ from pipeline.data import SampleSet, normalize
 from pipeline.explain import CamLayer, confidence_drop, explain, probe_input
 
 
+@torch.inference_mode()
+def top1(model: nn.Module, dataset: SampleSet, batch_size: int = 256) -> float:
+    """Plain top-1 accuracy (no explanations): what hyperparameters are chosen on."""
+    model.eval()
+    correct = 0
+    for images, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        correct += int((model(normalize(images, dataset.info.mean, dataset.info.std)).argmax(1) == labels).sum())
+    return correct / len(dataset)
+
+
 def evaluate_model(model: nn.Module, dataset: SampleSet, target: str, batch_size: int, desc: str) -> dict:
     """Accuracy, mean Grad-CAM++ confidence drop and increase-in-confidence rate on `dataset`."""
     model.eval()

@@ -126,12 +126,15 @@ def captured(model: nn.Module, layer: str, detach: bool = False) -> Iterator[dic
 
 
 def grad_cam(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, layer: CamLayer, create_graph: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (logits (B, C), Grad-CAM maps (B, h, w)) for class `target` (None: the argmax).
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, layer: CamLayer, create_graph: bool = False,
+    detach_head: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (logits (B, C), Grad-CAM maps (B, h, w), the layer's activations (B, K, h, w)) for
+    class `target` (None: the argmax).
 
-    `create_graph=True` keeps the map differentiable w.r.t. the model (a student's map
-    in the loss); otherwise the maps carry no graph.
+    `create_graph=True` keeps the map differentiable w.r.t. the model (a student's map in
+    the loss); otherwise nothing carries a graph. `detach_head` (closed form only) treats
+    the classifier weights in the map as constants, so a map loss shapes features only.
     """
     if layer.linear_head:
         no_graph = torch.inference_mode() if not create_graph else torch.enable_grad()
@@ -140,8 +143,9 @@ def grad_cam(
             activation = box["activation"]
             target = logits.argmax(1) if target is None else target
             weight = module_path(model, layer.linear_head).weight[target]  # (B, K)
+            weight = weight.detach() if detach_head else weight
             h, w = activation.shape[-2:]
-            return logits, torch.relu(torch.einsum("bk,bkhw->bhw", weight, activation)) / (h * w)
+            return logits, torch.relu(torch.einsum("bk,bkhw->bhw", weight, activation)) / (h * w), activation
     with torch.enable_grad(), captured(model, layer.target_layer, detach=not create_graph) as box:
         logits = model(x)
         activation = box["activation"]
@@ -151,8 +155,13 @@ def grad_cam(
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activation).sum(1))
     if not create_graph:
-        logits, cam = logits.detach(), cam.detach()
-    return logits, cam
+        logits, cam, activation = logits.detach(), cam.detach(), activation.detach()
+    return logits, cam, activation
+
+
+def attention_map(activation: torch.Tensor) -> torch.Tensor:
+    """Attention transfer's spatial map (Zagoruyko & Komodakis): mean over channels of A^2."""
+    return activation.float().pow(2).mean(dim=1)
 
 
 def upsample_minmax(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -189,13 +198,15 @@ def confidence_drop(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Explanation:
-    """Everything stage one caches for a batch: logits, map, the explained class, Y and O."""
+    """Everything stage one caches for a batch: logits, map, the explained class, Y and O, and
+    the attention map of the same layer (for the attention-transfer baseline)."""
 
     logits: torch.Tensor
     cam: torch.Tensor
     target: torch.Tensor
     y_prob: torch.Tensor
     o_prob: torch.Tensor
+    attention: torch.Tensor
 
 
 def explain(model: nn.Module, layer: CamLayer, x: torch.Tensor, labels: torch.Tensor, target: str,
@@ -204,7 +215,7 @@ def explain(model: nn.Module, layer: CamLayer, x: torch.Tensor, labels: torch.Te
 
     `x` is the input normalised with `mean` and `std` (needed to mask the image itself).
     """
-    logits, cam = grad_cam(model, x, labels if target == "label" else None, layer)
+    logits, cam, activation = grad_cam(model, x, labels if target == "label" else None, layer)
     explained = labels if target == "label" else logits.argmax(1)
     y, o = explanation_confidences(model, x, logits, cam, explained, mean, std)
-    return Explanation(logits, cam, explained, y, o)
+    return Explanation(logits, cam, explained, y, o, attention_map(activation))

@@ -83,7 +83,8 @@ def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | N
         raise PipelineError(f"unknown teacher source {source!r} in {spec!r}; choose one of: "
                             f"{', '.join(SOURCES)} (or a checkpoint path)")
     model, name = loaded.model.eval(), loaded.name
-    geometry = loaded.transform.geometry or info.geometry
+    # image-file data sets decode at each teacher's own resize/crop; in-memory ones have one size
+    geometry = (loaded.transform.geometry or info.geometry) if info.geometry else None
     transform = Transform(loaded.transform.mean, loaded.transform.std, geometry)
     shape = (geometry.crop, geometry.crop, info.image_shape[2]) if geometry else info.image_shape
     probe = probe_input(shape)
@@ -107,8 +108,9 @@ def checkpoint_teacher(path: str) -> Loaded:
     model, record = load_checkpoint(path)
     t = record["transform"]
     geometry = Geometry(t["resize"], t["crop"], t.get("interpolation", "bilinear")) if "crop" in t else None
+    metrics = record.get("metrics", {})  # held out: validation accuracy where the data set has a val split
     return Loaded(model, record["name"], record["arch"], Transform(tuple(t["mean"]), tuple(t["std"]), geometry),
-                  record.get("metrics", {}).get("top1"))
+                  metrics.get("val_top1", metrics.get("top1")))
 
 
 def torchvision_weights(arch: str, weights_name: str):

@@ -100,12 +100,16 @@ def run(cfg: ExtractConfig) -> TeacherStore:
 
 
 def write_block(store: TeacherStore, block: int, valid: np.ndarray, parts_of: dict[str, list], logits: dict) -> None:
-    """The valid mask first, then each teacher's rows (which marks the block finished for it)."""
+    """The valid mask first, then each teacher's rows (which marks the block finished for it);
+    rows of unreadable images hold zeros."""
     store.write_valid(block, valid)
     for name, parts in parts_of.items():
         if parts:
             arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-            store.write_block(name, block, arrays | as_logit_fields(arrays.pop("logits"), logits))
+            arrays |= as_logit_fields(arrays.pop("logits"), logits)
+            for values in arrays.values():
+                values[~valid] = 0
+            store.write_block(name, block, arrays)
 
 
 def check_readable(dataset: Dataset, rows: list[int], errors: tuple[str, ...], skip_corrupt: bool) -> np.ndarray:
@@ -125,8 +129,10 @@ def explain_batch(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, 
     with autocast(device):
         result = explain(teacher.model, teacher.layer, x, labels.to(device), target, mean, std)
     cam_u8, cam_max = quantize_cam(result.cam.float())
+    attention_u8, attention_max = quantize_cam(result.attention)
     return {"logits": result.logits.float().cpu().numpy(), "cam": cam_u8, "cam_max": cam_max,
-            "y_prob": result.y_prob.float().cpu().numpy(), "o_prob": result.o_prob.float().cpu().numpy()}
+            "y_prob": result.y_prob.float().cpu().numpy(), "o_prob": result.o_prob.float().cpu().numpy(),
+            "attention": attention_u8, "attention_max": attention_max}
 
 
 def as_logit_fields(logits: np.ndarray, mode: dict) -> dict[str, np.ndarray]:

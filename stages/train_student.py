@@ -11,11 +11,13 @@ import pandas as pd
 import torch
 
 from pipeline.cache import TeacherStore, cached_top1
+from pipeline.cache_report import teacher_table
 from pipeline.config import TrainStudentConfig
-from pipeline.data import get_dataset
+from pipeline.data import get_dataset, get_val_split
+from pipeline.devices import resolve_device
 from pipeline.distill import DistillationLoss, teacher_fields
 from pipeline.errors import PipelineError
-from pipeline.devices import resolve_device
+from pipeline.evaluation import top1
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
@@ -23,13 +25,18 @@ from pipeline.stream import BlockStream
 from pipeline.train import fit
 
 
-def choose_teachers(store: TeacherStore, method: str, teacher: str | None) -> list[str]:
-    """The store teachers a method learns from; `kd` takes the named or the most accurate one."""
+def choose_teachers(store: TeacherStore, method: str, teacher: str | None, policy: str = "per-sample") -> list[str]:
+    """The store teachers a method learns from: `kd` and `at` take the named or the most accurate
+    one, explain-kd's `global` policy the one with the lowest mean confidence drop."""
     if method == "ce":
         return []
-    if method != "kd":
-        if not store.teachers:
-            raise PipelineError(f"store {store.path} holds no teachers; run `pipeline extract-teachers` first")
+    if not store.teachers:
+        raise PipelineError(f"store {store.path} holds no teachers; run `pipeline extract-teachers` first")
+    if method == "explain-kd" and policy == "global":
+        drops = teacher_table(store).set_index("teacher")["mean_drop"]
+        print(f"explain-kd global: learning from {drops.idxmin()} (mean confidence drop {drops.min():.4f})")
+        return [drops.idxmin()]
+    if method not in ("kd", "at"):
         return store.teachers
     if teacher is not None:
         store.teacher_group(teacher)  # fails listing the store's teachers
@@ -38,7 +45,7 @@ def choose_teachers(store: TeacherStore, method: str, teacher: str | None) -> li
     if None in held_out.values():  # some teacher came without held-out metrics: rank on the cached split
         held_out = {name: cached_top1(store, name) for name in store.teachers}
     best = max(sorted(held_out), key=held_out.get)
-    print(f"kd: learning from {best} (top-1 {held_out[best]:.4f}, best of {len(held_out)} teachers)")
+    print(f"{method}: learning from {best} (top-1 {held_out[best]:.4f}, best of {len(held_out)} teachers)")
     return [best]
 
 
@@ -46,7 +53,7 @@ def run(cfg: TrainStudentConfig) -> dict:
     store = TeacherStore.open(cfg.store)
     dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download)
     store.check_made_from({"dataset": dataset.identity()})
-    teachers = choose_teachers(store, cfg.method, cfg.teacher)
+    teachers = choose_teachers(store, cfg.method, cfg.teacher, cfg.policy)
     blocks = store.finished_blocks(teachers)
     if len(blocks) < store.num_blocks:
         state = f"{len(blocks)}/{store.num_blocks} blocks finished for {', '.join(teachers)}"
@@ -68,23 +75,32 @@ def run(cfg: TrainStudentConfig) -> dict:
 
     def batches(epoch: int):
         stream.set_epoch(epoch)
+        loss_fn.epoch = epoch
         return loader
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, info.image_shape[2], info.num_classes)
     layer = CamLayer.of(model.eval(), probe_input(info.image_shape))
     loss_fn = DistillationLoss(cfg.method, teachers, layer, info.mean, info.std,
-                               cfg.temperature, cfg.alpha, cfg.beta, info.num_classes)
+                               cfg.temperature, cfg.alpha, cfg.beta, info.num_classes, policy=cfg.policy,
+                               policy_temperature=cfg.policy_temperature, detach_head=cfg.detach_head,
+                               beta_warmup=cfg.beta_warmup, max_shift=cfg.shift, map_follows=cfg.map_follows,
+                               seed=cfg.seed)
     run_name = cfg.run_name or cfg.method
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.approx_num_batches(store),
                   lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",
                   device=resolve_device(cfg.device))
     run_dir = Path(cfg.out_dir) / run_name
+    val = get_val_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
+    val_top1 = top1(model.cpu(), val) if val else None
+    if val:
+        print(f"validation top-1 {val_top1:.4f} ({len(val)} images)")
     save_checkpoint(run_dir / "checkpoint.pt", model, {
         "name": run_name, "arch": cfg.arch, "in_channels": info.image_shape[2], "num_classes": info.num_classes,
         "dataset": dataset.identity(), "transform": {"mean": list(info.mean), "std": list(info.std)},
         "config": dataclasses.asdict(cfg), "teachers": teachers, "store_fingerprint": store.attrs["fingerprint"],
-        "history": history,
+        "history": history, "val_top1": val_top1,
     })
     pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
-    return {"run_dir": str(run_dir), "teachers": teachers, "history": history}
+    return {"run_dir": str(run_dir), "teachers": teachers, "history": history, "val_top1": val_top1}
+

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from pipeline.config import TrainTeachersConfig
-from pipeline.data import get_dataset, get_test_split, normalize
-from pipeline.evaluation import evaluate_model
+from pipeline.data import get_dataset, get_test_split, get_val_split
+from pipeline.distill import DistillationLoss
+from pipeline.evaluation import evaluate_model, top1
 from pipeline.models import MODELS, count_parameters, create_model
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.train import fit, seeded_generator
@@ -19,6 +20,7 @@ def run(cfg: TrainTeachersConfig) -> dict[str, dict]:
         MODELS.get(arch)  # fail on a bad name before hours of training
     train = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.split_seed, cfg.download)
     test = get_test_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
+    val = get_val_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     info, out_dir = train.info, Path(cfg.out_dir)
     all_metrics = {}
     for arch in cfg.teachers:
@@ -31,16 +33,13 @@ def run(cfg: TrainTeachersConfig) -> dict[str, dict]:
             )
             return ({"images": images, "labels": labels} for images, labels in loader)
 
-        def loss_fn(net, batch):
-            logits = net(normalize(batch["images"], info.mean, info.std))
-            loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
-            return {"loss": loss, "ce": loss}
-
+        loss_fn = DistillationLoss("ce", [], None, info.mean, info.std, 1.0, 0.0, 0.0, info.num_classes,
+                                   max_shift=cfg.shift, seed=cfg.seed)
         steps = -(-len(train) // cfg.batch_size)
         history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps,
                       lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"teacher {arch}")
         metrics = {**evaluate_model(model, test, cfg.target, batch_size=256, desc=arch),
-                   "params": count_parameters(model)}
+                   **({"val_top1": top1(model, val)} if val else {}), "params": count_parameters(model)}
         print(f"teacher {arch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         save_checkpoint(out_dir / f"{arch}.pt", model, {
             "name": arch, "arch": arch, "in_channels": info.image_shape[2], "num_classes": info.num_classes,

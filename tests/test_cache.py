@@ -26,7 +26,9 @@ def block_arrays(rng, rows):
             "cam": rng.integers(0, 256, size=(rows, *MAP), dtype=np.uint8),
             "cam_max": rng.random(rows).astype(np.float32),
             "y_prob": rng.random(rows).astype(np.float32),
-            "o_prob": rng.random(rows).astype(np.float32)}
+            "o_prob": rng.random(rows).astype(np.float32),
+            "attention": rng.integers(0, 256, size=(rows, *MAP), dtype=np.uint8),
+            "attention_max": rng.random(rows).astype(np.float32)}
 
 
 def make_store(path, block_size=4):
@@ -49,11 +51,11 @@ def test_round_trip_and_plain_zarr(tmp_path):
     assert store.pending_blocks("t1") == []
 
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")  # plain zarr, no project code
-    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 1
+    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 2
     np.testing.assert_array_equal(group["labels"][:], np.arange(N) % C)
     assert group["images"].shape == (N, 4, 4, 1)
     assert group["teachers/t1/cam"].shards == (4, *MAP) and group["teachers/t1/cam"].chunks == (2, *MAP)
-    for field in ("logits", "cam", "cam_max", "y_prob", "o_prob"):
+    for field in ("logits", "cam", "cam_max", "y_prob", "o_prob", "attention", "attention_max"):
         expected = np.concatenate([written[b][field] for b in range(3)])
         np.testing.assert_array_equal(group[f"teachers/t1/{field}"][:], expected)
         assert group[f"teachers/t1/{field}"].dtype == expected.dtype
@@ -91,7 +93,7 @@ def test_unknown_format_or_version_is_refused(tmp_path):
     make_store(tmp_path / "s.zarr")
     group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
     group.attrs["version"] = 99
-    with pytest.raises(PipelineError, match="is not a teacher-cache v1 store \\(format='teacher-cache', version=99\\)"):
+    with pytest.raises(PipelineError, match="is not a teacher-cache v2 store \\(format='teacher-cache', version=99\\)"):
         TeacherStore.open(tmp_path / "s.zarr")
     with pytest.raises(PipelineError, match="no teacher store at"):
         TeacherStore.open(tmp_path / "missing.zarr")

@@ -26,12 +26,12 @@ def test_help_explains_every_option(command):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["train-teachers", "--dataset", "mnist"], "unknown data set 'mnist'; choose one of: cifar10, cifar100, digits, ilsvrc2012, imagefolder:<path>"),
+    (["train-teachers", "--dataset", "mnist"], "unknown data set 'mnist'; choose one of: cifar10, cifar100, cluttered-digits, digits, ilsvrc2012, imagefolder:<path>"),
     (["train-teachers", "--teachers", "resnet20,resnet999"], "unknown model 'resnet999'; choose one of: resnet20,"),
     (["extract-teachers", "--split", "validation"], "has no split 'validation'; choose one of: train, test"),
     (["extract-teachers", "--teachers", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
     (["extract-teachers", "--target", "best"], "unknown target 'best'; choose one of: label, predicted"),
-    (["train-student", "--method", "magic"], "unknown method 'magic'; choose one of: ce, kd, kd-avg, explain-kd"),
+    (["train-student", "--method", "magic"], "unknown method 'magic'; choose one of: ce, kd, kd-avg, at, explain-kd"),
     (["train-student", "--store", "nowhere.zarr"], "no teacher store at nowhere.zarr"),
     (["evaluate", "--params", "nowhere.yaml"], "params file nowhere.yaml does not exist"),
 ])
@@ -49,7 +49,7 @@ def test_unknown_params_key_names_the_valid_ones(tmp_path):
     params.write_text("train_student:\n  betta: 3\n")
     result = CliRunner().invoke(main, ["train-student", "--params", str(params)])
     assert result.exit_code == 1
-    assert "unknown train_student setting(s) betta; valid: allow_partial, alpha, arch, batch_size, beta, data_root, dataset, device, download" in result.output
+    assert "unknown train_student setting(s) betta; valid: allow_partial, alpha, arch, batch_size, beta, beta_warmup, data_root, dataset, detach_head, device" in result.output
 
 
 def test_options_override_params_file(tmp_path):

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import normalize
-from pipeline.distill import DistillationLoss, best_explainer, kd_loss, map_loss, teacher_fields
-from pipeline.explain import CamLayer, grad_cam, probe_input
+from pipeline.distill import (
+    DistillationLoss, best_explainer, kd_loss, map_loss, selection_weights, shift, teacher_fields,
+)
+from pipeline.explain import CamLayer, attention_map, grad_cam, probe_input
 from pipeline.models import create_model
 
 PROBE = probe_input((32, 32, 1))
@@ -70,7 +72,7 @@ def test_distillation_loss_components(method):
     losses = loss_fn(student, batch)
 
     x = (batch["images"].permute(0, 3, 1, 2).float() / 255 - 0.3) / 0.32
-    logits, cam = grad_cam(student, x, batch["labels"], layer, create_graph=True)
+    logits, cam, _ = grad_cam(student, x, batch["labels"], layer, create_graph=True)
     ce = F.cross_entropy(logits, batch["labels"])
     soft = {t: F.softmax(batch[f"teachers/{t}/logits"].float() / 4.0, 1) for t in ("t1", "t2")}
     if method == "ce":
@@ -102,3 +104,64 @@ def test_normalized_grayscale_batches_train_the_default_student():
     model = create_model("resnet8_slim", 1, 10)
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_selection_policies():
+    change = torch.tensor([[0.5, 0.1, 0.3], [0.2, 0.4, 0.0]])
+    correct = torch.tensor([[True, False, True], [False, False, False]])
+    assert selection_weights("per-sample", change, correct, 0.1).argmax(1).tolist() == [1, 2]
+    assert selection_weights("correct", change, correct, 0.1).argmax(1).tolist() == [2, 2]  # none correct: all
+    weighted = selection_weights("weighted", change, correct, 0.1)
+    torch.testing.assert_close(weighted[0], torch.softmax(torch.tensor([-5.0, -1.0, -3.0]), 0))
+
+
+def test_shift_moves_images_and_fills_with_zeros():
+    x = torch.arange(1, 17, dtype=torch.float32).view(1, 1, 4, 4)
+    moved = shift(x, torch.tensor([[1, -2]]))  # one row down, two columns left
+    expected = torch.zeros(4, 4)
+    expected[1:, :2] = x[0, 0, :3, 2:]
+    assert torch.equal(moved[0, 0], expected)
+
+
+def make_student_batch(method):
+    batch = make_batch()
+    for name in ("t1", "t2"):
+        batch[f"teachers/{name}/attention"] = torch.randint(1, 256, (2, 8, 8), dtype=torch.uint8)
+        batch[f"teachers/{name}/attention_max"] = torch.tensor([2.0, 3.0])
+    return batch, ["t2"] if method in ("kd", "at") else ["t1", "t2"]
+
+
+def test_attention_transfer_compares_squared_activation_maps():
+    batch, teachers = make_student_batch("at")
+    student = create_model("resnet8_slim", 1, 10).eval()
+    layer = CamLayer.of(student, PROBE)
+    losses = DistillationLoss("at", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10)(student, batch)
+    x = normalize(batch["images"], (0.3,), (0.32,))
+    _, _, activation = grad_cam(student, x, batch["labels"], layer)
+    teacher = batch["teachers/t2/attention"].float() / 255 * batch["teachers/t2/attention_max"][:, None, None]
+    torch.testing.assert_close(losses["map"], map_loss(attention_map(activation), teacher), rtol=1e-4, atol=1e-6)
+
+
+def test_detached_head_keeps_the_map_term_off_the_classifier():
+    batch, teachers = make_student_batch("explain-kd")
+    for detach in (False, True):
+        student = create_model("resnet8_slim", 1, 10).train()
+        loss_fn = DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0,
+                                   alpha=0.0, beta=1.0, num_classes=10, detach_head=detach)
+        losses = loss_fn(student, batch)
+        fc_grad, = torch.autograd.grad(losses["map"], student.fc.weight, allow_unused=True)
+        assert (fc_grad is None or not fc_grad.any()) == detach
+
+
+def test_beta_warms_up_and_maps_follow_the_shift():
+    batch, teachers = make_student_batch("explain-kd")
+    student = create_model("resnet8_slim", 1, 10)
+    loss_fn = DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 8.0,
+                               10, beta_warmup=4, max_shift=4, seed=3)
+    assert [loss_fn.beta_now() for loss_fn.epoch in range(5)] == [2.0, 4.0, 6.0, 8.0, 8.0]
+    maps = torch.zeros(1, 4, 4)
+    maps[0, 1, 1] = 1.0  # one hot cell at 8x8 pixels of a 32 px image
+    moved = loss_fn.teacher_map(maps, (32, 32), (4, 4), torch.tensor([[8, 8]]))
+    assert moved[0].argmax().item() == 2 * 4 + 2  # one cell down and right: 8 px = one 4x4 cell
+    loss_fn.map_follows = False
+    assert loss_fn.teacher_map(maps, (32, 32), (4, 4), torch.tensor([[8, 8]]))[0].argmax().item() == 1 * 4 + 1

@@ -31,8 +31,8 @@ def test_closed_form_equals_autograd_on_gap_heads(name, target_mode):
     assert layer.path == "closed-form"
     x = torch.randn(6, 1, 32, 32)
     target = torch.tensor([0, 1, 2, 3, 4, 9]) if target_mode == "label" else None
-    logits_cf, cam_cf = grad_cam(model, x, target, layer)
-    logits_ag, cam_ag = grad_cam(model, x, target, CamLayer(layer.target_layer, None))
+    logits_cf, cam_cf, _ = grad_cam(model, x, target, layer)
+    logits_ag, cam_ag, _ = grad_cam(model, x, target, CamLayer(layer.target_layer, None))
     torch.testing.assert_close(logits_cf, logits_ag)
     assert cam_cf.shape == (6, 8, 8)
     assert cam_cf.max() > 0
@@ -45,7 +45,7 @@ def test_autograd_path_matches_grad_cam_package(name):
     layer = CamLayer(CamLayer.of(model, PROBE).target_layer, None)  # force the autograd path
     x = torch.randn(5, 1, 32, 32)
     target = torch.tensor([3, 1, 4, 1, 5])
-    _, ours = grad_cam(model, x, target, layer)
+    _, ours, _ = grad_cam(model, x, target, layer)
     ours = upsample_minmax(ours, (32, 32)).numpy()
     reference = GradCAM(model=model, target_layers=[model.features])(
         input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in target]
@@ -58,13 +58,13 @@ def test_vgg_takes_autograd_path_and_has_coarser_maps():
     model = random_model("vgg8_bn")
     layer = CamLayer.of(model, PROBE)
     assert layer.path == "autograd"
-    _, cam = grad_cam(model, torch.randn(2, 1, 32, 32), torch.tensor([0, 1]), layer)
+    _, cam, _ = grad_cam(model, torch.randn(2, 1, 32, 32), torch.tensor([0, 1]), layer)
     assert cam.shape == (2, 4, 4)
 
 
 def test_differentiable_student_map_carries_gradient_to_weights():
     model = random_model("resnet8_slim").train()
-    _, cam = grad_cam(model, torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]), CamLayer.of(model, PROBE),
+    _, cam, _ = grad_cam(model, torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]), CamLayer.of(model, PROBE),
                       create_graph=True)
     cam.sum().backward()
     assert model.fc.weight.grad is not None and model.fc.weight.grad.abs().sum() > 0
@@ -73,7 +73,7 @@ def test_differentiable_student_map_carries_gradient_to_weights():
 
 def test_maps_without_graph_when_not_requested():
     model = random_model("vgg8_bn")
-    logits, cam = grad_cam(model, torch.randn(2, 1, 32, 32), None, CamLayer.of(model, PROBE))
+    logits, cam, _ = grad_cam(model, torch.randn(2, 1, 32, 32), None, CamLayer.of(model, PROBE))
     assert not cam.requires_grad and not logits.requires_grad
 
 

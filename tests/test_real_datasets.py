@@ -84,6 +84,10 @@ def test_imagenet_class_order_follows_the_devkit_or_the_sorted_folders(tmp_path)
     folder = get_dataset(f"imagefolder:{tmp_path / 'b'}", "val")
     assert folder.labels.tolist() == [0, 1, 2] and folder.info.splits == ("train", "val")
     assert folder.identity()["ids_sha256"] == plain.identity()["ids_sha256"]
+    flat = get_dataset(f"imagefolder:{tmp_path / 'b' / 'train'}", "all")  # <path>/<class>/ without splits
+    assert flat.info.splits == ("all",) and flat.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    (tmp_path / "b" / "train").rename(tmp_path / "b" / "kept")  # val/ alone still names its classes
+    assert get_dataset("ilsvrc2012", "val", str(tmp_path / "b")).labels.tolist() == [0, 1, 2]
 
 
 def test_imagenet_images_match_torchvision_eval_transform(tmp_path):
@@ -190,6 +194,7 @@ def test_three_torchvision_teachers_keep_their_own_map_resolution(imagenet):
     group = zarr.open_group(store, mode="r")
     assert group["labels"].shape == (10,) and "images" not in group  # 224 px images stay in the files
     assert group["valid"][...].tolist() == [True] * 3 + [False] + [True] * 6  # the corrupt file sorts last
+    assert not group["teachers/vgg11/logits"][3].any() and group["teachers/vgg11/cam_max"][3] == 0
     shapes = {name: group[f"teachers/{name}/cam"].shape[1:] for name in ("resnet18", "vgg11", "densenet121")}
     assert shapes == {"resnet18": (7, 7), "vgg11": (14, 14), "densenet121": (7, 7)}
     paths = {name: group[f"teachers/{name}"].attrs["cam_path"] for name in shapes}
@@ -266,3 +271,17 @@ def test_cifar_end_to_end_with_a_small_teacher(tmp_path):
     invoke("train-student", "--dataset", "cifar10", "--data-root", tmp_path / "data", "--store", tmp_path / "c.zarr",
            "--method", "explain-kd", "--epochs", 1, "--out-dir", tmp_path / "students")
     assert TeacherStore.open(tmp_path / "c.zarr").attrs["dataset"]["name"] == "cifar10"
+
+
+def test_a_teacher_added_later_must_see_the_same_images(imagenet, tmp_path):
+    root, teachers = imagenet
+    data = tmp_path / "data"
+    make_imagenet(data, corrupt=True)
+    args = ["extract-teachers", "--dataset", "ilsvrc2012", "--data-root", data, "--store", tmp_path / "s.zarr",
+            "--block-size", 4, "--skip-corrupt"]
+    invoke(*args, "--teachers", teachers[0])
+    corrupt = data / "train" / IMAGENET_WNIDS[1] / "zz_corrupt.JPEG"
+    Image.new("RGB", (300, 300)).save(corrupt, format="JPEG")  # the file was repaired in between
+    result = invoke(*args, "--teachers", f"{teachers[0]},{teachers[1]}", exit_code=1)
+    assert "row 3 of" in result.output and "was unreadable when other teachers were extracted" in result.output
+    assert zarr.open_group(tmp_path / "s.zarr", mode="r")["valid"][3] == False  # noqa: E712

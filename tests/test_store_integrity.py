@@ -13,7 +13,7 @@ import zarr
 from click.testing import CliRunner
 
 from conftest import assert_same_store, make_teacher, store_arrays
-from pipeline.cache import TeacherStore
+from pipeline.cache import VERSION, TeacherStore
 from pipeline.cli import main
 
 
@@ -176,7 +176,7 @@ def test_verify_and_info_report_what_is_wrong(clean_store, tmp_path):
 
 def test_interrupted_creation_is_redone_and_foreign_stores_are_refused(teachers, clean_store, tmp_path):
     half = tmp_path / "half.zarr"
-    zarr.open_group(half, mode="w").attrs.update({"format": "teacher-cache", "version": 1})  # killed in create()
+    zarr.open_group(half, mode="w").attrs.update({"format": "teacher-cache", "version": VERSION})  # killed in create()
     result = invoke("cache", "info", half, exit_code=1)
     assert "was interrupted while being created" in result.output
     invoke(*extract_args(teachers, half))
@@ -185,7 +185,7 @@ def test_interrupted_creation_is_redone_and_foreign_stores_are_refused(teachers,
     foreign = tmp_path / "foreign.zarr"
     zarr.open_group(foreign, mode="w").attrs["title"] = "somebody else's data"
     result = invoke(*extract_args(teachers, foreign), exit_code=1)
-    assert "is not a teacher-cache v1 store (format=None, version=None)" in result.output
+    assert "is not a teacher-cache v2 store (format=None, version=None)" in result.output
     assert zarr.open_group(foreign, mode="r").attrs["title"] == "somebody else's data"
 
 

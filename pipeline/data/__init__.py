@@ -6,7 +6,7 @@ else the environment variable PIPELINE_DATA_ROOT, else data_cache/datasets.
 
 import os
 
-from pipeline.data import cifar, digits, imagenet
+from pipeline.data import cifar, cluttered, digits, imagenet
 from pipeline.data.base import ArrayDataset, DatasetInfo, Geometry, SampleSet, UnknownSplit, normalize
 from pipeline.data.files import ImageFileDataset, UnreadableImage
 from pipeline.registry import Registry
@@ -16,6 +16,7 @@ PATH_DATASETS = ("imagefolder",)  # named `imagefolder:<path>`; the path is its 
 
 DATASETS = Registry("data set")
 DATASETS.register("digits")(digits.load)
+DATASETS.register("cluttered-digits")(cluttered.load)
 DATASETS.register("cifar10")(cifar.load_cifar10)
 DATASETS.register("cifar100")(cifar.load_cifar100)
 DATASETS.register("ilsvrc2012")(imagenet.load_ilsvrc2012)
@@ -42,7 +43,16 @@ def get_test_split(name: str, root: str | None = None, split_seed: int = 0, down
         return get_dataset(name, "val", root, split_seed, download)
 
 
+def get_val_split(name: str, root: str | None = None, split_seed: int = 0, download: bool = False) -> SampleSet | None:
+    """The `val` split where the data set has one besides its test split (cluttered-digits), else None."""
+    try:
+        val = get_dataset(name, "val", root, split_seed, download)
+    except UnknownSplit:
+        return None
+    return val if "test" in val.info.splits else None
+
+
 Dataset = SampleSet
 
 __all__ = ["DATASETS", "ArrayDataset", "Dataset", "DatasetInfo", "Geometry", "ImageFileDataset",
-           "UnreadableImage", "get_dataset", "get_test_split", "normalize", "resolve_data_root"]
+           "UnknownSplit", "UnreadableImage", "get_dataset", "get_test_split", "get_val_split", "normalize", "resolve_data_root"]

@@ -87,11 +87,20 @@ def check_split(info: DatasetInfo, split: str) -> None:
         raise UnknownSplit(f"data set {info.name!r} has no split {split!r}; choose one of: {', '.join(info.splits)}")
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float32 (B, C, H, W), scaled to [0, 1] then standardised."""
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) in [0, 1], with plain NCHW strides."""
     # Explicit NCHW strides: for C=1 the permuted view also looks channels-last, and oneDNN's
     # backward on such input crashes torch 2.14.1 on the CPU (double free, odd batch sizes).
-    x = images.permute(0, 3, 1, 2).float().div_(255.0).clone(memory_format=torch.contiguous_format)
+    return images.permute(0, 3, 1, 2).float().div_(255.0).clone(memory_format=torch.contiguous_format)
+
+
+def standardize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel of a (B, C, H, W) batch in [0, 1]."""
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W), scaled to [0, 1] then standardised."""
+    return standardize(to_unit(images), mean, std)

@@ -23,7 +23,7 @@ def load_ilsvrc2012(split: str, root: str, split_seed: int = 0, download: bool =
     """The official train or val split; `split_seed` and `download` are unused (no download)."""
     root = Path(root)
     expected = f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG (torchvision ImageNet layout)"
-    classes = devkit_classes(root) or split_classes(root, "train", expected)
+    classes = devkit_classes(root) or split_classes(root, "train" if (root / "train").is_dir() else split, expected)
     info = DatasetInfo("ilsvrc2012", len(classes), (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD,
                        ("train", "val"), geometry=IMAGENET_EVAL)
     check_split(info, split)
@@ -40,7 +40,9 @@ def load_imagefolder(split: str, root: str, split_seed: int = 0, download: bool 
         raise PipelineError(f"image folder {root} does not exist; pass imagefolder:<path to class folders>")
     splits = tuple(s for s in ("train", "val", "test") if (root / s).is_dir()) or ("all",)
     expected = f"{root}/<split>/<class>/*.jpg or {root}/<class>/*.jpg"
-    classes = split_classes(root, splits[0], expected)
+    classes = class_folders(root) if splits == ("all",) else split_classes(root, splits[0], expected)
+    if not classes:
+        raise PipelineError(f"expected {expected}; {root} has no class folders")
     info = DatasetInfo("imagefolder", len(classes), (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD, splits,
                        geometry=IMAGENET_EVAL)
     check_split(info, split)

@@ -113,7 +113,7 @@ class VGG(nn.Module):
 
     cam_layer = "features"
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int = 32):
+    def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
         layers, c_in = [], in_channels
         for spec in (32, "M", 64, "M", 128, 128, "M"):
@@ -123,9 +123,9 @@ class VGG(nn.Module):
                 layers += conv_bn_relu(c_in, spec)
                 c_in = spec
         self.features = nn.Sequential(*layers)
-        side = image_size // 8
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c_in * side * side, 256), nn.ReLU(inplace=True), nn.Linear(256, num_classes)
+        self.classifier = nn.Sequential(  # 4x4 cells whatever the image size (identity at 32 px)
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c_in * 16, 256), nn.ReLU(inplace=True),
+            nn.Linear(256, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
