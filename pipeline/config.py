@@ -118,6 +118,10 @@ class TrainStudentConfig(DataConfig):
     policy_temperature: float = setting(0.1, "weighted policy: temperature of softmax(-(Y - O) / Y / t)")
     detach_head: bool = setting(False, "explain-kd: the student map uses detached classifier weights, so the "
                                 "map term shapes features only")
+    student_map: str = setting("gradcam", "explain-kd: the student map the teacher's Grad-CAM is compared with: "
+                               "gradcam (its own differentiable Grad-CAM) | attention (mean of squared activations)")
+    kd_source: str = setting("selected", "explain-kd: logits from the selected teacher(s) (selected) or from the "
+                             "best held-out teacher, as kd (best); the maps follow --policy either way")
     beta_warmup: int = setting(0, "epochs over which the map weight beta ramps up linearly (0: none)")
     shift: int = setting(0, "augmentation: random translation by up to this many pixels (0: none)")
     map_follows: bool = setting(True, "with --shift: cached teacher maps move with their images")
@@ -140,6 +144,8 @@ class TrainStudentConfig(DataConfig):
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
         check_choice("policy", self.policy, POLICIES)
+        check_choice("student map", self.student_map, ("gradcam", "attention"))
+        check_choice("kd source", self.kd_source, ("selected", "best"))
 
 
 @dataclass

@@ -100,13 +100,15 @@ class DistillationLoss:
     def __init__(self, method: str, teachers: list[str], student_layer: CamLayer | None, mean, std,
                  temperature: float, alpha: float, beta: float, num_classes: int, *,
                  policy: str = "per-sample", policy_temperature: float = 0.1, detach_head: bool = False,
-                 beta_warmup: int = 0, max_shift: int = 0, map_follows: bool = True, seed: int = 0):
+                 beta_warmup: int = 0, max_shift: int = 0, map_follows: bool = True, seed: int = 0,
+                 student_map: str = "gradcam", kd_teacher: str | None = None):
         self.method, self.teachers, self.layer = method, teachers, student_layer
         self.num_classes = num_classes
         self.mean, self.std = mean, std
         self.temperature, self.alpha, self.beta = temperature, alpha, beta
         self.policy, self.policy_temperature, self.detach_head = policy, policy_temperature, detach_head
         self.beta_warmup, self.max_shift, self.map_follows = beta_warmup, max_shift, map_follows
+        self.student_map, self.kd_teacher = student_map, kd_teacher
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
 
@@ -122,11 +124,11 @@ class DistillationLoss:
         x, labels = standardize(images, self.mean, self.std), batch["labels"].long()
         beta = self.beta_now()
         use_cam = self.method == "explain-kd" and beta > 0
-        if use_cam:
+        if use_cam and self.student_map == "gradcam":
             logits, student_cam, _ = grad_cam(model, x, labels, self.layer, create_graph=True,
                                               detach_head=self.detach_head)
         else:
-            logits, activation = self.forward(model, x)
+            logits, activation = self.forward(model, x, need_activation=use_cam or self.method == "at")
         losses = {"ce": F.cross_entropy(logits, labels)}
         total = losses["ce"]
         if self.method == "ce":
@@ -143,10 +145,14 @@ class DistillationLoss:
                 losses[f"chosen/{name}"] = weights[:, m].mean()
         else:  # kd and at: the one teacher; kd-avg: all alike
             weights = torch.full(soft.shape[:2], 1.0 / soft.shape[1], device=soft.device)
-        losses["kd"] = kd_loss(logits, (weights[..., None] * soft).sum(1), self.temperature)
+        kd_weights = weights if self.kd_teacher is None else F.one_hot(
+            torch.full(weights.shape[:1], self.teachers.index(self.kd_teacher), device=weights.device),
+            len(self.teachers)).float()  # logits from one teacher, maps chosen per sample
+        losses["kd"] = kd_loss(logits, (kd_weights[..., None] * soft).sum(1), self.temperature)
         total = total + self.alpha * losses["kd"]
         if use_cam or self.method == "at":
-            key, student_map = ("cam", student_cam) if use_cam else ("attention", attention_map(activation))
+            key = "cam" if use_cam else "attention"
+            student_map = student_cam if use_cam and self.student_map == "gradcam" else attention_map(activation)
             maps = torch.stack([self.teacher_map(dequantize_cam(field(t, key), field(t, f"{key}_max")),
                                                  x.shape[-2:], student_map.shape[-2:], shifts)
                                 for t in self.teachers], dim=1)  # (B, M, h, w), each L2-normalised
@@ -154,9 +160,9 @@ class DistillationLoss:
             total = total + (beta if use_cam else self.beta) * losses["map"]
         return losses | {"loss": total}
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits, the CAM layer's activation when `at` needs it)."""
-        if self.method != "at":
+    def forward(self, model: nn.Module, x: torch.Tensor, need_activation: bool) -> tuple:
+        """(logits, the CAM layer's activation when an attention map needs it)."""
+        if not need_activation:
             return model(x), None
         with captured(model, self.layer.target_layer) as box:
             logits = model(x)

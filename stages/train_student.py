@@ -41,12 +41,17 @@ def choose_teachers(store: TeacherStore, method: str, teacher: str | None, polic
     if teacher is not None:
         store.teacher_group(teacher)  # fails listing the store's teachers
         return [teacher]
+    return [best_teacher(store, method)]
+
+
+def best_teacher(store: TeacherStore, method: str = "explain-kd") -> str:
+    """The teacher with the best held-out top-1 (the cached split's top-1 where one lacks it)."""
     held_out = {name: store.teacher_attrs(name).get("heldout_top1") for name in store.teachers}
     if None in held_out.values():  # some teacher came without held-out metrics: rank on the cached split
         held_out = {name: cached_top1(store, name) for name in store.teachers}
     best = max(sorted(held_out), key=held_out.get)
-    print(f"{method}: learning from {best} (top-1 {held_out[best]:.4f}, best of {len(held_out)} teachers)")
-    return [best]
+    print(f"{method}: logits from {best} (top-1 {held_out[best]:.4f}, best of {len(held_out)} teachers)")
+    return best
 
 
 def run(cfg: TrainStudentConfig) -> dict:
@@ -85,7 +90,8 @@ def run(cfg: TrainStudentConfig) -> dict:
                                cfg.temperature, cfg.alpha, cfg.beta, info.num_classes, policy=cfg.policy,
                                policy_temperature=cfg.policy_temperature, detach_head=cfg.detach_head,
                                beta_warmup=cfg.beta_warmup, max_shift=cfg.shift, map_follows=cfg.map_follows,
-                               seed=cfg.seed)
+                               seed=cfg.seed, student_map=cfg.student_map,
+                               kd_teacher=best_teacher(store) if cfg.kd_source == "best" else None)
     run_name = cfg.run_name or cfg.method
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.approx_num_batches(store),
                   lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",

@@ -165,3 +165,19 @@ def test_beta_warms_up_and_maps_follow_the_shift():
     assert moved[0].argmax().item() == 2 * 4 + 2  # one cell down and right: 8 px = one 4x4 cell
     loss_fn.map_follows = False
     assert loss_fn.teacher_map(maps, (32, 32), (4, 4), torch.tensor([[8, 8]]))[0].argmax().item() == 1 * 4 + 1
+
+
+def test_teacher_gradcam_can_guide_the_student_attention_and_logits_can_come_from_one_teacher():
+    batch, teachers = make_student_batch("explain-kd")
+    student = create_model("resnet8_slim", 1, 10).eval()
+    layer = CamLayer.of(student, PROBE)
+    losses = DistillationLoss("explain-kd", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10,
+                              student_map="attention", kd_teacher="t1")(student, batch)
+    x = normalize(batch["images"], (0.3,), (0.32,))
+    logits, _, activation = grad_cam(student, x, batch["labels"], layer)
+    teacher_map = batch["teachers/t2/cam"][0].float() / 255  # sample 0 chooses t2; sample 1's t1 map is empty
+    teacher_map = F.interpolate(teacher_map[None, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(losses["map"], map_loss(attention_map(activation)[:1], teacher_map), rtol=1e-4,
+                               atol=1e-6)
+    soft_t1 = F.softmax(batch["teachers/t1/logits"].float() / 4.0, 1)  # every sample: t1's logits
+    torch.testing.assert_close(losses["kd"], kd_loss(logits, soft_t1, 4.0), rtol=1e-4, atol=1e-6)

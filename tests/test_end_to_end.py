@@ -87,7 +87,7 @@ def test_kd_uses_the_named_teacher_or_the_most_accurate(run):
     best = max(TEACHERS, key=lambda t: metrics[t]["top1"])
     result = invoke("train-student", "--store", run / "store.zarr", "--method", "kd", "--epochs", 1,
                     "--out-dir", run / "students", "--run-name", "kd-best")
-    assert f"kd: learning from {best}" in result.output
+    assert f"kd: logits from {best}" in result.output
 
 
 def test_extracting_again_reuses_the_finished_store(run):
