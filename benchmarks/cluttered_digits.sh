@@ -48,7 +48,7 @@ grid() {  # grid "VARIANTS" "SEEDS": every variant x seed, two runs at a time
         OUT=$OUT xargs -P 2 -L 1 bash -c 'name=$0 seed=$1; shift;
             OMP_NUM_THREADS=1 python -m pipeline train-student --dataset cluttered-digits --store "$OUT/store.zarr" \
                 --out-dir "$OUT/students" --run-name "$name-s$seed" --seed "$seed" --epochs 10 "$@" \
-                > "$OUT/logs/$name-s$seed.log" 2>&1
+                > "$OUT/logs/$name-s$seed.log" 2>&1 || { echo "$name-s$seed FAILED, see $OUT/logs"; exit 255; }
             echo "$name-s$seed: $(grep "validation top-1" "$OUT/logs/$name-s$seed.log")"'
 }
 grid "$MAIN" "0 1 2 3 4"

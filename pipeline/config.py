@@ -146,6 +146,9 @@ class TrainStudentConfig(DataConfig):
         check_choice("policy", self.policy, POLICIES)
         check_choice("student map", self.student_map, ("gradcam", "attention"))
         check_choice("kd source", self.kd_source, ("selected", "best"))
+        if self.kd_source == "best" and (self.method != "explain-kd" or self.policy == "global"):
+            raise PipelineError("--kd-source best applies to explain-kd with --policy per-sample, weighted or "
+                                "correct (the others already learn from one teacher's logits)")
 
 
 @dataclass

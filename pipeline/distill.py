@@ -157,7 +157,7 @@ class DistillationLoss:
                                                  x.shape[-2:], student_map.shape[-2:], shifts)
                                 for t in self.teachers], dim=1)  # (B, M, h, w), each L2-normalised
             losses["map"] = map_loss(student_map, (weights[..., None, None] * maps).sum(1))
-            total = total + (beta if use_cam else self.beta) * losses["map"]
+            total = total + beta * losses["map"]
         return losses | {"loss": total}
 
     def forward(self, model: nn.Module, x: torch.Tensor, need_activation: bool) -> tuple:

@@ -33,6 +33,7 @@ def test_help_explains_every_option(command):
     (["extract-teachers", "--target", "best"], "unknown target 'best'; choose one of: label, predicted"),
     (["train-student", "--method", "magic"], "unknown method 'magic'; choose one of: ce, kd, kd-avg, at, explain-kd"),
     (["train-student", "--store", "nowhere.zarr"], "no teacher store at nowhere.zarr"),
+    (["train-student", "--method", "kd", "--kd-source", "best"], "--kd-source best applies to explain-kd with"),
     (["evaluate", "--params", "nowhere.yaml"], "params file nowhere.yaml does not exist"),
 ])
 def test_bad_input_is_one_line_error(args, message, tmp_path, monkeypatch):
