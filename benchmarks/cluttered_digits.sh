@@ -54,4 +54,5 @@ grid() {  # grid "VARIANTS" "SEEDS": every variant x seed, two runs at a time
 grid "$MAIN" "0 1 2 3 4"
 grid "$THREE_SEEDS" "0 1 2"
 grid "$ONE_SEED" "0"
-python -m pipeline report "${DATA[@]}" --students-dir "$OUT/students" --out-dir reports/cluttered-digits
+python -m pipeline report "${DATA[@]}" --students-dir "$OUT/students" --out-dir reports/cluttered-digits \
+    --store "$OUT/store.zarr"

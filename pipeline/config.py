@@ -169,6 +169,7 @@ class ReportConfig(DataConfig):
                                 "<variant>-s<seed> are grouped by variant")
     out_dir: str = setting("reports", "writes results.csv, results.md and accuracy.png here")
     baseline: str = setting("kd", "variant the paired (same seed) differences are taken against")
+    store: str | None = setting(None, "teacher store whose per-teacher confidence drops are drawn (drops.png)")
 
 
 STAGE_SECTIONS = {

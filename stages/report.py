@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
+from pipeline.cache import TeacherStore
 from pipeline.config import ReportConfig
 from pipeline.data import get_test_split
 from pipeline.errors import PipelineError
 from pipeline.evaluation import top1
+from pipeline.explain import confidence_drop
 from pipeline.models.checkpoint import load_checkpoint
 
 RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
@@ -69,6 +72,38 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def teacher_drops(store: TeacherStore) -> dict[str, np.ndarray]:
+    """Confidence drop of every readable cached sample, per teacher (finished blocks only)."""
+    drops = {}
+    for name in store.teachers:
+        parts = []
+        for block in store.finished_blocks([name]):
+            rows = store.read_rows(*store.block_rows(block), ["valid", f"teachers/{name}/y_prob",
+                                                                 f"teachers/{name}/o_prob"])
+            y, o = (torch.from_numpy(rows[f"teachers/{name}/{k}"][rows["valid"]]) for k in ("y_prob", "o_prob"))
+            parts.append(confidence_drop(y, o).numpy())
+        drops[name] = np.concatenate(parts) if parts else np.zeros(0)
+    return drops
+
+
+def plot_drops(drops: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, values in drops.items():
+        ax.hist(values, bins=np.linspace(0, 1, 41), histtype="step", linewidth=1.5,
+                label=f"{name} (mean {values.mean():.3f})")
+    ax.set_xlabel("Grad-CAM++ confidence drop max(0, Y - O) / Y on the cached split (lower is better)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(cfg: ReportConfig) -> pd.DataFrame:
     runs = run_table(cfg)
     summary = summarise(runs, cfg.baseline)
@@ -80,5 +115,7 @@ def run(cfg: ReportConfig) -> pd.DataFrame:
     (out / "results.md").write_text(f"{cfg.dataset}: test top-1 over seeds; paired differences to "
                                     f"`{cfg.baseline}` with 95 % t intervals\n\n{text}\n")
     plot(summary, out / "accuracy.png")
+    if cfg.store:
+        plot_drops(teacher_drops(TeacherStore.open(cfg.store)), out / "drops.png")
     print(text)
     return summary
