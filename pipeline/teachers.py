@@ -88,14 +88,12 @@ def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | N
     transform = Transform(loaded.transform.mean, loaded.transform.std, geometry)
     shape = (geometry.crop, geometry.crop, info.image_shape[2]) if geometry else info.image_shape
     probe = probe_input(shape)
-    with torch.no_grad():
+    layer = CamLayer.of(model, probe, (target_layers or {}).get(name))
+    with torch.no_grad(), captured(model, layer.target_layer) as box:  # one pass: class count and map size
         classes = model(probe).shape[1]
     if classes != info.num_classes:
         raise PipelineError(f"teacher {spec} predicts {classes} classes but data set {info.name} has "
                             f"{info.num_classes}; pass a teacher trained on {info.name}")
-    layer = CamLayer.of(model, probe, (target_layers or {}).get(name))
-    with torch.no_grad(), captured(model, layer.target_layer) as box:
-        model(probe)
     identity = {
         "arch": loaded.arch, "source": spec, "weights_sha256": weights_sha256(model),
         "target_layer": layer.target_layer, "cam_path": layer.path, "transform": transform.as_dict(),
