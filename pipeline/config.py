@@ -16,6 +16,9 @@ METHODS = ("ce", "kd", "kd-avg", "at", "explain-kd")
 POLICIES = ("per-sample", "global", "weighted", "correct")
 TARGETS = ("label", "predicted")
 DEFAULT_TEACHERS = ("resnet20", "wrn16_2", "vgg8_bn")
+MAP_NORMS = ("l2", "mean")
+FLIP_HELP = ("augmentation: random horizontal flips, for data sets whose classes are mirror-symmetric "
+             "(CIFAR, ImageNet; refused for digits)")
 
 
 def setting(default, help: str):
@@ -51,6 +54,7 @@ class TrainTeachersConfig(DataConfig):
     seed: int = setting(0, "seed for initialisation and batch order")
     target: str = setting("label", "class whose Grad-CAM the test metrics score: label | predicted")
     shift: int = setting(0, "augmentation: random translation by up to this many pixels (0: none)")
+    flip: bool = setting(False, FLIP_HELP)
 
     def __post_init__(self):
         check_choice("target", self.target, TARGETS)
@@ -124,7 +128,12 @@ class TrainStudentConfig(DataConfig):
                              "best held-out teacher, as kd (best); the maps follow --policy either way")
     beta_warmup: int = setting(0, "epochs over which the map weight beta ramps up linearly (0: none)")
     shift: int = setting(0, "augmentation: random translation by up to this many pixels (0: none)")
-    map_follows: bool = setting(True, "with --shift: cached teacher maps move with their images")
+    flip: bool = setting(False, FLIP_HELP)
+    map_follows: bool = setting(True, "with --shift / --flip: cached teacher maps move with their images")
+    map_norm: str = setting("l2", "map term: per-sample normalisation of both maps: l2 (unit L2 norm, summed "
+                            "squared distance) | mean (mean 1, mean squared distance over cells)")
+    map_size: int = setting(0, "map term: both maps are resized (bilinear) to this side length before they are "
+                            "compared (0: the student's map size)")
     arch: str = setting("resnet8_slim", "student architecture (model registry name, or torchvision:<arch>)")
     out_dir: str = setting("data_cache/students", "the run writes <out-dir>/<run-name>/")
     run_name: str | None = setting(None, "name of the run folder (default: the method)")
@@ -146,6 +155,9 @@ class TrainStudentConfig(DataConfig):
         check_choice("policy", self.policy, POLICIES)
         check_choice("student map", self.student_map, ("gradcam", "attention"))
         check_choice("kd source", self.kd_source, ("selected", "best"))
+        check_choice("map norm", self.map_norm, MAP_NORMS)
+        if self.map_size < 0:
+            raise PipelineError(f"--map-size must be 0 (the student's map size) or a side length >= 1; got {self.map_size}")
         if self.kd_source == "best" and (self.method != "explain-kd" or self.policy == "global"):
             raise PipelineError("--kd-source best applies to explain-kd with --policy per-sample, weighted or "
                                 "correct (the others already learn from one teacher's logits)")
@@ -169,7 +181,11 @@ class ReportConfig(DataConfig):
                                 "<variant>-s<seed> are grouped by variant")
     out_dir: str = setting("reports", "writes results.csv, results.md and accuracy.png here")
     baseline: str = setting("kd", "variant the paired (same seed) differences are taken against")
-    store: str | None = setting(None, "teacher store whose per-teacher confidence drops are drawn (drops.png)")
+    store: str | None = setting(None, "teacher store of the test split (extract-teachers --split test): draws each "
+                                "teacher's confidence drops (drops.png) and the explanation grid (explanations.png)")
+    explain_runs: list[str] = setting(["ce-s0", "explain-kd-s0"], "student runs whose own Grad-CAM maps the "
+                                      "explanation grid shows beside the teachers' maps")
+    explain_images: int = setting(6, "test images (rows) in the explanation grid")
 
 
 STAGE_SECTIONS = {

@@ -2,16 +2,16 @@
 
 Student loss = CE(s, y) + alpha * KD + beta * MAP, where KD is Hinton's
 T^2 * KL(softmax(t/T) || softmax(s/T)) on the selected teacher's logits and MAP compares
-the student's own (differentiable) Grad-CAM with the selected teacher's cached map,
-both at the student's map resolution and L2-normalised per sample.
+the student's own (differentiable) Grad-CAM with the selected teacher's cached map, both
+resized to one grid (the student's map size by default) and normalised per sample.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.augment import Augmentation, Moves, apply, model_input
 from pipeline.cache import dequantize_cam, full_logits
-from pipeline.data.base import standardize, to_unit
 from pipeline.explain import CamLayer, attention_map, captured, grad_cam
 
 
@@ -26,18 +26,26 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def map_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of ||s/|s| - t/|t|||^2 on flattened (B, h, w) maps of one resolution.
+def normalize_maps(maps: torch.Tensor, norm: str) -> torch.Tensor:
+    """Flattened (B, h*w) maps scaled per sample: to unit L2 norm (l2) or to mean 1 (mean); zero maps stay zero."""
+    if norm == "l2":
+        return F.normalize(maps, dim=1)
+    return maps / maps.mean(dim=1, keepdim=True).clamp_min(1e-12)
 
-    Samples whose teacher map is empty (no positive evidence) carry no map target and
-    are left out; a student map that is all zero counts as the zero vector.
+
+def map_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """Mean over samples of the squared distance between normalised (B, h, w) maps of one resolution.
+
+    l2: ||s/|s| - t/|t|||^2 (attention transfer's form, in [0, 4]); mean: the mean over cells
+    of (s/mean(s) - t/mean(t))^2, which weighs a map's spread rather than its peak. Samples
+    whose teacher map is empty (no positive evidence) carry no map target and are left out.
     """
     student, teacher = student_cam.flatten(1), teacher_cam.flatten(1)
-    has_target = teacher.norm(dim=1) > 0
+    has_target = teacher.amax(dim=1) > 0
     if not has_target.any():
         return student.sum() * 0.0
-    diff = F.normalize(student, dim=1) - F.normalize(teacher, dim=1)
-    return diff[has_target].pow(2).sum(1).mean()
+    diff = (normalize_maps(student, norm) - normalize_maps(teacher, norm))[has_target].pow(2)
+    return (diff.sum(1) if norm == "l2" else diff.mean(1)).mean()
 
 
 def confidence_change(y_prob: torch.Tensor, o_prob: torch.Tensor) -> torch.Tensor:
@@ -73,43 +81,29 @@ def selection_weights(policy: str, change: torch.Tensor, correct: torch.Tensor, 
     return F.one_hot(change.argmin(dim=1), change.shape[1]).float()
 
 
-def random_shifts(batch_size: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, 2) integer (dy, dx) in [-max_shift, max_shift]."""
-    return torch.randint(-max_shift, max_shift + 1, (batch_size, 2), generator=generator)
-
-
-def shift(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Translate each (C, H, W) of `x` by its (dy, dx), filling with zeros (black images, empty maps)."""
-    pad = int(shifts.abs().max()) if len(shifts) else 0
-    if pad == 0:
-        return x
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (pad, pad, pad, pad))
-    return torch.stack([padded[i, :, pad - dy:pad - dy + h, pad - dx:pad - dx + w]
-                        for i, (dy, dx) in enumerate(shifts.tolist())])
-
-
 class DistillationLoss:
     """loss_fn for train.fit: maps a batch of store rows to a dict of loss components.
 
     `teachers` are the store's teacher names the method draws on (for `kd` and `at`, the one
-    teacher). `max_shift` > 0 translates every image at random; with `map_follows` the
-    cached teacher maps move with their images (logits do not depend on position).
+    teacher). With `augmentation`, images are moved at random; with `map_follows` the cached
+    teacher maps move with them (logits do not depend on position). Maps are compared on a
+    `map_size` x `map_size` grid (0: the student's map size) after `map_norm` (config.MAP_NORMS).
     """
 
     def __init__(self, method: str, teachers: list[str], student_layer: CamLayer | None, mean, std,
                  temperature: float, alpha: float, beta: float, num_classes: int, *,
                  policy: str = "per-sample", policy_temperature: float = 0.1, detach_head: bool = False,
-                 beta_warmup: int = 0, max_shift: int = 0, map_follows: bool = True, seed: int = 0,
-                 student_map: str = "gradcam", kd_teacher: str | None = None):
+                 beta_warmup: int = 0, augmentation: Augmentation | None = None, map_follows: bool = True,
+                 student_map: str = "gradcam", kd_teacher: str | None = None, map_norm: str = "l2",
+                 map_size: int = 0):
         self.method, self.teachers, self.layer = method, teachers, student_layer
         self.num_classes = num_classes
         self.mean, self.std = mean, std
         self.temperature, self.alpha, self.beta = temperature, alpha, beta
         self.policy, self.policy_temperature, self.detach_head = policy, policy_temperature, detach_head
-        self.beta_warmup, self.max_shift, self.map_follows = beta_warmup, max_shift, map_follows
+        self.beta_warmup, self.augmentation, self.map_follows = beta_warmup, augmentation, map_follows
         self.student_map, self.kd_teacher = student_map, kd_teacher
-        self.generator = torch.Generator().manual_seed(seed)
+        self.map_norm, self.map_size = map_norm, map_size
         self.epoch = 0
 
     def beta_now(self) -> float:
@@ -117,11 +111,7 @@ class DistillationLoss:
         return self.beta * min(1.0, (self.epoch + 1) / self.beta_warmup) if self.beta_warmup else self.beta
 
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        images = to_unit(batch["images"])
-        shifts = random_shifts(len(images), self.max_shift, self.generator) if self.max_shift else None
-        if shifts is not None:
-            images = shift(images, shifts.to(images.device))
-        x, labels = standardize(images, self.mean, self.std), batch["labels"].long()
+        x, labels, moves = model_input(batch, self.augmentation, self.mean, self.std)
         beta = self.beta_now()
         use_cam = self.method == "explain-kd" and beta > 0
         if use_cam and self.student_map == "gradcam":
@@ -153,10 +143,12 @@ class DistillationLoss:
         if use_cam or self.method == "at":
             key = "cam" if use_cam else "attention"
             student_map = student_cam if use_cam and self.student_map == "gradcam" else attention_map(activation)
+            size = (self.map_size, self.map_size) if self.map_size else tuple(student_map.shape[-2:])
             maps = torch.stack([self.teacher_map(dequantize_cam(field(t, key), field(t, f"{key}_max")),
-                                                 x.shape[-2:], student_map.shape[-2:], shifts)
-                                for t in self.teachers], dim=1)  # (B, M, h, w), each L2-normalised
-            losses["map"] = map_loss(student_map, (weights[..., None, None] * maps).sum(1))
+                                                 x.shape[-2:], size, moves)
+                                for t in self.teachers], dim=1)  # (B, M, h, w), each normalised
+            student_map = student_map if student_map.shape[-2:] == size else resize_maps(student_map, size)
+            losses["map"] = map_loss(student_map, (weights[..., None, None] * maps).sum(1), self.map_norm)
             total = total + beta * losses["map"]
         return losses | {"loss": total}
 
@@ -168,8 +160,9 @@ class DistillationLoss:
             logits = model(x)
         return logits, box["activation"]
 
-    def teacher_map(self, maps: torch.Tensor, image_size, map_size, shifts: torch.Tensor | None) -> torch.Tensor:
-        """Cached (B, h, w) maps -> the student's map size, moved like their images, L2-normalised."""
-        if shifts is not None and self.map_follows:
-            maps = shift(resize_maps(maps, tuple(image_size))[:, None], shifts)[:, 0]
-        return F.normalize(resize_maps(maps, tuple(map_size)).flatten(1), dim=1).view(len(maps), *map_size)
+    def teacher_map(self, maps: torch.Tensor, image_size, map_size, moves: Moves | None) -> torch.Tensor:
+        """Cached (B, h, w) maps -> `map_size`, moved like their images, normalised (so that mixing
+        teachers weighs their maps alike)."""
+        if moves is not None and self.map_follows:
+            maps = apply(resize_maps(maps, tuple(image_size))[:, None], moves)[:, 0]
+        return normalize_maps(resize_maps(maps, tuple(map_size)).flatten(1), self.map_norm).view(len(maps), *map_size)

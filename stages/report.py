@@ -1,8 +1,9 @@
-"""Stage: aggregate every student run into one table (and a figure) the thesis is judged by.
+"""Stage: aggregate every student run into one table (and figures) the thesis is judged by.
 
 Runs are named <variant>-s<seed>. Each run's test split is read once here; its validation
 accuracy (what variants are chosen on) comes from its checkpoint. Differences to the
-baseline are paired by seed, with a t-based 95 % interval.
+baseline are paired by seed, with a t-based 95 % interval. A teacher store of the test
+split adds the teachers' confidence drops and a grid of teacher and student explanations.
 """
 
 import re
@@ -13,12 +14,13 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from pipeline.cache import TeacherStore
+from pipeline.cache import TeacherStore, dequantize_cam
 from pipeline.config import ReportConfig
-from pipeline.data import get_test_split
+from pipeline.data import SampleSet, get_test_split, normalize
+from pipeline.distill import best_explainer
 from pipeline.errors import PipelineError
 from pipeline.evaluation import top1
-from pipeline.explain import confidence_drop
+from pipeline.explain import CamLayer, confidence_drop, explain, probe_input, upsample_minmax
 from pipeline.models.checkpoint import load_checkpoint
 
 RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
@@ -96,7 +98,7 @@ def plot_drops(drops: dict[str, np.ndarray], path: Path) -> None:
     for name, values in drops.items():
         ax.hist(values, bins=np.linspace(0, 1, 41), histtype="step", linewidth=1.5,
                 label=f"{name} (mean {values.mean():.3f})")
-    ax.set_xlabel("Grad-CAM++ confidence drop max(0, Y - O) / Y on the cached split (lower is better)")
+    ax.set_xlabel("Grad-CAM++ confidence drop max(0, Y - O) / Y on the store's split (lower is better)")
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()
@@ -104,7 +106,82 @@ def plot_drops(drops: dict[str, np.ndarray], path: Path) -> None:
     plt.close(fig)
 
 
+def explanation_rows(store: TeacherStore, test: SampleSet, runs: dict[str, Path], count: int) -> list[dict]:
+    """For `count` test images spread over the store's finished, readable rows: the image, each
+    teacher's cached map and confidence drop, the teacher the per-sample policy picks, and each
+    student run's own Grad-CAM and drop."""
+    finished = store.finished_blocks(store.teachers)
+    rows_done = np.concatenate([np.arange(*store.block_rows(b)) for b in finished]) if finished else np.zeros(0, int)
+    readable = rows_done[store.read_rows(0, store.num_samples, ["valid"])["valid"][rows_done]]
+    if not len(readable):
+        raise PipelineError(f"store {store.path} has no finished, readable rows to draw; finish its extraction")
+    indices = readable[np.linspace(0, len(readable) - 1, min(count, len(readable))).round().astype(int)]
+    images = torch.from_numpy(np.stack([test.image(int(i)) for i in indices]))
+    labels = torch.as_tensor(test.labels[indices])
+    size = tuple(test.info.image_shape[:2])
+    rows = [{"image": image.numpy(), "label": int(label), "maps": {}, "drops": {}} for image, label in zip(images, labels)]
+    y, o = [], []
+    for name in store.teachers:
+        fields = [f"teachers/{name}/{key}" for key in ("cam", "cam_max", "y_prob", "o_prob")]
+        cached = [store.read_rows(int(i), int(i) + 1, fields) for i in indices]
+        cams = torch.cat([dequantize_cam(c[fields[0]], c[fields[1]]) for c in cached])
+        y.append(torch.from_numpy(np.concatenate([c[fields[2]] for c in cached])))
+        o.append(torch.from_numpy(np.concatenate([c[fields[3]] for c in cached])))
+        for row, cam, drop in zip(rows, upsample_minmax(cams, size), confidence_drop(y[-1], o[-1])):
+            row["maps"][name], row["drops"][name] = cam.numpy(), float(drop)
+    chosen = best_explainer(torch.stack(y, 1), torch.stack(o, 1)).tolist() if y else [None] * len(rows)
+    for row, m in zip(rows, chosen):
+        row["chosen"] = None if m is None else store.teachers[m]
+    for run, path in runs.items():
+        model, record = load_checkpoint(path)
+        mean, std = record["transform"]["mean"], record["transform"]["std"]
+        layer = CamLayer.of(model.eval(), probe_input(test.info.image_shape))
+        result = explain(model, layer, normalize(images, mean, std), labels, "label", mean, std)
+        for row, cam, drop in zip(rows, upsample_minmax(result.cam, size), confidence_drop(result.y_prob, result.o_prob)):
+            row["maps"][run], row["drops"][run] = cam.numpy(), float(drop)
+    return rows
+
+
+def plot_explanations(rows: list[dict], path: Path) -> None:
+    """One row per image: the image, then every teacher's and student's Grad-CAM over it, titled
+    with its confidence drop; the chosen teacher's title is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(rows[0]["maps"])
+    fig, axes = plt.subplots(len(rows), len(columns) + 1, figsize=(1.9 * (len(columns) + 1), 2.0 * len(rows)),
+                             squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        image = row["image"][..., 0] if row["image"].shape[-1] == 1 else row["image"]
+        ax_row[0].imshow(image, cmap="gray")
+        ax_row[0].set_title(f"label {row['label']}", fontsize=8)
+        for ax, name in zip(ax_row[1:], columns):
+            ax.imshow(image, cmap="gray")
+            ax.imshow(row["maps"][name], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            mark = " (chosen)" if name == row["chosen"] else ""
+            ax.set_title(f"{name}{mark}\ndrop {row['drops'][name]:.2f}", fontsize=7,
+                         fontweight="bold" if mark else "normal")
+        for ax in ax_row:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(cfg: ReportConfig) -> pd.DataFrame:
+    shown = {run: Path(cfg.students_dir) / run / "checkpoint.pt" for run in cfg.explain_runs}
+    missing = [run for run, path in shown.items() if not path.is_file()]
+    if cfg.store:  # fail on a wrong store or run name before every run's test split is read
+        if missing:
+            raise PipelineError(f"--explain-runs {', '.join(missing)}: no such run under {cfg.students_dir}; "
+                                "name runs that exist (<variant>-s<seed>)")
+        if cfg.explain_images < 1:
+            raise PipelineError(f"--explain-images must be at least 1; got {cfg.explain_images}")
+        store = TeacherStore.open(cfg.store)
+        test = get_test_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
+        store.check_made_from({"dataset": test.identity()})
     runs = run_table(cfg)
     summary = summarise(runs, cfg.baseline)
     out = Path(cfg.out_dir)
@@ -116,6 +193,7 @@ def run(cfg: ReportConfig) -> pd.DataFrame:
                                     f"`{cfg.baseline}` with 95 % t intervals\n\n{text}\n")
     plot(summary, out / "accuracy.png")
     if cfg.store:
-        plot_drops(teacher_drops(TeacherStore.open(cfg.store)), out / "drops.png")
+        plot_drops(teacher_drops(store), out / "drops.png")
+        plot_explanations(explanation_rows(store, test, shown, cfg.explain_images), out / "explanations.png")
     print(text)
     return summary

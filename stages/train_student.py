@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from pipeline.augment import Augmentation, check_flip
 from pipeline.cache import TeacherStore, cached_top1
 from pipeline.cache_report import teacher_table
 from pipeline.config import TrainStudentConfig
@@ -70,6 +71,7 @@ def run(cfg: TrainStudentConfig) -> dict:
         rows = sum(stop - start for start, stop in map(store.block_rows, blocks))
         print(f"--allow-partial: training on {rows} of {store.num_samples} samples ({state})")
     info = dataset.info
+    check_flip(cfg.flip, info)
     fields = ["images", "labels", *teacher_fields(cfg.method, teachers, store.logit_fields)]
     stream = BlockStream(cfg.store, fields, blocks, cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks,
                          dataset=None if "images" in store.group else dataset)  # large images come from files
@@ -89,9 +91,10 @@ def run(cfg: TrainStudentConfig) -> dict:
     loss_fn = DistillationLoss(cfg.method, teachers, layer, info.mean, info.std,
                                cfg.temperature, cfg.alpha, cfg.beta, info.num_classes, policy=cfg.policy,
                                policy_temperature=cfg.policy_temperature, detach_head=cfg.detach_head,
-                               beta_warmup=cfg.beta_warmup, max_shift=cfg.shift, map_follows=cfg.map_follows,
-                               seed=cfg.seed, student_map=cfg.student_map,
-                               kd_teacher=best_teacher(store) if cfg.kd_source == "best" else None)
+                               beta_warmup=cfg.beta_warmup, augmentation=Augmentation(cfg.shift, cfg.flip, cfg.seed),
+                               map_follows=cfg.map_follows, student_map=cfg.student_map,
+                               kd_teacher=best_teacher(store) if cfg.kd_source == "best" else None,
+                               map_norm=cfg.map_norm, map_size=cfg.map_size)
     run_name = cfg.run_name or cfg.method
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.approx_num_batches(store),
                   lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",

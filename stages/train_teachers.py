@@ -5,10 +5,11 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from pipeline.augment import Augmentation, check_flip, model_input
 from pipeline.config import TrainTeachersConfig
 from pipeline.data import get_dataset, get_test_split, get_val_split
-from pipeline.distill import DistillationLoss
 from pipeline.evaluation import evaluate_model, top1
 from pipeline.models import MODELS, count_parameters, create_model
 from pipeline.models.checkpoint import save_checkpoint
@@ -22,6 +23,7 @@ def run(cfg: TrainTeachersConfig) -> dict[str, dict]:
     test = get_test_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     val = get_val_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     info, out_dir = train.info, Path(cfg.out_dir)
+    check_flip(cfg.flip, info)
     all_metrics = {}
     for arch in cfg.teachers:
         torch.manual_seed(cfg.seed)
@@ -33,8 +35,13 @@ def run(cfg: TrainTeachersConfig) -> dict[str, dict]:
             )
             return ({"images": images, "labels": labels} for images, labels in loader)
 
-        loss_fn = DistillationLoss("ce", [], None, info.mean, info.std, 1.0, 0.0, 0.0, info.num_classes,
-                                   max_shift=cfg.shift, seed=cfg.seed)
+        augmentation = Augmentation(cfg.shift, cfg.flip, cfg.seed)
+
+        def loss_fn(teacher, batch: dict) -> dict:
+            x, labels, _ = model_input(batch, augmentation, info.mean, info.std)
+            loss = F.cross_entropy(teacher(x), labels)
+            return {"ce": loss, "loss": loss}
+
         steps = -(-len(train) // cfg.batch_size)
         history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps,
                       lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"teacher {arch}")

@@ -6,12 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import normalize
+from pipeline.augment import Augmentation, Moves, apply, check_flip, shift
+from pipeline.data import get_dataset, normalize
 from pipeline.distill import (
-    DistillationLoss, best_explainer, kd_loss, map_loss, selection_weights, shift, teacher_fields,
+    DistillationLoss, best_explainer, kd_loss, map_loss, resize_maps, selection_weights, teacher_fields,
 )
+from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, attention_map, grad_cam, probe_input
 from pipeline.models import create_model
+
+from conftest import make_cifar
 
 PROBE = probe_input((32, 32, 1))
 
@@ -31,6 +35,8 @@ def test_map_loss_golden_value_and_empty_teacher_maps_are_skipped():
     # sample 0: [0.6, 0.8] - [0, 1] -> 0.36 + 0.04; sample 1 carries no target
     assert map_loss(student, teacher).item() == pytest.approx(0.40, rel=1e-6)
     assert map_loss(student, torch.zeros_like(teacher)).item() == 0.0
+    # mean-normalised: sample 0 [6/7, 8/7] - [0, 2] -> ((6/7)^2 + (6/7)^2) / 2 cells
+    assert map_loss(student, teacher, "mean").item() == pytest.approx((6 / 7) ** 2, rel=1e-6)
 
 
 def test_best_explainer_prefers_lowest_drop_and_breaks_ties_by_confidence_gain():
@@ -157,14 +163,42 @@ def test_beta_warms_up_and_maps_follow_the_shift():
     batch, teachers = make_student_batch("explain-kd")
     student = create_model("resnet8_slim", 1, 10)
     loss_fn = DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 8.0,
-                               10, beta_warmup=4, max_shift=4, seed=3)
+                               10, beta_warmup=4, augmentation=Augmentation(4, seed=3))
     assert [loss_fn.beta_now() for loss_fn.epoch in range(5)] == [2.0, 4.0, 6.0, 8.0, 8.0]
     maps = torch.zeros(1, 4, 4)
     maps[0, 1, 1] = 1.0  # one hot cell at 8x8 pixels of a 32 px image
-    moved = loss_fn.teacher_map(maps, (32, 32), (4, 4), torch.tensor([[8, 8]]))
+    down_right = Moves(torch.tensor([[8, 8]]), torch.tensor([False]))
+    moved = loss_fn.teacher_map(maps, (32, 32), (4, 4), down_right)
     assert moved[0].argmax().item() == 2 * 4 + 2  # one cell down and right: 8 px = one 4x4 cell
+    mirrored = loss_fn.teacher_map(maps, (32, 32), (4, 4), Moves(torch.tensor([[0, 0]]), torch.tensor([True])))
+    assert mirrored[0].argmax().item() == 1 * 4 + 2  # column 1 of 4 -> column 2
     loss_fn.map_follows = False
-    assert loss_fn.teacher_map(maps, (32, 32), (4, 4), torch.tensor([[8, 8]]))[0].argmax().item() == 1 * 4 + 1
+    assert loss_fn.teacher_map(maps, (32, 32), (4, 4), down_right)[0].argmax().item() == 1 * 4 + 1
+
+
+def test_flips_mirror_only_the_drawn_samples_and_are_refused_for_digits(tmp_path):
+    x = torch.arange(8, dtype=torch.float32).view(2, 1, 2, 2)
+    moved = apply(x, Moves(torch.zeros(2, 2, dtype=torch.long), torch.tensor([True, False])))
+    assert moved[0, 0].tolist() == [[1.0, 0.0], [3.0, 2.0]] and torch.equal(moved[1], x[1])
+    draws = Augmentation(0, flip=True, seed=0).draw(1000)
+    assert 400 < int(draws.flips.sum()) < 600 and not draws.shifts.any()
+    assert Augmentation(0, flip=False).draw(4) is None
+    with pytest.raises(PipelineError, match="not mirror-symmetric"):
+        check_flip(True, get_dataset("digits", "train").info)
+    make_cifar(tmp_path)
+    check_flip(True, get_dataset("cifar10", "train", str(tmp_path)).info)  # photos may be mirrored
+
+
+def test_maps_can_be_compared_on_a_coarser_grid():
+    batch, teachers = make_student_batch("at")
+    student = create_model("resnet8_slim", 1, 10).eval()
+    layer = CamLayer.of(student, PROBE)
+    losses = DistillationLoss("at", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10, map_size=2)(student, batch)
+    x = normalize(batch["images"], (0.3,), (0.32,))
+    _, _, activation = grad_cam(student, x, batch["labels"], layer)
+    teacher = batch["teachers/t2/attention"].float() / 255 * batch["teachers/t2/attention_max"][:, None, None]
+    expected = map_loss(resize_maps(attention_map(activation), (2, 2)), resize_maps(teacher, (2, 2)))
+    torch.testing.assert_close(losses["map"], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_teacher_gradcam_can_guide_the_student_attention_and_logits_can_come_from_one_teacher():

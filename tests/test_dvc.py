@@ -1,5 +1,6 @@
 """`dvc repro` in a copy of the repository with tiny params: the whole chain runs, a second
-repro runs nothing, and a student parameter reruns only student stages."""
+repro runs nothing, and a student parameter reruns only student stages; the same for the
+digits study's methods x seeds matrix, which reads the default pipeline's store."""
 
 import re
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -18,6 +20,14 @@ TINY = {
     "methods": ["ce", "explain-kd"],
     "train_student": {"epochs": 1},
 }
+TINY_STUDY = {
+    "extract_teachers": {"teachers": TINY["extract_teachers"]["teachers"]},
+    "train_student": {"epochs": 1},
+    "report": {"explain_runs": ["ce-s1"]},
+    "seeds": [0, 1],
+    "variants": [{"name": "ce", "args": "--method ce"},
+                 {"name": "ekd", "args": "--method explain-kd --student-map attention --kd-source best --beta 0.5"}],
+}
 
 
 def tracked_files() -> list[str]:
@@ -25,11 +35,21 @@ def tracked_files() -> list[str]:
     return out.split()
 
 
-def repro(workdir: Path) -> list[str]:
-    """Run `dvc repro`; return the names of the stages it ran."""
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=workdir, capture_output=True, text=True)
+def repro(workdir: Path, *targets: str) -> list[str]:
+    """Run `dvc repro [targets]`; return the names of the stages it ran."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=workdir, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     return re.findall(r"Running stage '([^']+)'", result.stdout)
+
+
+def shrink(path: Path, tiny: dict) -> dict:
+    """Overwrite sections (or keys of sections) of a params file with tiny values; return the result."""
+    params = yaml.safe_load(path.read_text())
+    for section, values in tiny.items():
+        params[section] = {**params[section], **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(params))
+    return params
 
 
 @pytest.mark.slow
@@ -40,10 +60,8 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
         target = tmp_path / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section] = {**params[section], **values} if isinstance(values, dict) else values
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params = shrink(tmp_path / "params.yaml", TINY)
+    study = shrink(tmp_path / "studies/digits/params.yaml", TINY_STUDY)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
 
     first = repro(tmp_path)
@@ -54,3 +72,14 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     params["train_student"]["beta"] = 3.0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert repro(tmp_path) == ["train_student@ce", "train_student@explain-kd", "evaluate"]
+
+    study_stages = [f"studies/digits/dvc.yaml:{name}" for name in (
+        "extract_teachers", "students@variant0-0", "students@variant0-1", "students@variant1-0",
+        "students@variant1-1", "report")]
+    assert repro(tmp_path, "studies/digits/dvc.yaml") == study_stages  # the default store is reused
+    results = pd.read_csv(tmp_path / "reports/digits/results.csv")
+    assert sorted(results.variant) == ["ce", "ekd"] and set(results.seeds) == {2}
+    assert (tmp_path / "reports/digits/explanations.png").is_file()
+    study["train_student"]["lr"] = 0.1
+    (tmp_path / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
+    assert repro(tmp_path, "studies/digits/dvc.yaml") == study_stages[1:]  # students and report, no extraction

@@ -1,10 +1,22 @@
-"""The results table: paired differences to the baseline with t intervals, on hand values."""
+"""The report: paired differences to the baseline with t intervals on hand values, the
+teachers' confidence drops, and the explanation grid read from a test-split store."""
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import zarr
+from click.testing import CliRunner
 
-from stages.report import plot_drops, summarise, teacher_drops
+from conftest import make_teacher
+from pipeline.cache import TeacherStore
+from pipeline.cli import main
+from pipeline.config import ReportConfig
+from pipeline.data import get_dataset
+from pipeline.distill import confidence_change
+from pipeline.errors import PipelineError
+from pipeline.explain import confidence_drop
+from stages.report import explanation_rows, plot_drops, plot_explanations, run, summarise, teacher_drops
 from test_cache import TEACHER, block_arrays, make_store
 
 
@@ -42,3 +54,37 @@ def test_teacher_drops_are_the_cached_scores_of_readable_rows(tmp_path):
     np.testing.assert_allclose(drops["t1"], 0.75)
     plot_drops(drops, tmp_path / "drops.png")
     assert (tmp_path / "drops.png").stat().st_size > 0
+
+
+def test_explanation_grid_shows_cached_teacher_maps_and_student_maps(tmp_path):
+    teachers = [make_teacher(tmp_path / f"{arch}.pt", arch, seed=i) for i, arch in enumerate(("resnet8_slim", "vgg8_bn"))]
+    result = CliRunner().invoke(main, ["extract-teachers", "--split", "test", "--teachers", ",".join(map(str, teachers)),
+                                       "--store", str(tmp_path / "test.zarr")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    student = make_teacher(tmp_path / "students" / "ce-s0" / "checkpoint.pt", "resnet8_slim", seed=7)
+    store, test = TeacherStore.open(tmp_path / "test.zarr"), get_dataset("digits", "test")
+
+    rows = explanation_rows(store, test, {"ce-s0": student}, 3)
+    picked = [0, 180, 359]  # spread over the 360 test images
+    assert [row["label"] for row in rows] == test.labels[picked].tolist()
+    cached = {name: {key: store.teacher_group(name)[key][picked] for key in ("y_prob", "o_prob")}
+              for name in store.teachers}
+    y = torch.stack([torch.from_numpy(cached[name]["y_prob"]) for name in store.teachers], 1)
+    o = torch.stack([torch.from_numpy(cached[name]["o_prob"]) for name in store.teachers], 1)
+    for i, row in enumerate(rows):
+        assert list(row["maps"]) == [*store.teachers, "ce-s0"]
+        assert all(m.shape == (32, 32) and 0 <= m.min() and m.max() <= 1 for m in row["maps"].values())
+        for m, name in enumerate(store.teachers):
+            assert row["drops"][name] == pytest.approx(float(confidence_drop(y[i, m], o[i, m])))
+        assert row["chosen"] == store.teachers[int(confidence_change(y[i], o[i]).argmin())]
+    plot_explanations(rows, tmp_path / "explanations.png")
+    assert (tmp_path / "explanations.png").stat().st_size > 0
+
+    zarr.open_group(tmp_path / "test.zarr", mode="r+")["valid"][0] = False  # as if image 0 were unreadable
+    assert [row["label"] for row in explanation_rows(store, test, {}, 3)] == test.labels[[1, 180, 359]].tolist()
+
+    report = dict(students_dir=str(tmp_path / "students"), store=str(tmp_path / "test.zarr"), explain_runs=["ce-s0"])
+    with pytest.raises(PipelineError, match="--explain-runs kd-s0: no such run"):
+        run(ReportConfig(**report | {"explain_runs": ["ce-s0", "kd-s0"]}))
+    with pytest.raises(PipelineError, match="made from dataset.name='digits', not 'cluttered-digits'"):
+        run(ReportConfig(**report | {"dataset": "cluttered-digits"}))  # a store of other data is refused

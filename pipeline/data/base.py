@@ -30,6 +30,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     splits: tuple[str, ...]
     geometry: Geometry | None = None  # eval resize/crop of data sets read from image files
+    mirror_symmetric: bool = False  # a left-right flipped image keeps its class (photos, not digits)
 
 
 class SampleSet(torch.utils.data.Dataset):

@@ -17,12 +17,14 @@ LAYOUTS = {
     "cifar10": {
         "folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
         "label_key": b"labels", "info": DatasetInfo("cifar10", 10, (32, 32, 3), (0.4914, 0.4822, 0.4465),
-                                                     (0.2470, 0.2435, 0.2616), ("train", "test")),
+                                                     (0.2470, 0.2435, 0.2616), ("train", "test"),
+                                                     mirror_symmetric=True),
     },
     "cifar100": {
         "folder": "cifar-100-python", "train": ["train"], "test": ["test"],
         "label_key": b"fine_labels", "info": DatasetInfo("cifar100", 100, (32, 32, 3), (0.5071, 0.4865, 0.4409),
-                                                         (0.2673, 0.2564, 0.2762), ("train", "test")),
+                                                         (0.2673, 0.2564, 0.2762), ("train", "test"),
+                                                         mirror_symmetric=True),
     },
 }
 

@@ -25,7 +25,7 @@ def load_ilsvrc2012(split: str, root: str, split_seed: int = 0, download: bool =
     expected = f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG (torchvision ImageNet layout)"
     classes = devkit_classes(root) or split_classes(root, "train" if (root / "train").is_dir() else split, expected)
     info = DatasetInfo("ilsvrc2012", len(classes), (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD,
-                       ("train", "val"), geometry=IMAGENET_EVAL)
+                       ("train", "val"), geometry=IMAGENET_EVAL, mirror_symmetric=True)
     check_split(info, split)
     folder = split_folder(root, split, expected)
     files, labels = scan_class_folders(folder, classes, root)
@@ -44,7 +44,7 @@ def load_imagefolder(split: str, root: str, split_seed: int = 0, download: bool 
     if not classes:
         raise PipelineError(f"expected {expected}; {root} has no class folders")
     info = DatasetInfo("imagefolder", len(classes), (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD, splits,
-                       geometry=IMAGENET_EVAL)
+                       geometry=IMAGENET_EVAL, mirror_symmetric=True)
     check_split(info, split)
     files, labels = scan_class_folders(root if split == "all" else root / split, classes, root)
     return ImageFileDataset(info, split, root, files, labels)
