@@ -52,6 +52,13 @@ def shrink(path: Path, tiny: dict) -> dict:
     return params
 
 
+def assert_ran(ran: list[str], expected: list[str]) -> list[str]:
+    """The expected stages ran, each once, the last one last (DVC orders independent stages, such
+    as the students of one store, differently from run to run)."""
+    assert sorted(ran) == sorted(expected) and ran[-1] == expected[-1]
+    return ran
+
+
 @pytest.mark.slow
 def test_dvc_repro_reruns_only_what_changed(tmp_path):
     if shutil.which("git") is None:
@@ -64,22 +71,23 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     study = shrink(tmp_path / "studies/digits/params.yaml", TINY_STUDY)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
 
-    first = repro(tmp_path)
-    assert first == ["train_teachers", "extract_teachers", "train_student@ce", "train_student@explain-kd", "evaluate"]
+    first = assert_ran(repro(tmp_path), ["train_teachers", "extract_teachers", "train_student@ce",
+                                         "train_student@explain-kd", "evaluate"])
+    assert first[:2] == ["train_teachers", "extract_teachers"]
     assert (tmp_path / "data_cache/metrics.json").is_file()
     assert repro(tmp_path) == []
 
     params["train_student"]["beta"] = 3.0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert repro(tmp_path) == ["train_student@ce", "train_student@explain-kd", "evaluate"]
+    assert_ran(repro(tmp_path), ["train_student@ce", "train_student@explain-kd", "evaluate"])
 
     study_stages = [f"studies/digits/dvc.yaml:{name}" for name in (
         "extract_teachers", "students@variant0-0", "students@variant0-1", "students@variant1-0",
         "students@variant1-1", "report")]
-    assert repro(tmp_path, "studies/digits/dvc.yaml") == study_stages  # the default store is reused
+    assert_ran(repro(tmp_path, "studies/digits/dvc.yaml"), study_stages)  # the default teachers and store are reused
     results = pd.read_csv(tmp_path / "reports/digits/results.csv")
     assert sorted(results.variant) == ["ce", "ekd"] and set(results.seeds) == {2}
     assert (tmp_path / "reports/digits/explanations.png").is_file()
     study["train_student"]["lr"] = 0.1
     (tmp_path / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
-    assert repro(tmp_path, "studies/digits/dvc.yaml") == study_stages[1:]  # students and report, no extraction
+    assert_ran(repro(tmp_path, "studies/digits/dvc.yaml"), study_stages[1:])  # students and report, no extraction
