@@ -30,7 +30,7 @@ def config_options(cls):
             is_list = typing.get_origin(field.type) is list
             shown = ",".join(default) if is_list else default
             help_text = field.metadata["help"] + (" (comma-separated)" if is_list else "")
-            help_text += f" [default: {shown}]" if default is not None else ""
+            help_text += f" [default: {shown}]" if default not in (None, []) else ""
             flag = "--" + field.name.replace("_", "-")
             if field.type is bool:  # --x / --no-x; unset stays None so params.yaml can decide
                 command = click.option(f"{flag}/--no-{flag[2:]}", field.name, default=None, help=help_text)(command)

@@ -179,11 +179,12 @@ class EvaluateConfig(DataConfig):
 class ReportConfig(DataConfig):
     students_dir: str = setting("data_cache/students", "every <run>/checkpoint.pt below it is a run; runs named "
                                 "<variant>-s<seed> are grouped by variant")
-    out_dir: str = setting("reports", "writes results.csv, results.md and accuracy.png here")
+    out_dir: str = setting("reports", "writes results.csv, results.md, runs.csv and accuracy.png here (with --store "
+                           "also drops.png and explanations.png)")
     baseline: str = setting("kd", "variant the paired (same seed) differences are taken against")
-    store: str | None = setting(None, "teacher store of the test split (extract-teachers --split test): draws each "
+    store: str | None = setting(None, "teacher store of the test split (`val` where there is none): draws each "
                                 "teacher's confidence drops (drops.png) and the explanation grid (explanations.png)")
-    explain_runs: list[str] = setting(["ce-s0", "explain-kd-s0"], "student runs whose own Grad-CAM maps the "
+    explain_runs: list[str] = setting([], "student runs (<variant>-s<seed>) whose own Grad-CAM maps the "
                                       "explanation grid shows beside the teachers' maps")
     explain_images: int = setting(6, "test images (rows) in the explanation grid")
 
