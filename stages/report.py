@@ -26,9 +26,8 @@ from pipeline.models.checkpoint import load_checkpoint
 RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 
 
-def run_table(cfg: ReportConfig) -> pd.DataFrame:
+def run_table(cfg: ReportConfig, test: SampleSet) -> pd.DataFrame:
     """One row per run: variant, seed, validation and test top-1."""
-    test = get_test_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     rows = []
     for path in sorted(Path(cfg.students_dir).glob("*/checkpoint.pt")):
         match = RUN_NAME.match(path.parent.name)
@@ -58,12 +57,18 @@ def summarise(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(table).sort_values("test_mean", ascending=False)
 
 
-def plot(summary: pd.DataFrame, path: Path) -> None:
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(summary: pd.DataFrame, path: Path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(summary) + 1.2))
     ax.barh(summary.variant, 100 * summary.test_mean, xerr=100 * summary.test_std.fillna(0), color="tab:blue")
     ax.set_xlabel("test top-1 (%), mean and std over seeds")
@@ -89,11 +94,7 @@ def teacher_drops(store: TeacherStore) -> dict[str, np.ndarray]:
 
 
 def plot_drops(drops: dict[str, np.ndarray], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, values in drops.items():
         ax.hist(values, bins=np.linspace(0, 1, 41), histtype="step", linewidth=1.5,
@@ -120,13 +121,14 @@ def explanation_rows(store: TeacherStore, test: SampleSet, runs: dict[str, Path]
     labels = torch.as_tensor(test.labels[indices])
     size = tuple(test.info.image_shape[:2])
     rows = [{"image": image.numpy(), "label": int(label), "maps": {}, "drops": {}} for image, label in zip(images, labels)]
+    fields = [f"teachers/{name}/{key}" for name in store.teachers for key in ("cam", "cam_max", "y_prob", "o_prob")]
+    cached = [store.read_rows(int(i), int(i) + 1, fields) for i in indices]
+    column = lambda name, key: np.concatenate([c[f"teachers/{name}/{key}"] for c in cached])  # noqa: E731
     y, o = [], []
     for name in store.teachers:
-        fields = [f"teachers/{name}/{key}" for key in ("cam", "cam_max", "y_prob", "o_prob")]
-        cached = [store.read_rows(int(i), int(i) + 1, fields) for i in indices]
-        cams = torch.cat([dequantize_cam(c[fields[0]], c[fields[1]]) for c in cached])
-        y.append(torch.from_numpy(np.concatenate([c[fields[2]] for c in cached])))
-        o.append(torch.from_numpy(np.concatenate([c[fields[3]] for c in cached])))
+        cams = dequantize_cam(column(name, "cam"), column(name, "cam_max"))
+        y.append(torch.from_numpy(column(name, "y_prob")))
+        o.append(torch.from_numpy(column(name, "o_prob")))
         for row, cam, drop in zip(rows, upsample_minmax(cams, size), confidence_drop(y[-1], o[-1])):
             row["maps"][name], row["drops"][name] = cam.numpy(), float(drop)
     chosen = best_explainer(torch.stack(y, 1), torch.stack(o, 1)).tolist() if y else [None] * len(rows)
@@ -145,11 +147,7 @@ def explanation_rows(store: TeacherStore, test: SampleSet, runs: dict[str, Path]
 def plot_explanations(rows: list[dict], path: Path) -> None:
     """One row per image: the image, then every teacher's and student's Grad-CAM over it, titled
     with its confidence drop; the chosen teacher's title is marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     columns = list(rows[0]["maps"])
     fig, axes = plt.subplots(len(rows), len(columns) + 1, figsize=(1.9 * (len(columns) + 1), 2.0 * len(rows)),
                              squeeze=False)
@@ -173,6 +171,7 @@ def plot_explanations(rows: list[dict], path: Path) -> None:
 def run(cfg: ReportConfig) -> pd.DataFrame:
     shown = {run: Path(cfg.students_dir) / run / "checkpoint.pt" for run in cfg.explain_runs}
     missing = [run for run, path in shown.items() if not path.is_file()]
+    test = get_test_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     if cfg.store:  # fail on a wrong store or run name before every run's test split is read
         if missing:
             raise PipelineError(f"--explain-runs {', '.join(missing)}: no such run under {cfg.students_dir}; "
@@ -180,9 +179,8 @@ def run(cfg: ReportConfig) -> pd.DataFrame:
         if cfg.explain_images < 1:
             raise PipelineError(f"--explain-images must be at least 1; got {cfg.explain_images}")
         store = TeacherStore.open(cfg.store)
-        test = get_test_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
         store.check_made_from({"dataset": test.identity()})
-    runs = run_table(cfg)
+    runs = run_table(cfg, test)
     summary = summarise(runs, cfg.baseline)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
