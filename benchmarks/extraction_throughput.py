@@ -67,7 +67,7 @@ def main() -> None:
             extract(cfg)
             seconds = time.perf_counter() - start
             teacher_dir = store / "teachers" / "resnet18"
-            logit_bytes = sum(bytes_under(teacher_dir / f) for f in ("logits", "logit_classes", "logsumexp")
+            logit_bytes = sum(bytes_under(teacher_dir / f) for f in ("logits", "logit_classes", "tail_logsumexp")
                               if (teacher_dir / f).exists())
             rows.append({"logits": mode, "images": args.images, "seconds": round(seconds, 1),
                          "images/s": round(args.images / seconds, 1),

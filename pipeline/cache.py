@@ -8,7 +8,9 @@ its data is written (a killed run resumes with the unmarked blocks).
 import fcntl
 import hashlib
 import json
+import math
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +23,12 @@ from zarr.codecs import BloscCodec
 from pipeline import __version__
 from pipeline.errors import PipelineError
 
-FORMAT, VERSION = "teacher-cache", 2  # 2: `valid`, logits modes, attention maps
+FORMAT, VERSION = "teacher-cache", 3  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
-SCORE_FIELDS = ("cam", "cam_max", "y_prob", "o_prob", "attention", "attention_max")
-TOPK_FIELDS = ("logits", "logit_classes", "logsumexp")  # `--logits topk:K` stores these instead of all C logits
-TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform")  # what makes two teachers the same
+SCORE_FIELDS = ("cam", "cam_max", "cam_class", "y_prob", "o_prob", "attention", "attention_max")
+TOPK_FIELDS = ("logits", "logit_classes", "tail_logsumexp")  # `--logits topk:K` stores these instead of all C logits
+# what makes two teachers the same, the code that computed their values included
+TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform", "code_sha256")
 
 
 def compressor() -> BloscCodec:
@@ -96,8 +99,10 @@ class TeacherStore:
     def create(
         cls, path: str | Path, identity: dict, labels: np.ndarray, images: np.ndarray | None,
         target: str, block_size: int, logits: dict | None = None, chunks_per_block: int = 4,
+        replace: bool = False,
     ) -> "TeacherStore":
-        """Open the store at `path` if it was made from the same data, else create it.
+        """Open the store at `path` if it was made from the same data, else create it (with
+        `replace`, a store made from other data or settings is deleted and created anew).
 
         `format` is written first and `fingerprint` last, so a creation that was killed half
         way is recognisable as ours and is simply redone; call inside `locked(path)`.
@@ -107,9 +112,15 @@ class TeacherStore:
         if (path / "zarr.json").exists():
             found = zarr.open_group(path, mode="r").attrs
             if not (found.get("format") == FORMAT and "fingerprint" not in found):
-                store = cls.open(path, mode="r+")
-                store.check_made_from(record)
-                return store
+                try:
+                    store = cls.open(path, mode="r+")
+                    store.check_made_from(record)
+                    return store
+                except PipelineError as error:
+                    if not replace:
+                        raise
+                    print(f"replacing {path}: {error}")
+                    shutil.rmtree(path)
         if block_size % chunks_per_block:
             raise PipelineError(f"block size {block_size} is not a multiple of {chunks_per_block} chunks per block")
         group = zarr.open_group(path, mode="w")
@@ -202,33 +213,37 @@ class TeacherStore:
         """Shape and dtype of each array of a teacher whose maps are `map_shape`."""
         n, classes = self.num_samples, self.attrs["dataset"]["num_classes"]
         mode = self.logits_mode
+        class_dtype = "int16" if classes <= 2**15 else "int32"
         logits = {"logits": ((n, classes), "float16")} if mode["mode"] == "full" else {
             "logits": ((n, mode["k"]), "float16"),
-            "logit_classes": ((n, mode["k"]), "int16" if classes <= 2**15 else "int32"),
-            "logsumexp": ((n,), "float32"),
+            "logit_classes": ((n, mode["k"]), class_dtype),
+            "tail_logsumexp": ((n,), "float32"),
         }
-        return logits | {"cam": ((n, *map_shape), "uint8"), "cam_max": ((n,), "float32"),
+        return logits | {"cam": ((n, *map_shape), "uint8"), "cam_max": ((n,), "float32"), "cam_class": ((n,), class_dtype),
                          "y_prob": ((n,), "float32"), "o_prob": ((n,), "float32"),
                          "attention": ((n, *map_shape), "uint8"), "attention_max": ((n,), "float32")}
 
     # -- writing -------------------------------------------------------------------------
 
-    def add_teacher(self, name: str, identity: dict) -> None:
+    def add_teacher(self, name: str, identity: dict, replace: bool = False) -> None:
         """Create the teacher's arrays (`identity["map_shape"]` sized), or check that the existing
-        ones came from the same teacher."""
+        ones came from the same teacher (with `replace`, another teacher's arrays are dropped)."""
         map_shape = identity["map_shape"]
         identity = {**identity, "fingerprint": fingerprint({k: identity[k] for k in TEACHER_IDENTITY})}
         if name in self.teachers and "fingerprint" not in self.teacher_attrs(name):
             self.drop_teacher(name)  # its registration was interrupted before any block was written
         if name in self.teachers:
             have = self.teacher_attrs(name)
-            if have.get("fingerprint") != identity["fingerprint"]:
-                changed = [k for k in identity if k != "fingerprint" and have.get(k) != identity[k]]
-                raise PipelineError(
-                    f"store {self.path} already holds a different teacher {name!r} (differs in: "
-                    f"{', '.join(changed)}); drop it from the store or write a new --store"
-                )
-            return
+            if have.get("fingerprint") == identity["fingerprint"]:
+                return
+            changed = [k for k in TEACHER_IDENTITY if have.get(k) != identity[k]]
+            message = (f"store {self.path} already holds a different teacher {name!r} (differs in: "
+                       f"{', '.join(changed)})")
+            if not replace:
+                raise PipelineError(f"{message}; drop it from the store, write a new --store, or pass "
+                                    "--on-change replace to recompute it")
+            print(f"{message}: recomputing it")
+            self.drop_teacher(name)
         group = self.group["teachers"].create_group(name)
         chunk, block = self.attrs["chunk_rows"], self.block_size
         for field, (shape, dtype) in self.teacher_shapes(map_shape).items():
@@ -291,31 +306,30 @@ class TeacherStore:
 def full_logits(rows: dict, name: str, num_classes: int) -> torch.Tensor:
     """(B, C) float32 logits of teacher `name` from store rows of either logits mode.
 
-    Top-k rows are restored to a full vector: the K stored logits, and every other class
-    at the logit that gives it an equal share of the probability mass the top K leave
-    (exact at T = 1 for the top K and for the total of the rest).
+    Top-k rows are restored to a full vector: the K stored (float16) logits, and every other
+    class at the logit that gives it an equal share of the tail, whose log-mass
+    `tail_logsumexp` (the log-sum-exp of the C - K other logits) was computed at extraction
+    from the float32 logits. The softmax of the result is exact at T = 1 for the top K and
+    for the total of the rest, up to the float16 rounding of the K values, for any row:
+    nothing is computed as 1 minus a sum, which cancels on confident rows.
     """
     values = torch.as_tensor(rows[f"teachers/{name}/logits"]).float()
     if f"teachers/{name}/logit_classes" not in rows:
         return values
     classes = torch.as_tensor(rows[f"teachers/{name}/logit_classes"]).long()
-    lse = torch.as_tensor(rows[f"teachers/{name}/logsumexp"]).float()
-    rest = (1 - torch.exp(values - lse[:, None]).sum(1)).clamp_min(1e-12)
-    fill = lse + torch.log(rest / (num_classes - values.shape[1]))
+    tail = torch.as_tensor(rows[f"teachers/{name}/tail_logsumexp"]).float()
+    fill = tail - math.log(num_classes - values.shape[1])
     return fill[:, None].repeat(1, num_classes).scatter(1, classes, values)
+
+
+def topk_logit_fields(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+    """float32 logits (B, C) -> the top-k store arrays: the K largest (float16), their classes, and
+    the log-sum-exp of the other C - K logits (float32), the tail's log-mass that `full_logits` uses."""
+    values, classes = logits.topk(k, dim=1)
+    tail = logits.float().scatter(1, classes, float("-inf"))
+    return {"logits": values.half().numpy(), "logit_classes": classes.numpy(),
+            "tail_logsumexp": torch.logsumexp(tail, dim=1).numpy()}
 
 
 def cached_predictions(rows: dict, name: str, num_classes: int) -> np.ndarray:
     return full_logits(rows, name, num_classes).argmax(1).numpy()
-
-
-def cached_top1(store: TeacherStore, name: str) -> float:
-    """Top-1 accuracy of a teacher's cached logits on the finished, readable rows of the cached split."""
-    correct = seen = 0
-    classes = store.attrs["dataset"]["num_classes"]
-    for block in store.finished_blocks([name]):
-        fields = ["labels", "valid", *(f"teachers/{name}/{f}" for f in store.logit_fields)]
-        rows = store.read_rows(*store.block_rows(block), fields)
-        hit = (cached_predictions(rows, name, classes) == rows["labels"])[rows["valid"]]
-        correct, seen = correct + int(hit.sum()), seen + len(hit)
-    return correct / max(seen, 1)

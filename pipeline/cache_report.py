@@ -10,8 +10,7 @@ import pandas as pd
 import torch
 
 from pipeline.cache import TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint
-from pipeline.distill import best_explainer
-from pipeline.explain import confidence_drop
+from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
 
 
 def bytes_on_disk(path: Path) -> int:
@@ -19,9 +18,10 @@ def bytes_on_disk(path: Path) -> int:
 
 
 def teacher_table(store: TeacherStore) -> pd.DataFrame:
-    """Per teacher: cached-split top-1, mean confidence drop, best-explainer share, map size, bytes, blocks."""
+    """Per teacher: cached-split top-1, mean confidence drop, best-explainer share (and the part of it
+    won on a tie of drops, decided by the larger Y), map size, bytes, blocks."""
     names = store.teachers
-    stats = {name: {"correct": 0, "drop": 0.0, "best": 0, "rows": 0} for name in names}
+    stats = {name: {"correct": 0, "drop": 0.0, "best": 0, "tie": 0} for name in names}
     shared_rows = 0
     classes = store.attrs["dataset"]["num_classes"]
     for block in store.finished_blocks(names) if names else []:
@@ -31,13 +31,14 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
         valid = rows["valid"]
         y = torch.from_numpy(np.stack([rows[f"teachers/{n}/y_prob"] for n in names], 1)[valid])
         o = torch.from_numpy(np.stack([rows[f"teachers/{n}/o_prob"] for n in names], 1)[valid])
-        best = best_explainer(y, o)
+        best, tie = best_explainer(y, o), decided_by_tie(y, o)
         drops = confidence_drop(y, o)
         for m, name in enumerate(names):
             s = stats[name]
             s["correct"] += int((cached_predictions(rows, name, classes) == rows["labels"])[valid].sum())
             s["drop"] += float(drops[:, m].sum())
             s["best"] += int((best == m).sum())
+            s["tie"] += int(((best == m) & tie).sum())
         shared_rows += int(valid.sum())
     table = []
     for name in names:
@@ -48,6 +49,7 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
             "top1": s["correct"] / shared_rows if shared_rows else float("nan"),
             "mean_drop": s["drop"] / shared_rows if shared_rows else float("nan"),
             "best_explainer": s["best"] / shared_rows if shared_rows else float("nan"),
+            "best_by_tie": s["tie"] / shared_rows if shared_rows else float("nan"),
             "map": "x".join(map(str, attrs.get("map_shape", []))),
             "bytes": bytes_on_disk(store.path / "teachers" / name),
             "blocks": f"{done}/{store.num_blocks}",
@@ -56,7 +58,7 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
 
 
 def logits_text(mode: dict) -> str:
-    return "all classes" if mode["mode"] == "full" else f"top {mode['k']} (with class indices and logsumexp)"
+    return "all classes" if mode["mode"] == "full" else f"top {mode['k']} (with class indices and the log-sum-exp of the rest)"
 
 
 def describe(store: TeacherStore) -> str:
@@ -77,8 +79,14 @@ def describe(store: TeacherStore) -> str:
     table = teacher_table(store)
     body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}") if len(table) else "(no teachers)"
     lines.append(body)
-    lines.append("top1, mean_drop and best_explainer are over the blocks that every teacher has finished.")
+    lines.append("top1, mean_drop and best_explainer are over the blocks that every teacher has finished; "
+                 "best_by_tie: the part of best_explainer where two or more teachers had the lowest drop "
+                 f"(the larger Y chose){tie_total(table)}.")
     return "\n".join(lines)
+
+
+def tie_total(table: pd.DataFrame) -> str:
+    return f"; ties decided {table.best_by_tie.sum():.2%} of the rows" if len(table) and table.best_by_tie.notna().all() else ""
 
 
 def verify(store: TeacherStore) -> list[str]:
@@ -106,11 +114,14 @@ def verify(store: TeacherStore) -> list[str]:
             problems.append(f"{name}: {len(pending)} of {store.num_blocks} blocks unfinished (first: {pending[0]})")
     if bad_shapes:
         return problems + bad_shapes  # values cannot be read block-wise from arrays of the wrong shape
+    labels = {}
     for name in store.teachers:
         for block in store.finished_blocks([name]):
+            if block not in labels:
+                labels[block] = store.read_rows(*store.block_rows(block), ["labels"])["labels"]
             fields = ["valid", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
             rows = store.read_rows(*store.block_rows(block), fields)
-            for field in ("logits", "logsumexp", "cam_max", "y_prob", "o_prob", "attention_max"):
+            for field in ("logits", "tail_logsumexp", "cam_max", "y_prob", "o_prob", "attention_max"):
                 if f"teachers/{name}/{field}" in rows:
                     values = rows[f"teachers/{name}/{field}"].astype(np.float64)
                     if not np.isfinite(values).all():
@@ -122,4 +133,10 @@ def verify(store: TeacherStore) -> list[str]:
             for field in ("cam_max", "attention_max"):
                 if (rows[f"teachers/{name}/{field}"] < 0).any():
                     problems.append(f"{name}/{field}: negative scale in block {block}")
+            explained = rows[f"teachers/{name}/cam_class"][valid]
+            if attrs["target"] == "label" and (explained != labels[block][valid]).any():
+                problems.append(f"{name}/cam_class: a map of a class other than the label in block {block}")
+            if ((explained < 0) | (explained >= attrs["dataset"]["num_classes"])).any():
+                problems.append(f"{name}/cam_class: a class outside 0..{attrs['dataset']['num_classes'] - 1} "
+                                f"in block {block}")
     return problems

@@ -17,8 +17,9 @@ from pipeline.errors import PipelineError
 
 
 def click_type(annotation):
-    """int / float stay themselves; everything else (str, str | None, list[str]) is text."""
-    return annotation if annotation in (int, float) else str
+    """int / float (also `float | None`) stay themselves; everything else (str, list[str]) is text."""
+    kinds = set(typing.get_args(annotation)) - {type(None)} or {annotation}
+    return kinds.pop() if len(kinds) == 1 and kinds <= {int, float} else str
 
 
 def config_options(cls):
@@ -111,9 +112,9 @@ def _train_student():
     """Train a student from a teacher store (no teacher is loaded).
 
     Methods: ce (labels only), kd (one teacher's logits), kd-avg (mean of the teachers'
-    softened outputs), explain-kd (per sample, the teacher with the lowest confidence drop:
-    KD on its logits plus beta times a map loss against its cached Grad-CAM).
-    Example: pipeline train-student --method explain-kd --beta 10 --epochs 15
+    softened outputs), at (attention transfer), explain-kd (per sample, the teacher with the
+    lowest confidence drop: its cached Grad-CAM is the target of a student map, plus KD).
+    Example: pipeline train-student --method explain-kd --epochs 15 (--recipe design: DESIGN.md as written)
     """
 
 

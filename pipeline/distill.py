@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.augment import Augmentation, Moves, apply, model_input
+from pipeline.augment import Augmentation, Moves, apply, centre_crop_maps, model_input
 from pipeline.cache import dequantize_cam, full_logits
 from pipeline.explain import CamLayer, attention_map, captured, grad_cam
+from pipeline.scoring import selection_weights
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -22,8 +23,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, h, w) -> (B, *size), bilinear."""
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    """(B, h, w) -> (B, *size): shrunk by area (each cell the mean of the cells it covers, so no
+    evidence is dropped), enlarged bilinearly."""
+    size = tuple(size)
+    if size == tuple(maps.shape[-2:]):
+        return maps.float()
+    shrink = size[0] <= maps.shape[-2] and size[1] <= maps.shape[-1]
+    return F.interpolate(maps[:, None].float(), size=size, mode="area" if shrink else "bilinear",
+                         **({} if shrink else {"align_corners": False}))[:, 0]
 
 
 def normalize_maps(maps: torch.Tensor, norm: str) -> torch.Tensor:
@@ -48,37 +55,12 @@ def map_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "
     return (diff.sum(1) if norm == "l2" else diff.mean(1)).mean()
 
 
-def confidence_change(y_prob: torch.Tensor, o_prob: torch.Tensor) -> torch.Tensor:
-    """(Y - O) / Y: the confidence drop before clamping at 0, so that among teachers with no
-    drop the one whose explanation raises confidence most ranks first."""
-    return (y_prob - o_prob) / y_prob.clamp_min(1e-12)
-
-
-def best_explainer(y_prob: torch.Tensor, o_prob: torch.Tensor) -> torch.Tensor:
-    """(B, M) confidences of M teachers -> (B,) index of the best-explaining teacher."""
-    return confidence_change(y_prob, o_prob).argmin(dim=1)
-
-
 def teacher_fields(method: str, teachers: list[str], logit_fields: tuple[str, ...] = ("logits",)) -> list[str]:
     """Store arrays a method reads, besides images and labels (`logit_fields`: the store's logits mode)."""
     per_teacher = {"ce": (), "kd": logit_fields, "kd-avg": logit_fields,
                    "at": (*logit_fields, "attention", "attention_max"),
-                   "explain-kd": (*logit_fields, "cam", "cam_max", "y_prob", "o_prob")}[method]
+                   "explain-kd": (*logit_fields, "cam", "cam_max", "cam_class", "y_prob", "o_prob")}[method]
     return [f"teachers/{name}/{field}" for name in teachers for field in per_teacher]
-
-
-def selection_weights(policy: str, change: torch.Tensor, correct: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, M) weights over teachers per sample from their confidence changes (Y - O) / Y.
-
-    per-sample: all weight on the lowest change; correct: the same among teachers whose
-    argmax is the label (all teachers where none is); weighted: softmax(-change / temperature).
-    """
-    if policy == "weighted":
-        return torch.softmax(-change / temperature, dim=1)
-    if policy == "correct":
-        allowed = correct | ~correct.any(dim=1, keepdim=True)
-        change = torch.where(allowed, change, torch.full_like(change, float("inf")))
-    return F.one_hot(change.argmin(dim=1), change.shape[1]).float()
 
 
 class DistillationLoss:
@@ -88,6 +70,10 @@ class DistillationLoss:
     teacher). With `augmentation`, images are moved at random; with `map_follows` the cached
     teacher maps move with them (logits do not depend on position). Maps are compared on a
     `map_size` x `map_size` grid (0: the student's map size) after `map_norm` (config.MAP_NORMS).
+    `target` is the store's: with `predicted` the student's Grad-CAM explains the class the
+    chosen teacher's map explains. `random_choice` (N,) holds the teacher of every store row for
+    the `random` policy; `view_fractions` the part of each teacher's view the student sees (1: the
+    same crop), so that teacher maps are cut to the student's view (see augment.centre_crop_maps).
     """
 
     def __init__(self, method: str, teachers: list[str], student_layer: CamLayer | None, mean, std,
@@ -95,7 +81,8 @@ class DistillationLoss:
                  policy: str = "per-sample", policy_temperature: float = 0.1, detach_head: bool = False,
                  beta_warmup: int = 0, augmentation: Augmentation | None = None, map_follows: bool = True,
                  student_map: str = "gradcam", kd_teacher: str | None = None, map_norm: str = "l2",
-                 map_size: int = 0):
+                 map_size: int = 0, target: str = "label", random_choice: torch.Tensor | None = None,
+                 view_fractions: dict[str, float] | None = None):
         self.method, self.teachers, self.layer = method, teachers, student_layer
         self.num_classes = num_classes
         self.mean, self.std = mean, std
@@ -104,6 +91,8 @@ class DistillationLoss:
         self.beta_warmup, self.augmentation, self.map_follows = beta_warmup, augmentation, map_follows
         self.student_map, self.kd_teacher = student_map, kd_teacher
         self.map_norm, self.map_size = map_norm, map_size
+        self.target, self.random_choice = target, random_choice
+        self.view_fractions = view_fractions or {}
         self.epoch = 0
 
     def beta_now(self) -> float:
@@ -112,45 +101,55 @@ class DistillationLoss:
 
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         x, labels, moves = model_input(batch, self.augmentation, self.mean, self.std)
-        beta = self.beta_now()
-        use_cam = self.method == "explain-kd" and beta > 0
-        if use_cam and self.student_map == "gradcam":
-            logits, student_cam, _ = grad_cam(model, x, labels, self.layer, create_graph=True,
-                                              detach_head=self.detach_head)
-        else:
-            logits, activation = self.forward(model, x, need_activation=use_cam or self.method == "at")
-        losses = {"ce": F.cross_entropy(logits, labels)}
-        total = losses["ce"]
         if self.method == "ce":
-            return losses | {"loss": total}
+            losses = {"ce": F.cross_entropy(model(x), labels)}
+            return losses | {"loss": losses["ce"]}
         field = lambda name, key: batch[f"teachers/{name}/{key}"]  # noqa: E731
         teacher_logits = [full_logits(batch, t, self.num_classes) for t in self.teachers]
         soft = torch.stack([F.softmax(z / self.temperature, dim=1) for z in teacher_logits], dim=1)  # (B, M, C)
+        losses = {}
         if self.method == "explain-kd":
-            change = confidence_change(torch.stack([field(t, "y_prob") for t in self.teachers], 1),
-                                       torch.stack([field(t, "o_prob") for t in self.teachers], 1))
-            correct = torch.stack([z.argmax(1) == labels for z in teacher_logits], 1)
-            weights = selection_weights(self.policy, change, correct, self.policy_temperature)
+            choice = None if self.random_choice is None else self.random_choice[batch["index"].cpu()].to(x.device)
+            weights = selection_weights(
+                self.policy, torch.stack([field(t, "y_prob") for t in self.teachers], 1),
+                torch.stack([field(t, "o_prob") for t in self.teachers], 1),
+                torch.stack([z.argmax(1) == labels for z in teacher_logits], 1), self.policy_temperature, choice)
             for m, name in enumerate(self.teachers):
                 losses[f"chosen/{name}"] = weights[:, m].mean()
         else:  # kd and at: the one teacher; kd-avg: all alike
             weights = torch.full(soft.shape[:2], 1.0 / soft.shape[1], device=soft.device)
+        beta = self.beta_now()
+        use_cam = self.method == "explain-kd" and beta > 0
+        if use_cam and self.student_map == "gradcam":
+            logits, student_map, _ = grad_cam(model, x, self.explained_class(batch, labels, weights), self.layer,
+                                              create_graph=True, detach_head=self.detach_head)
+        else:
+            logits, activation = self.forward(model, x, need_activation=use_cam or self.method == "at")
+            student_map = attention_map(activation) if activation is not None else None
+        losses["ce"] = F.cross_entropy(logits, labels)
         kd_weights = weights if self.kd_teacher is None else F.one_hot(
             torch.full(weights.shape[:1], self.teachers.index(self.kd_teacher), device=weights.device),
             len(self.teachers)).float()  # logits from one teacher, maps chosen per sample
         losses["kd"] = kd_loss(logits, (kd_weights[..., None] * soft).sum(1), self.temperature)
-        total = total + self.alpha * losses["kd"]
+        total = losses["ce"] + self.alpha * losses["kd"]
         if use_cam or self.method == "at":
             key = "cam" if use_cam else "attention"
-            student_map = student_cam if use_cam and self.student_map == "gradcam" else attention_map(activation)
             size = (self.map_size, self.map_size) if self.map_size else tuple(student_map.shape[-2:])
-            maps = torch.stack([self.teacher_map(dequantize_cam(field(t, key), field(t, f"{key}_max")),
+            maps = torch.stack([self.teacher_map(t, dequantize_cam(field(t, key), field(t, f"{key}_max")),
                                                  x.shape[-2:], size, moves)
                                 for t in self.teachers], dim=1)  # (B, M, h, w), each normalised
-            student_map = student_map if student_map.shape[-2:] == size else resize_maps(student_map, size)
-            losses["map"] = map_loss(student_map, (weights[..., None, None] * maps).sum(1), self.map_norm)
+            losses["map"] = map_loss(resize_maps(student_map, size), (weights[..., None, None] * maps).sum(1),
+                                     self.map_norm)
             total = total + beta * losses["map"]
         return losses | {"loss": total}
+
+    def explained_class(self, batch: dict, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The class the student's Grad-CAM explains: the label, or on a `predicted` store the class
+        the map of the most-weighted teacher explains (the store's `cam_class`)."""
+        if self.target == "label":
+            return labels
+        classes = torch.stack([batch[f"teachers/{t}/cam_class"] for t in self.teachers], 1).long()
+        return classes.gather(1, weights.argmax(1, keepdim=True))[:, 0]
 
     def forward(self, model: nn.Module, x: torch.Tensor, need_activation: bool) -> tuple:
         """(logits, the CAM layer's activation when an attention map needs it)."""
@@ -160,9 +159,12 @@ class DistillationLoss:
             logits = model(x)
         return logits, box["activation"]
 
-    def teacher_map(self, maps: torch.Tensor, image_size, map_size, moves: Moves | None) -> torch.Tensor:
-        """Cached (B, h, w) maps -> `map_size`, moved like their images, normalised (so that mixing
-        teachers weighs their maps alike)."""
+    def teacher_map(self, name: str, maps: torch.Tensor, image_size, map_size, moves: Moves | None) -> torch.Tensor:
+        """Cached (B, h, w) maps of teacher `name` -> cut to the student's view, `map_size`, moved like
+        their images, normalised (so that mixing teachers weighs their maps alike)."""
+        fraction = self.view_fractions.get(name, 1.0)
+        if fraction != 1.0:
+            maps = centre_crop_maps(maps, fraction)
         if moves is not None and self.map_follows:
             maps = apply(resize_maps(maps, tuple(image_size))[:, None], moves)[:, 0]
         return normalize_maps(resize_maps(maps, tuple(map_size)).flatten(1), self.map_norm).view(len(maps), *map_size)

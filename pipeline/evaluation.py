@@ -5,7 +5,8 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data import SampleSet, normalize
-from pipeline.explain import CamLayer, confidence_drop, explain, probe_input
+from pipeline.explain import CamLayer, explain, probe_input
+from pipeline.scoring import confidence_drop
 
 
 @torch.inference_mode()

@@ -107,16 +107,19 @@ def module_path(model: nn.Module, path: str) -> nn.Module:
 def captured(model: nn.Module, layer: str, detach: bool = False) -> Iterator[dict]:
     """Record the output of `layer` during forward passes inside the block.
 
-    With `detach`, the recorded output is made a leaf that requires grad and feeds the
-    layers after it, so a backward pass only runs through those layers.
+    The record is the tensor the rest of the network goes on with: an in-place operation after
+    the layer (DenseNet's ReLU before its pooling head) changes it, so the map is taken of the
+    rectified features the classifier pools, and gradients are taken with respect to them.
+    With `detach`, the recorded output feeds the layers after it from a new leaf, so a
+    backward pass only runs through those layers.
     """
     box: dict = {}
 
     def hook(_module, _inputs, output):
-        if detach:
-            output = output.detach().requires_grad_(True)
+        if detach:  # a copy of a leaf, so that in-place operations after the layer are allowed
+            output = output.detach().requires_grad_(True).clone()
         box["activation"] = output
-        return output.clone()  # in-place ops after the layer (DenseNet's ReLU) must not change it
+        return output
 
     handle = module_path(model, layer).register_forward_hook(hook)
     try:
@@ -189,11 +192,6 @@ def explanation_confidences(
     y = torch.softmax(logits.float(), 1).gather(1, target[:, None])[:, 0]
     o = torch.softmax(model(explanation).float(), 1).gather(1, target[:, None])[:, 0]
     return y, o
-
-
-def confidence_drop(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """max(0, Y - O) / Y per sample; lower means the map keeps more of the evidence."""
-    return torch.clamp(y - o, min=0) / y.clamp_min(1e-12)
 
 
 @dataclass

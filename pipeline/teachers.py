@@ -2,12 +2,17 @@
 
     checkpoint:<path> (or a bare path)   a checkpoint of a registered architecture
     torchvision:<arch>:<weights>         torchvision pretrained weights, e.g. resnet50:IMAGENET1K_V2
+    torchvision:<arch>:<file>            a state_dict file of that architecture, trained anywhere
     timm:<name>                          timm pretrained weights (needs the optional timm package)
+    timm:<name>:<file>                   a state_dict file of that timm model
 
 Pretrained weights are read from the torch hub cache (TORCH_HOME), downloaded there only
-when missing; a teacher carries the eval transform its weights were trained with.
+when missing; a teacher carries the eval transform its weights were trained with. A
+state_dict file or a checkpoint without a transform is fed as the data set's own eval
+transform feeds images (its mean, std and resize/crop).
 """
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -23,6 +28,22 @@ from pipeline.explain import CamLayer, captured, probe_input
 from pipeline.models.checkpoint import load_checkpoint, weights_sha256
 
 SOURCES = ("checkpoint", "torchvision", "timm")
+EXTRACTION_CODE = ("explain.py", "teachers.py", "cache.py", "devices.py", "data", "models")  # under pipeline/
+
+
+def extraction_code_sha256() -> str:
+    """A hash of the source of everything that computes a teacher's cached values (and stage one
+    itself), so that a store never mixes blocks computed by different code."""
+    import pipeline
+    import stages.extract_teachers
+
+    root = Path(pipeline.__file__).parent
+    files = sorted(f for name in EXTRACTION_CODE for f in ([root / name] if name.endswith(".py")
+                                                           else (root / name).rglob("*.py")))
+    digest = hashlib.sha256()
+    for path in [*files, Path(stages.extract_teachers.__file__)]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -42,8 +63,8 @@ class Loaded(NamedTuple):
     model: nn.Module
     name: str
     arch: str  # a model registry name, or timm:<name>
-    transform: Transform
-    held_out_top1: float | None
+    transform: Transform | None  # None: the data set's eval transform
+    held_out_top1: float | None  # measured on a validation split that is not the test split, else None
 
 
 @dataclass
@@ -74,18 +95,19 @@ def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | N
     """Build the teacher of `spec` for data set `info`, find its Grad-CAM layer and map size."""
     source, _, rest = spec.partition(":")
     if source == "torchvision":
-        loaded = torchvision_teacher(rest)
+        loaded = torchvision_teacher(rest, info.num_classes)
     elif source == "timm":
-        loaded = timm_teacher(rest)
+        loaded = timm_teacher(rest, info.num_classes)
     elif source == "checkpoint" or not rest or Path(spec).suffix:
         loaded = checkpoint_teacher(spec.removeprefix("checkpoint:"))
     else:
         raise PipelineError(f"unknown teacher source {source!r} in {spec!r}; choose one of: "
                             f"{', '.join(SOURCES)} (or a checkpoint path)")
     model, name = loaded.model.eval(), loaded.name
+    given = loaded.transform or Transform(info.mean, info.std, info.geometry)
     # image-file data sets decode at each teacher's own resize/crop; in-memory ones have one size
-    geometry = (loaded.transform.geometry or info.geometry) if info.geometry else None
-    transform = Transform(loaded.transform.mean, loaded.transform.std, geometry)
+    geometry = (given.geometry or info.geometry) if info.geometry else None
+    transform = Transform(given.mean, given.std, geometry)
     shape = (geometry.crop, geometry.crop, info.image_shape[2]) if geometry else info.image_shape
     probe = probe_input(shape)
     layer = CamLayer.of(model, probe, (target_layers or {}).get(name))
@@ -98,17 +120,54 @@ def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | N
         "arch": loaded.arch, "source": spec, "weights_sha256": weights_sha256(model),
         "target_layer": layer.target_layer, "cam_path": layer.path, "transform": transform.as_dict(),
         "heldout_top1": loaded.held_out_top1, "map_shape": list(box["activation"].shape[-2:]),
+        "code_sha256": extraction_code_sha256(),
     }
     return Teacher(name, model, layer, transform, identity)
 
 
 def checkpoint_teacher(path: str) -> Loaded:
     model, record = load_checkpoint(path)
-    t = record["transform"]
-    geometry = Geometry(t["resize"], t["crop"], t.get("interpolation", "bilinear")) if "crop" in t else None
-    metrics = record.get("metrics", {})  # held out: validation accuracy where the data set has a val split
-    return Loaded(model, record["name"], record["arch"], Transform(tuple(t["mean"]), tuple(t["std"]), geometry),
-                  metrics.get("val_top1", metrics.get("top1")))
+    t = record.get("transform")
+    geometry = Geometry(t["resize"], t["crop"], t.get("interpolation", "bilinear")) if t and "crop" in t else None
+    transform = Transform(tuple(t["mean"]), tuple(t["std"]), geometry) if t else None
+    # held out: validation accuracy only (`top1` is on the test split, never used to choose)
+    held_out = record.get("metrics", {}).get("val_top1")
+    return Loaded(model, record.get("name", record["arch"].split(":")[-1]), record["arch"], transform, held_out)
+
+
+def is_weights_file(weights: str) -> bool:
+    """`torchvision:<arch>:<weights>`: a file path rather than the name of published weights."""
+    return "/" in weights or Path(weights).suffix.lower() in (".pt", ".pth", ".bin", ".ckpt") or Path(weights).is_file()
+
+
+def load_state_dict_file(model: nn.Module, path: str, spec: str) -> nn.Module:
+    """Load a plain state_dict (also wrapped as {"state_dict": ...} or {"model": ...}, or saved
+    from DataParallel with "module." prefixes) into `model`; one-line errors on any mismatch."""
+    if not Path(path).is_file():
+        raise PipelineError(f"weights file {path} of teacher {spec} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise PipelineError(f"weights file {path} cannot be read ({type(error).__name__}); "
+                            "save the model's state_dict with torch.save") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"weights file {path} holds no state_dict (a dict of tensors); "
+                            "save it with torch.save(model.state_dict(), path)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        first = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                 f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
+        raise PipelineError(f"weights file {path} does not fit {spec} ({len(missing)} missing, {len(unexpected)} "
+                            f"unexpected, {len(wrong)} mis-shaped keys; first: {first}); check the architecture "
+                            "name and that the model predicts the data set's classes")
+    model.load_state_dict(state)
+    return model
 
 
 def torchvision_weights(arch: str, weights_name: str):
@@ -134,10 +193,15 @@ def torchvision_weights(arch: str, weights_name: str):
     return weights, Transform(tuple(preset.mean), tuple(preset.std), geometry)
 
 
-def torchvision_teacher(rest: str) -> Loaded:
+def torchvision_teacher(rest: str, num_classes: int) -> Loaded:
     import torchvision
 
+    from pipeline.models import create_torchvision
+
     arch, _, weights_name = rest.partition(":")
+    if weights_name and is_weights_file(weights_name):
+        model = load_state_dict_file(create_torchvision(arch, 3, num_classes), weights_name, f"torchvision:{rest}")
+        return Loaded(model, arch, f"torchvision:{arch}", None, None)
     weights, transform = torchvision_weights(arch, weights_name)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
@@ -149,18 +213,25 @@ def torchvision_teacher(rest: str) -> Loaded:
         ) from None
     model = torchvision.models.get_model(arch, weights=None, num_classes=len(weights.meta["categories"]))
     model.load_state_dict(state)
-    metrics = next(iter(weights.meta.get("_metrics", {}).values()), {})
-    held_out = metrics["acc@1"] / 100 if "acc@1" in metrics else None
-    return Loaded(model, arch, f"torchvision:{arch}", transform, held_out)
+    # no held-out accuracy: the published one is ImageNet val's, this project's test split
+    return Loaded(model, arch, f"torchvision:{arch}", transform, None)
 
 
-def timm_teacher(name: str) -> Loaded:
+def timm_teacher(rest: str, num_classes: int) -> Loaded:
+    name, _, weights_file = rest.partition(":")
     try:
         import timm
         import timm.data
     except ImportError:
-        raise PipelineError(f"teacher timm:{name} needs the timm package: pip install timm "
+        raise PipelineError(f"teacher timm:{rest} needs the timm package: pip install timm "
                             "(or pip install -e '.[timm]')") from None
+    if weights_file:
+        if name not in timm.list_models():
+            raise PipelineError(f"timm has no model {name!r}; similar: "
+                                f"{', '.join(timm.list_models(f'*{name}*')[:20]) or 'none'}")
+        model = load_state_dict_file(timm.create_model(name, pretrained=False, num_classes=num_classes),
+                                     weights_file, f"timm:{rest}")
+        return Loaded(model, name, f"timm:{name}", timm_transform(model), None)
     if not timm.list_models(name, pretrained=True):
         close = timm.list_models(f"*{name.split('.')[0]}*", pretrained=True)[:20]
         raise PipelineError(f"timm has no pretrained model {name!r}; similar: {', '.join(close) or 'none'}")
@@ -169,7 +240,14 @@ def timm_teacher(name: str) -> Loaded:
     except Exception as error:
         raise PipelineError(f"timm could not load pretrained {name} ({type(error).__name__}: {error}); "
                             "put its weights in the Hugging Face cache (HF_HOME) or run once with internet") from None
+    return Loaded(model, name, f"timm:{name}", timm_transform(model), None)
+
+
+def timm_transform(model: nn.Module) -> Transform:
+    """The eval transform timm resolves for `model` (mean, std, resize = crop / crop_pct, crop)."""
+    import timm.data
+
     config = timm.data.resolve_data_config({}, model=model)
     crop = int(config["input_size"][-1])
     geometry = Geometry(int(math.floor(crop / config["crop_pct"])), crop, config["interpolation"])
-    return Loaded(model, name, f"timm:{name}", Transform(tuple(config["mean"]), tuple(config["std"]), geometry), None)
+    return Transform(tuple(config["mean"]), tuple(config["std"]), geometry)

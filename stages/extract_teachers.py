@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.cache import TeacherStore, quantize_cam
+from pipeline.cache import TeacherStore, quantize_cam, topk_logit_fields
 from pipeline.config import ExtractConfig
 from pipeline.data import Dataset, Geometry, UnreadableImage, get_dataset, normalize
 from pipeline.devices import autocast, prepare_model, resolve_device, to_device
@@ -63,13 +63,17 @@ def run(cfg: ExtractConfig) -> TeacherStore:
         raise PipelineError(f"--logits topk:{logits['k']} keeps every one of the {info.num_classes} classes; "
                             "use --logits full or a smaller K")
     device = resolve_device(cfg.device)
+    replace = cfg.on_change == "replace"
     with TeacherStore.locked(cfg.store):  # parallel extractors of one store create it once
         store = TeacherStore.create(
             cfg.store, dataset.identity(), dataset.labels, getattr(dataset, "images", None), target=cfg.target,
-            block_size=cfg.block_size, logits=logits,
+            block_size=cfg.block_size, logits=logits, replace=replace,
         )
+        for name in set(store.teachers) - set(names) if replace else ():
+            print(f"dropping teacher {name} from {store.path}: not among --teachers (--on-change replace)")
+            store.drop_teacher(name)
         for t in teachers:
-            store.add_teacher(t.name, t.identity)
+            store.add_teacher(t.name, t.identity, replace=replace)
     part, parts = cfg.block_part()
     pending = {t.name: {b for b in store.pending_blocks(t.name) if b % parts == part} for t in teachers}
     blocks = sorted(set().union(*pending.values()))
@@ -131,6 +135,7 @@ def explain_batch(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, 
     cam_u8, cam_max = quantize_cam(result.cam.float())
     attention_u8, attention_max = quantize_cam(result.attention)
     return {"logits": result.logits.float().cpu().numpy(), "cam": cam_u8, "cam_max": cam_max,
+            "cam_class": result.target.cpu().numpy(),
             "y_prob": result.y_prob.float().cpu().numpy(), "o_prob": result.o_prob.float().cpu().numpy(),
             "attention": attention_u8, "attention_max": attention_max}
 
@@ -140,6 +145,4 @@ def as_logit_fields(logits: np.ndarray, mode: dict) -> dict[str, np.ndarray]:
     logits = torch.from_numpy(logits)
     if mode["mode"] == "full":
         return {"logits": logits.half().numpy()}
-    values, classes = logits.topk(mode["k"], dim=1)
-    return {"logits": values.half().numpy(), "logit_classes": classes.numpy(),
-            "logsumexp": torch.logsumexp(logits, dim=1).numpy()}
+    return topk_logit_fields(logits, mode["k"])

@@ -17,11 +17,11 @@ from scipy import stats
 from pipeline.cache import TeacherStore, dequantize_cam
 from pipeline.config import ReportConfig
 from pipeline.data import SampleSet, get_test_split, normalize
-from pipeline.distill import best_explainer
 from pipeline.errors import PipelineError
 from pipeline.evaluation import top1
-from pipeline.explain import CamLayer, confidence_drop, explain, probe_input, upsample_minmax
+from pipeline.explain import CamLayer, explain, probe_input, upsample_minmax
 from pipeline.models.checkpoint import load_checkpoint
+from pipeline.scoring import best_explainer, confidence_drop
 
 RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 

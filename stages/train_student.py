@@ -7,11 +7,12 @@ streamed a whole block (shard) at a time.
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from pipeline.augment import Augmentation, check_flip
-from pipeline.cache import TeacherStore, cached_top1
+from pipeline.cache import TeacherStore
 from pipeline.cache_report import teacher_table
 from pipeline.config import TrainStudentConfig
 from pipeline.data import get_dataset, get_val_split
@@ -27,7 +28,7 @@ from pipeline.train import fit
 
 
 def choose_teachers(store: TeacherStore, method: str, teacher: str | None, policy: str = "per-sample") -> list[str]:
-    """The store teachers a method learns from: `kd` and `at` take the named or the most accurate
+    """The store teachers a method learns from: `kd` and `at` take the named or the best held-out
     one, explain-kd's `global` policy the one with the lowest mean confidence drop."""
     if method == "ce":
         return []
@@ -39,20 +40,55 @@ def choose_teachers(store: TeacherStore, method: str, teacher: str | None, polic
         return [drops.idxmin()]
     if method not in ("kd", "at"):
         return store.teachers
+    return [named_or_best_teacher(store, teacher, method)]
+
+
+def named_or_best_teacher(store: TeacherStore, teacher: str | None, method: str) -> str:
+    """`teacher` if given, else the teacher with the best held-out top-1: validation accuracy recorded
+    at extraction, never accuracy on a test split; without it for every teacher, the user names one."""
     if teacher is not None:
         store.teacher_group(teacher)  # fails listing the store's teachers
-        return [teacher]
-    return [best_teacher(store, method)]
-
-
-def best_teacher(store: TeacherStore, method: str = "explain-kd") -> str:
-    """The teacher with the best held-out top-1 (the cached split's top-1 where one lacks it)."""
+        return teacher
     held_out = {name: store.teacher_attrs(name).get("heldout_top1") for name in store.teachers}
-    if None in held_out.values():  # some teacher came without held-out metrics: rank on the cached split
-        held_out = {name: cached_top1(store, name) for name in store.teachers}
+    lacking = sorted(name for name, top1 in held_out.items() if top1 is None)
+    if lacking:
+        raise PipelineError(
+            f"{method} needs one teacher, and {', '.join(lacking)} of store {store.path} came without a held-out "
+            "(validation) accuracy to choose by (published ImageNet accuracies are on its val split, this "
+            f"project's test split); name one with --teacher, one of: {', '.join(store.teachers)}")
     best = max(sorted(held_out), key=held_out.get)
-    print(f"{method}: logits from {best} (top-1 {held_out[best]:.4f}, best of {len(held_out)} teachers)")
+    print(f"{method}: logits from {best} (validation top-1 {held_out[best]:.4f}, best of {len(held_out)} teachers)")
     return best
+
+
+def view_fractions(store: TeacherStore, teachers: list[str], info) -> dict[str, float]:
+    """Per teacher, the side of the student's view as a fraction of the teacher's (1 on in-memory data).
+
+    Both views are centre crops of one image (crop / resize of its shorter side), so the student
+    sees the centred `fraction` of what the teacher saw; a teacher that saw less cannot cover it.
+    """
+    if info.geometry is None:
+        return {}
+    student = info.geometry.crop / info.geometry.resize
+    fractions = {}
+    for name in teachers:
+        view = store.teacher_attrs(name)["transform"]
+        fraction = student / (view["crop"] / view["resize"])
+        if fraction > 1 + 1e-9:
+            raise PipelineError(
+                f"teacher {name} saw a tighter crop (crop {view['crop']} of resize {view['resize']}) than the student "
+                f"(crop {info.geometry.crop} of resize {info.geometry.resize}), so its maps do not cover the "
+                "student's view; extract that teacher with a crop fraction at least the student's")
+        if fraction < 1 - 1e-9:
+            fractions[name] = fraction
+            print(f"{name}: maps cut to the student's view, the centred {fraction:.4f} of the teacher's "
+                  f"(crop {view['crop']}/{view['resize']} vs {info.geometry.crop}/{info.geometry.resize})")
+    return fractions
+
+
+def random_teachers(store: TeacherStore, teachers: list[str], seed: int) -> torch.Tensor:
+    """The `random` policy's teacher of every store row: uniform, fixed by the seed alone."""
+    return torch.from_numpy(np.random.default_rng([seed, 0x5E1EC7]).integers(0, len(teachers), store.num_samples))
 
 
 def run(cfg: TrainStudentConfig) -> dict:
@@ -60,6 +96,10 @@ def run(cfg: TrainStudentConfig) -> dict:
     dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download)
     store.check_made_from({"dataset": dataset.identity()})
     teachers = choose_teachers(store, cfg.method, cfg.teacher, cfg.policy)
+    target = store.attrs["target"]
+    if target == "predicted" and cfg.method == "explain-kd" and cfg.policy == "weighted":
+        raise PipelineError(f"store {store.path} caches maps of each teacher's predicted class; --policy weighted "
+                            "would mix maps of different classes: choose per-sample, global, correct or random")
     blocks = store.finished_blocks(teachers)
     if len(blocks) < store.num_blocks:
         state = f"{len(blocks)}/{store.num_blocks} blocks finished for {', '.join(teachers)}"
@@ -74,7 +114,8 @@ def run(cfg: TrainStudentConfig) -> dict:
     check_flip(cfg.flip, info)
     fields = ["images", "labels", *teacher_fields(cfg.method, teachers, store.logit_fields)]
     stream = BlockStream(cfg.store, fields, blocks, cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks,
-                         dataset=None if "images" in store.group else dataset)  # large images come from files
+                         dataset=None if "images" in store.group else dataset,  # large images come from files
+                         workers=cfg.num_workers)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.num_workers,
         multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
@@ -88,15 +129,18 @@ def run(cfg: TrainStudentConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, info.image_shape[2], info.num_classes)
     layer = CamLayer.of(model.eval(), probe_input(info.image_shape))
+    kd_teacher = named_or_best_teacher(store, cfg.teacher, "--kd-source best") if cfg.kd_source == "best" else None
     loss_fn = DistillationLoss(cfg.method, teachers, layer, info.mean, info.std,
                                cfg.temperature, cfg.alpha, cfg.beta, info.num_classes, policy=cfg.policy,
                                policy_temperature=cfg.policy_temperature, detach_head=cfg.detach_head,
                                beta_warmup=cfg.beta_warmup, augmentation=Augmentation(cfg.shift, cfg.flip, cfg.seed),
-                               map_follows=cfg.map_follows, student_map=cfg.student_map,
-                               kd_teacher=best_teacher(store) if cfg.kd_source == "best" else None,
-                               map_norm=cfg.map_norm, map_size=cfg.map_size)
+                               map_follows=cfg.map_follows, student_map=cfg.student_map, kd_teacher=kd_teacher,
+                               map_norm=cfg.map_norm, map_size=cfg.map_size, target=target,
+                               random_choice=random_teachers(store, teachers, cfg.seed)
+                               if cfg.method == "explain-kd" and cfg.policy == "random" else None,
+                               view_fractions=view_fractions(store, teachers, info))
     run_name = cfg.run_name or cfg.method
-    history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.approx_num_batches(store),
+    history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.num_batches,
                   lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",
                   device=resolve_device(cfg.device))
     run_dir = Path(cfg.out_dir) / run_name

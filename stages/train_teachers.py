@@ -43,7 +43,7 @@ def run(cfg: TrainTeachersConfig) -> dict[str, dict]:
             return {"ce": loss, "loss": loss}
 
         steps = -(-len(train) // cfg.batch_size)
-        history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=steps,
+        history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=lambda epoch: steps,
                       lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"teacher {arch}")
         metrics = {**evaluate_model(model, test, cfg.target, batch_size=256, desc=arch),
                    **({"val_top1": top1(model, val)} if val else {}), "params": count_parameters(model)}

@@ -5,7 +5,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import TeacherStore, dequantize_cam, quantize_cam
+from pipeline.cache import TeacherStore, dequantize_cam, full_logits, quantize_cam, topk_logit_fields
 from pipeline.errors import PipelineError
 
 N, C, MAP = 10, 5, (3, 3)
@@ -18,13 +18,14 @@ def identity(num_samples=N, ids="abc"):
 
 TEACHER = {"arch": "resnet8", "source": "checkpoint:x.pt", "weights_sha256": "w1", "target_layer": "features",
            "cam_path": "closed-form", "transform": {"mean": [0.5], "std": [0.25]}, "heldout_top1": 0.9,
-           "map_shape": list(MAP)}
+           "map_shape": list(MAP), "code_sha256": "c1"}
 
 
 def block_arrays(rng, rows):
     return {"logits": rng.normal(size=(rows, C)).astype(np.float16),
             "cam": rng.integers(0, 256, size=(rows, *MAP), dtype=np.uint8),
             "cam_max": rng.random(rows).astype(np.float32),
+            "cam_class": rng.integers(0, C, size=rows).astype(np.int16),
             "y_prob": rng.random(rows).astype(np.float32),
             "o_prob": rng.random(rows).astype(np.float32),
             "attention": rng.integers(0, 256, size=(rows, *MAP), dtype=np.uint8),
@@ -51,11 +52,11 @@ def test_round_trip_and_plain_zarr(tmp_path):
     assert store.pending_blocks("t1") == []
 
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")  # plain zarr, no project code
-    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 2
+    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 3
     np.testing.assert_array_equal(group["labels"][:], np.arange(N) % C)
     assert group["images"].shape == (N, 4, 4, 1)
     assert group["teachers/t1/cam"].shards == (4, *MAP) and group["teachers/t1/cam"].chunks == (2, *MAP)
-    for field in ("logits", "cam", "cam_max", "y_prob", "o_prob", "attention", "attention_max"):
+    for field in ("logits", "cam", "cam_max", "cam_class", "y_prob", "o_prob", "attention", "attention_max"):
         expected = np.concatenate([written[b][field] for b in range(3)])
         np.testing.assert_array_equal(group[f"teachers/t1/{field}"][:], expected)
         assert group[f"teachers/t1/{field}"].dtype == expected.dtype
@@ -93,7 +94,7 @@ def test_unknown_format_or_version_is_refused(tmp_path):
     make_store(tmp_path / "s.zarr")
     group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
     group.attrs["version"] = 99
-    with pytest.raises(PipelineError, match="is not a teacher-cache v2 store \\(format='teacher-cache', version=99\\)"):
+    with pytest.raises(PipelineError, match="is not a teacher-cache v3 store \\(format='teacher-cache', version=99\\)"):
         TeacherStore.open(tmp_path / "s.zarr")
     with pytest.raises(PipelineError, match="no teacher store at"):
         TeacherStore.open(tmp_path / "missing.zarr")
@@ -116,3 +117,43 @@ def test_quantized_maps_keep_their_shape_and_empty_maps_stay_zero():
     assert torch.isfinite(restored).all()
     torch.testing.assert_close(restored[0], cam[0], atol=2.0 / 255, rtol=0)
     assert torch.equal(restored[1], torch.zeros(2, 2))
+
+
+def realistic_logits(rows: int = 64, classes: int = 1000, seed: int = 0) -> torch.Tensor:
+    """ImageNet-like teacher logits: every row a N(0, 1.5) tail; the first half confident (one class at
+    18-30, as a trained teacher on its own train split), the second half unsure (five classes at 4-7)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, classes, generator=g) * 1.5
+    half = rows // 2
+    top = torch.randint(0, classes, (rows, 5), generator=g)
+    logits[torch.arange(half), top[:half, 0]] = 18 + 12 * torch.rand(half, generator=g)
+    logits[torch.arange(half, rows)[:, None], top[half:]] = 4 + 3 * torch.rand(rows - half, 5, generator=g)
+    return logits
+
+
+def test_topk_logits_restore_the_distribution_within_a_bound():
+    logits = realistic_logits()
+    k, classes = 10, logits.shape[1]
+    rows = {f"teachers/t/{key}": value for key, value in topk_logit_fields(logits, k).items()}
+    restored = full_logits(rows, "t", classes)
+    # reference, in float64 and without the store: the true top-k probabilities and tail mass
+    true = torch.softmax(logits.double(), 1)
+    kept = torch.zeros_like(true, dtype=torch.bool).scatter(1, logits.topk(k, 1).indices, True)
+    got = torch.softmax(restored.double(), 1)
+    # the top K keep their probabilities up to float16 rounding of the logits (relative 2^-11 of values < 32)
+    torch.testing.assert_close(got[kept], true[kept], rtol=0.02, atol=1e-12)
+    tail_true, tail_got = true[~kept].view(len(true), -1).sum(1), got[~kept].view(len(true), -1).sum(1)
+    assert (tail_got / tail_true - 1).abs().max() < 0.02  # the tail's mass too, on confident rows (~1e-8)
+    assert tail_true[:32].max() < 1e-3  # the first half are confident rows indeed
+    kl = {}
+    for temperature in (1.0, 4.0):
+        p, q = torch.log_softmax(logits.double() / temperature, 1), torch.log_softmax(restored.double() / temperature, 1)
+        kl[temperature] = (p.exp() * (p - q)).sum(1)
+    # at T = 1 the only error the format must make: the tail's shape is lost, its mass spread evenly,
+    # which costs tail mass * KL(tail || uniform); confident rows have almost no tail
+    tail = true[~kept].view(len(true), -1) / tail_true[:, None]
+    floor = tail_true * (tail * (tail * tail.shape[1]).log()).sum(1)
+    assert (kl[1.0] - floor).max() < 1e-3
+    assert kl[1.0][:32].max() < 1e-3
+    assert kl[4.0].max() < 0.12  # was 1.8 nats when the tail mass was taken as 1 - sum of the top K
+    assert torch.equal(full_logits({"teachers/t/logits": logits}, "t", classes), logits)  # full mode: as stored

@@ -28,7 +28,7 @@ def test_help_explains_every_option(command):
 @pytest.mark.parametrize(("args", "message"), [
     (["train-teachers", "--dataset", "mnist"], "unknown data set 'mnist'; choose one of: cifar10, cifar100, cluttered-digits, digits, ilsvrc2012, imagefolder:<path>"),
     (["train-teachers", "--teachers", "resnet20,resnet999"], "unknown model 'resnet999'; choose one of: resnet20,"),
-    (["extract-teachers", "--split", "validation"], "has no split 'validation'; choose one of: train, test"),
+    (["extract-teachers", "--split", "validation"], "has no split 'validation'; choose one of: train, val, test"),
     (["extract-teachers", "--teachers", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
     (["extract-teachers", "--target", "best"], "unknown target 'best'; choose one of: label, predicted"),
     (["train-student", "--method", "magic"], "unknown method 'magic'; choose one of: ce, kd, kd-avg, at, explain-kd"),

@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import Augmentation, Moves, apply, check_flip, shift
+from pipeline.augment import Augmentation, Moves, apply, centre_crop_maps, check_flip, shift
 from pipeline.data import get_dataset, normalize
-from pipeline.distill import (
-    DistillationLoss, best_explainer, kd_loss, map_loss, resize_maps, selection_weights, teacher_fields,
-)
+from pipeline.distill import DistillationLoss, kd_loss, map_loss, resize_maps, teacher_fields
+from pipeline.scoring import best_explainer, decided_by_tie, selection_weights
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, attention_map, grad_cam, probe_input
 from pipeline.models import create_model
@@ -39,11 +38,13 @@ def test_map_loss_golden_value_and_empty_teacher_maps_are_skipped():
     assert map_loss(student, teacher, "mean").item() == pytest.approx((6 / 7) ** 2, rel=1e-6)
 
 
-def test_best_explainer_prefers_lowest_drop_and_breaks_ties_by_confidence_gain():
-    y = torch.tensor([[0.8, 0.5, 0.4], [0.9, 0.9, 0.9]])
-    o = torch.tensor([[0.2, 0.6, 0.4], [0.1, 0.95, 0.99]])
-    # row 0: drops 0.75, 0, 0 -> teacher 1 raises confidence most; row 1: teacher 2
-    assert best_explainer(y, o).tolist() == [1, 2]
+def test_best_explainer_prefers_lowest_drop_and_breaks_ties_by_confidence_not_by_being_unsure():
+    y = torch.tensor([[0.99, 0.02], [0.5, 0.9], [0.4, 0.5]])
+    o = torch.tensor([[0.99, 0.021], [0.3, 0.1], [0.5, 0.9]])
+    # row 0: both drops 0 (the 2 % teacher's explanation nudged it to 2.1 %): the confident teacher wins;
+    # row 1: drops 0.4 and 0.889 -> teacher 0; row 2: both raise confidence (drop 0) -> larger Y, teacher 1
+    assert best_explainer(y, o).tolist() == [0, 0, 1]
+    assert decided_by_tie(y, o).tolist() == [True, False, True]
 
 
 def test_teacher_fields_per_method():
@@ -113,12 +114,19 @@ def test_normalized_grayscale_batches_train_the_default_student():
 
 
 def test_selection_policies():
-    change = torch.tensor([[0.5, 0.1, 0.3], [0.2, 0.4, 0.0]])
-    correct = torch.tensor([[True, False, True], [False, False, False]])
-    assert selection_weights("per-sample", change, correct, 0.1).argmax(1).tolist() == [1, 2]
-    assert selection_weights("correct", change, correct, 0.1).argmax(1).tolist() == [2, 2]  # none correct: all
-    weighted = selection_weights("weighted", change, correct, 0.1)
-    torch.testing.assert_close(weighted[0], torch.softmax(torch.tensor([-5.0, -1.0, -3.0]), 0))
+    y = torch.tensor([[0.99, 0.02, 0.5], [0.5, 0.8, 0.6]])
+    o = torch.tensor([[0.99, 0.021, 0.25], [0.25, 0.8, 0.3]])  # drops: [0, 0, 0.5], [0.5, 0, 0.5]
+    correct = torch.tensor([[False, True, True], [False, False, False]])
+    assert selection_weights("per-sample", y, o, correct).argmax(1).tolist() == [0, 1]
+    # correct: row 0 among teachers 1 and 2 (drops 0 and 0.5) -> 1; row 1: none correct, all -> 1
+    assert selection_weights("correct", y, o, correct).argmax(1).tolist() == [1, 1]
+    weighted = selection_weights("weighted", y, o, correct, temperature=0.1)
+    row0 = torch.tensor([0.99, 0.02, 0.5 * math.exp(-5)])  # Y * exp(-drop / t)
+    row1 = torch.tensor([0.5 * math.exp(-5), 0.8, 0.6 * math.exp(-5)])
+    torch.testing.assert_close(weighted, torch.stack([row0 / row0.sum(), row1 / row1.sum()]))
+    assert weighted[0, 1] < 0.02  # the unsure teacher gets almost nothing (was 62 % with unclamped drops)
+    chosen = selection_weights("random", y, o, correct, random_choice=torch.tensor([2, 0]))
+    assert chosen.tolist() == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
 
 
 def test_shift_moves_images_and_fills_with_zeros():
@@ -168,12 +176,12 @@ def test_beta_warms_up_and_maps_follow_the_shift():
     maps = torch.zeros(1, 4, 4)
     maps[0, 1, 1] = 1.0  # one hot cell at 8x8 pixels of a 32 px image
     down_right = Moves(torch.tensor([[8, 8]]), torch.tensor([False]))
-    moved = loss_fn.teacher_map(maps, (32, 32), (4, 4), down_right)
+    moved = loss_fn.teacher_map("t1", maps, (32, 32), (4, 4), down_right)
     assert moved[0].argmax().item() == 2 * 4 + 2  # one cell down and right: 8 px = one 4x4 cell
-    mirrored = loss_fn.teacher_map(maps, (32, 32), (4, 4), Moves(torch.tensor([[0, 0]]), torch.tensor([True])))
+    mirrored = loss_fn.teacher_map("t1", maps, (32, 32), (4, 4), Moves(torch.tensor([[0, 0]]), torch.tensor([True])))
     assert mirrored[0].argmax().item() == 1 * 4 + 2  # column 1 of 4 -> column 2
     loss_fn.map_follows = False
-    assert loss_fn.teacher_map(maps, (32, 32), (4, 4), down_right)[0].argmax().item() == 1 * 4 + 1
+    assert loss_fn.teacher_map("t1", maps, (32, 32), (4, 4), down_right)[0].argmax().item() == 1 * 4 + 1
 
 
 def test_flips_mirror_only_the_drawn_samples_and_are_refused_for_digits(tmp_path):
@@ -215,3 +223,61 @@ def test_teacher_gradcam_can_guide_the_student_attention_and_logits_can_come_fro
                                atol=1e-6)
     soft_t1 = F.softmax(batch["teachers/t1/logits"].float() / 4.0, 1)  # every sample: t1's logits
     torch.testing.assert_close(losses["kd"], kd_loss(logits, soft_t1, 4.0), rtol=1e-4, atol=1e-6)
+
+
+def test_shrinking_a_map_averages_cells_and_drops_no_evidence():
+    blob = torch.zeros(1, 12, 12)
+    blob[0, 5:7, 5:7] = 1.0  # a centred 2x2 blob
+    expected = torch.zeros(1, 4, 4)
+    expected[0, 1:3, 1:3] = 1 / 9  # each 3x3 cell of the 4x4 grid holds one blob cell
+    torch.testing.assert_close(resize_maps(blob, (4, 4)), expected)
+    ramp = torch.arange(4.0).repeat(4, 1)[None]  # m[i, j] = j: enlarging keeps a ramp linear inside
+    torch.testing.assert_close(resize_maps(ramp, (8, 8))[0, 0, 1:7], torch.tensor([0.25, 0.75, 1.25, 1.75, 2.25, 2.75]))
+
+
+def test_a_predicted_store_explains_the_teachers_class_in_the_student_map():
+    batch, teachers = make_student_batch("explain-kd")
+    other = torch.tensor([5, 2])  # the classes the teachers' maps explain (their predictions), not the labels 3, 7
+    for name in teachers:
+        batch[f"teachers/{name}/cam_class"] = other
+    student = create_model("resnet8_slim", 1, 10).eval()
+    layer = CamLayer.of(student, PROBE)
+    loss = lambda target, b: DistillationLoss("explain-kd", teachers, layer, (0.3,), (0.32,), 4.0, 1.0, 1.0, 10,  # noqa: E731
+                                              target=target)(student, b)["map"]
+    relabelled = {**batch, "labels": other}  # the map term depends on the explained class only
+    torch.testing.assert_close(loss("predicted", batch), loss("label", relabelled))
+    assert not torch.allclose(loss("predicted", batch), loss("label", batch))
+
+
+def test_teacher_maps_are_cut_to_the_student_view():
+    ramp = torch.arange(8.0).repeat(8, 1)[None]  # value j at column j: linear, so averaging keeps it exact
+    cut = centre_crop_maps(ramp, 0.5)
+    # student column j covers the teacher's columns 2 + 0.5 j .. 2 + 0.5 (j + 1); its centre's value (pixel centres at +0.5)
+    expected = torch.tensor([2 + 0.5 * (j + 0.5) - 0.5 for j in range(8)])
+    torch.testing.assert_close(cut[0], expected.repeat(8, 1))
+    student = create_model("resnet8_slim", 1, 10)
+    loss_fn = DistillationLoss("explain-kd", ["t1"], CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 1.0, 10,
+                               view_fractions={"t1": 0.5})
+    got = loss_fn.teacher_map("t1", ramp, (32, 32), (8, 8), None)
+    torch.testing.assert_close(got[0], F.normalize(expected.repeat(8, 1).flatten(), dim=0).view(8, 8))
+
+
+class FakeStore:
+    def __init__(self, views):
+        self.views = views
+
+    def teacher_attrs(self, name):
+        return {"transform": self.views[name]}
+
+
+def test_view_fractions_follow_each_teachers_resize_and_crop():
+    from pipeline.data import DatasetInfo, Geometry
+    from stages.train_student import view_fractions
+
+    info = DatasetInfo("toy", 3, (224, 224, 3), (0.5,) * 3, (0.5,) * 3, ("train",), geometry=Geometry(256, 224))
+    store = FakeStore({"v2": {"resize": 232, "crop": 224}, "full": {"resize": 224, "crop": 224},
+                       "same": {"resize": 256, "crop": 224}, "tight": {"resize": 288, "crop": 224}})
+    assert view_fractions(store, ["v2", "full", "same"], info) == {"v2": 232 / 256, "full": 224 / 256}
+    with pytest.raises(PipelineError, match="teacher tight saw a tighter crop \\(crop 224 of resize 288\\)"):
+        view_fractions(store, ["tight"], info)
+    assert view_fractions(store, ["tight"], DatasetInfo("toy", 3, (32, 32, 3), (0.5,), (0.5,), ("train",))) == {}

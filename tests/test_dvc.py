@@ -2,10 +2,13 @@
 repro runs nothing, and a student parameter reruns only student stages; the same for the
 digits study's methods x seeds matrix, which reads the default pipeline's store."""
 
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -91,3 +94,53 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     study["train_student"]["lr"] = 0.1
     (tmp_path / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
     assert_ran(repro(tmp_path, "studies/digits/dvc.yaml"), study_stages[1:])  # students and report, no extraction
+
+
+def started_blocks(store: Path) -> int:
+    """Blocks every teacher of `store` has finished (0 while the store is being created)."""
+    import zarr
+
+    try:
+        teachers = zarr.open_group(store / "teachers", mode="r")
+        done = [group["progress"][...] for _, group in teachers.groups()]
+    except Exception:  # not created yet
+        return 0
+    return int(sum(d.all() for d in zip(*done))) if len(done) == 2 else 0
+
+
+@pytest.mark.slow
+def test_a_killed_dvc_repro_resumes_extraction_and_a_data_change_recomputes(tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git is needed for a DVC repository")
+    for name in tracked_files():
+        target = tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    params = shrink(tmp_path / "params.yaml", {**TINY, "extract_teachers": {**TINY["extract_teachers"],
+                                                                          "block_size": 32}})
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    assert repro(tmp_path, "train_teachers") == ["train_teachers"]
+    store = tmp_path / "data_cache/stores/digits-train.zarr"
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "extract_teachers"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while started_blocks(store) < 4 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # dvc and the extraction it started
+    process.wait()
+    done = started_blocks(store)
+    assert 4 <= done < 36, f"the kill should land mid-extraction; {done} of 36 blocks were finished"
+
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "extract_teachers"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    remaining = int(re.search(r"(\d+) of 36 blocks to extract", result.stdout)[1])
+    assert remaining <= 36 - done  # the finished blocks were kept
+    assert started_blocks(store) == 36
+
+    params["data"]["split_seed"] = 1  # other training samples: the store must be made anew
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "extract_teachers"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "replacing" in result.stdout and "36 of 36 blocks to extract" in result.stdout

@@ -9,6 +9,7 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.data import DATASETS
 
 TEACHERS = ("resnet8_slim", "vgg8_bn")  # one closed-form and one autograd Grad-CAM path, both fast
 
@@ -33,15 +34,15 @@ def run(tmp_path_factory):
 
 def test_store_opens_with_plain_zarr_and_holds_every_artefact(run):
     group = zarr.open_group(run / "store.zarr", mode="r")
-    assert group.attrs["dataset"]["name"] == "digits" and group.attrs["dataset"]["num_samples"] == 1437
+    assert group.attrs["dataset"]["name"] == "digits" and group.attrs["dataset"]["num_samples"] == 1149
     assert group.attrs["target"] == "label"
-    assert group["labels"].shape == (1437,) and group["images"].shape == (1437, 32, 32, 1)
+    assert group["labels"].shape == (1149,) and group["images"].shape == (1149, 32, 32, 1)
     assert sorted(group["teachers"].group_keys()) == sorted(TEACHERS)
     maps = {"resnet8_slim": (8, 8), "vgg8_bn": (4, 4)}
     for name in TEACHERS:
         teacher = group[f"teachers/{name}"]
-        assert teacher["logits"].shape == (1437, 10) and teacher["logits"].dtype == np.float16
-        assert teacher["cam"].shape == (1437, *maps[name]) and teacher["cam"].dtype == np.uint8
+        assert teacher["logits"].shape == (1149, 10) and teacher["logits"].dtype == np.float16
+        assert teacher["cam"].shape == (1149, *maps[name]) and teacher["cam"].dtype == np.uint8
         assert teacher["progress"][:].all()
         y, o = teacher["y_prob"][:], teacher["o_prob"][:]
         assert np.isfinite(y).all() and np.isfinite(o).all() and (y > 0).all()
@@ -49,7 +50,7 @@ def test_store_opens_with_plain_zarr_and_holds_every_artefact(run):
         assert teacher.attrs["cam_path"] == ("autograd" if name == "vgg8_bn" else "closed-form")
         # the cached logits are the trained teacher's: far better than chance on the cached split
         accuracy = (teacher["logits"][:].argmax(1) == group["labels"][:]).mean()
-        assert accuracy > 0.5, accuracy
+        assert accuracy > 0.3, accuracy  # chance: 0.1
 
 
 @pytest.mark.parametrize("method", ["ce", "kd", "kd-avg", "explain-kd"])
@@ -82,12 +83,23 @@ def test_evaluate_writes_metrics_for_students_and_teachers(run):
     assert "explain-kd" in result.output and "vgg8_bn" in result.output
 
 
-def test_kd_uses_the_named_teacher_or_the_most_accurate(run):
+def test_one_teacher_methods_choose_by_validation_accuracy_and_never_read_the_test_split(run, monkeypatch):
+    load = DATASETS.get("digits")
+
+    def guarded(split, **kwargs):
+        assert split != "test", "train-student read the test split"
+        return load(split, **kwargs)
+
+    monkeypatch.setitem(DATASETS._entries, "digits", guarded)
     metrics = json.loads((run / "teachers" / "metrics.json").read_text())
-    best = max(TEACHERS, key=lambda t: metrics[t]["top1"])
-    result = invoke("train-student", "--store", run / "store.zarr", "--method", "kd", "--epochs", 1,
-                    "--out-dir", run / "students", "--run-name", "kd-best")
-    assert f"kd: logits from {best}" in result.output
+    best = max(sorted(TEACHERS), key=lambda t: metrics[t]["val_top1"])  # recorded by train-teachers on val
+    for args in (["--method", "kd"], ["--method", "at"], ["--method", "explain-kd", "--kd-source", "best"]):
+        result = invoke("train-student", "--store", run / "store.zarr", "--epochs", 1, "--out-dir",
+                        run / "students", "--run-name", "chosen", *args)
+        assert f"logits from {best} (validation top-1 {metrics[best]['val_top1']:.4f}" in result.output
+    named = invoke("train-student", "--store", run / "store.zarr", "--method", "kd", "--teacher", "vgg8_bn",
+                   "--epochs", 1, "--out-dir", run / "students", "--run-name", "named")
+    assert "logits from" not in named.output
 
 
 def test_extracting_again_reuses_the_finished_store(run):

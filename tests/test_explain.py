@@ -7,7 +7,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from pipeline.errors import PipelineError
-from pipeline.explain import CamLayer, confidence_drop, explain, explanation_confidences, grad_cam, upsample_minmax, probe_input
+from pipeline.explain import CamLayer, explain, explanation_confidences, grad_cam, upsample_minmax, probe_input
+from pipeline.scoring import confidence_drop
 from pipeline.models import create_model
 
 PROBE = probe_input((32, 32, 1))
@@ -113,3 +114,37 @@ def test_explanation_image_is_the_masked_image_not_the_masked_input():
     torch.testing.assert_close(result.y_prob, expected_y)
     _, masked_input_o = explanation_confidences(model, x, result.logits, result.cam, labels, (0.0,), (1.0,))
     assert not torch.allclose(masked_input_o, expected_o)  # masking the normalised tensor is different
+
+
+class RectifiedDenseNet(torch.nn.Module):
+    """torchvision's DenseNet with its functional in-place ReLU before pooling as a module of its own,
+    so that the grad-cam package can take the map of the rectified features the classifier pools."""
+
+    def __init__(self, densenet):
+        super().__init__()
+        self.features, self.relu, self.classifier = densenet.features, torch.nn.ReLU(), densenet.classifier
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(self.relu(self.features(x)), 1)
+        return self.classifier(torch.flatten(pooled, 1))
+
+
+def test_densenet_maps_are_those_of_the_rectified_features_as_the_package_gives_them():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121(num_classes=10).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    x, target = torch.randn(8, 3, 64, 64), torch.arange(8)
+    layer = CamLayer.of(model, probe_input((64, 64, 3)))
+    assert (layer.target_layer, layer.path) == ("features", "closed-form")  # GAP + Linear on the rectified map
+    wrapped = RectifiedDenseNet(model).eval()
+    torch.testing.assert_close(wrapped(x), model(x), rtol=1e-5, atol=1e-5)
+    reference = GradCAM(model=wrapped, target_layers=[wrapped.relu])(
+        input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in target])
+    for path in (layer, CamLayer(layer.target_layer, None)):  # closed form, and autograd
+        _, ours, _ = grad_cam(model, x, target, path)
+        np.testing.assert_allclose(upsample_minmax(ours, (64, 64)).numpy(), reference, atol=1e-4)

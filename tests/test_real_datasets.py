@@ -12,12 +12,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import IMAGENET_WNIDS, make_cifar, make_imagenet, make_torchvision_teacher
-from pipeline.cache import TeacherStore, full_logits
+from pipeline.cache import TeacherStore
 from pipeline.cli import main
 from pipeline.data import DATA_ROOT_ENV, get_dataset, normalize
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
+from pipeline.models.checkpoint import save_checkpoint, weights_sha256
 from pipeline.teachers import load_teacher, torchvision_weights
 
 
@@ -29,21 +30,26 @@ def invoke(*args, exit_code=0):
 
 # -- CIFAR ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "classes", "train", "test"), [("cifar10", 10, 20, 4), ("cifar100", 100, 4, 4)])
-def test_cifar_pickles_load_in_hwc_order(tmp_path, name, classes, train, test):
+@pytest.mark.parametrize(("name", "classes", "train", "val", "test"), [("cifar10", 10, 18, 2, 4),
+                                                                       ("cifar100", 100, 3, 1, 4)])
+def test_cifar_pickles_load_in_hwc_order(tmp_path, name, classes, train, val, test):
     make_cifar(tmp_path, name)
     folder = tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     first = "data_batch_1" if name == "cifar10" else "train"
     with open(folder / first, "rb") as handle:
         raw = pickle.load(handle, encoding="bytes")
     data = get_dataset(name, "train", str(tmp_path))
-    assert len(data) == train and len(get_dataset(name, "test", str(tmp_path))) == test
+    held_out = get_dataset(name, "val", str(tmp_path))
+    assert len(data) == train and len(held_out) == val and len(get_dataset(name, "test", str(tmp_path))) == test
+    assert not set(data.ids) & set(held_out.ids)  # val is held out of train
     assert data.info.num_classes == classes and data.images.shape == (train, 32, 32, 3)
-    # row layout is 1024 red, 1024 green, 1024 blue values, each row-major 32 x 32
-    assert data.images[1, 2, 5, 0] == raw[b"data"][1][2 * 32 + 5]
-    assert data.images[1, 2, 5, 2] == raw[b"data"][1][2048 + 2 * 32 + 5]
     label_key = b"labels" if name == "cifar10" else b"fine_labels"
-    assert data.labels[:4].tolist() == raw[label_key]
+    for i in range(4):  # row layout is 1024 red, 1024 green, 1024 blue values, each row-major 32 x 32
+        split = data if f"{first}:{i}" in data.ids else held_out
+        row = list(split.ids).index(f"{first}:{i}")
+        assert split.images[row, 2, 5, 0] == raw[b"data"][i][2 * 32 + 5]
+        assert split.images[row, 2, 5, 2] == raw[b"data"][i][2048 + 2 * 32 + 5]
+        assert split.labels[row] == raw[label_key][i]
     assert get_dataset(name, "train", str(folder)).identity() == data.identity()  # root may be the folder itself
 
 
@@ -129,7 +135,7 @@ def test_target_layer_is_the_last_feature_map_and_the_head_decides_the_path():
         found[arch] = CamLayer.of(model, probe)
     assert found["resnet18"] == CamLayer("layer4", "fc")  # GAP + Linear: closed form
     assert found["vgg11"] == CamLayer("features.19", None)  # last ReLU before the final max-pool
-    assert found["densenet121"] == CamLayer("features", None)  # ReLU after the map: autograd
+    assert found["densenet121"] == CamLayer("features", "classifier")  # GAP + Linear on the rectified map
 
 
 def test_weights_enum_resolves_its_transform_without_fetching():
@@ -157,7 +163,7 @@ def test_pretrained_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch):
     info = type(info)(**{**info.__dict__, "num_classes": 1000})
     teacher = load_teacher("torchvision:resnet18:IMAGENET1K_V1", info)
     assert teacher.name == "resnet18" and teacher.identity["arch"] == "torchvision:resnet18"
-    assert teacher.identity["transform"]["resize"] == 256 and teacher.identity["heldout_top1"] == 0.69758
+    assert teacher.identity["transform"]["resize"] == 256 and teacher.identity["heldout_top1"] is None  # published: on the test split
     assert torch.equal(teacher.model.fc.weight, torch.load(cached)["fc.weight"])
 
 
@@ -198,7 +204,7 @@ def test_three_torchvision_teachers_keep_their_own_map_resolution(imagenet):
     shapes = {name: group[f"teachers/{name}/cam"].shape[1:] for name in ("resnet18", "vgg11", "densenet121")}
     assert shapes == {"resnet18": (7, 7), "vgg11": (14, 14), "densenet121": (7, 7)}
     paths = {name: group[f"teachers/{name}"].attrs["cam_path"] for name in shapes}
-    assert paths == {"resnet18": "closed-form", "vgg11": "autograd", "densenet121": "autograd"}
+    assert paths == {"resnet18": "closed-form", "vgg11": "autograd", "densenet121": "closed-form"}
     assert group["teachers/resnet18/logits"].shape == (10, 5)
     assert invoke("cache", "verify", store).output.startswith("OK")
     assert "skipped    1 unreadable image(s)" in invoke("cache", "info", store).output
@@ -236,21 +242,6 @@ def test_target_layer_option_and_topk_logits(imagenet, tmp_path):
     assert "--target-layer names unknown teacher(s) vgg; teachers are: resnet18" in bad.output
 
 
-def test_topk_restores_a_full_distribution():
-    logits = torch.tensor([[4.0, 1.0, 0.5, -1.0, 2.0], [0.0, 0.0, 3.0, 0.0, 0.0]])
-    values, classes = logits.topk(2, dim=1)
-    rows = {"teachers/t/logits": values, "teachers/t/logit_classes": classes,
-            "teachers/t/logsumexp": torch.logsumexp(logits, 1)}
-    restored = torch.softmax(full_logits(rows, "t", 5), 1)
-    original = torch.softmax(logits, 1)
-    kept = torch.zeros_like(logits, dtype=torch.bool).scatter(1, classes, True)
-    torch.testing.assert_close(restored[kept], original[kept])  # the top K keep their probabilities
-    rest = (1 - original[kept].view(2, 2).sum(1)) / 3
-    torch.testing.assert_close(restored[~kept].view(2, 3), rest[:, None].expand(2, 3))  # the rest share evenly
-    full = {"teachers/t/logits": logits}
-    assert torch.equal(full_logits(full, "t", 5), logits)
-
-
 def test_teacher_for_another_class_count_is_refused(imagenet, tmp_path):
     root, _ = imagenet
     wrong = make_torchvision_teacher(tmp_path / "r.pt", "resnet18", 1000)
@@ -267,7 +258,7 @@ def test_cifar_end_to_end_with_a_small_teacher(tmp_path):
     invoke("extract-teachers", "--dataset", "cifar10", "--data-root", tmp_path / "data",
            "--teachers", tmp_path / "teachers" / "resnet8.pt", "--store", tmp_path / "c.zarr", "--block-size", 16)
     group = zarr.open_group(tmp_path / "c.zarr", mode="r")
-    assert group["images"].shape == (40, 32, 32, 3) and group["teachers/resnet8/cam"].shape == (40, 8, 8)
+    assert group["images"].shape == (36, 32, 32, 3) and group["teachers/resnet8/cam"].shape == (36, 8, 8)
     invoke("train-student", "--dataset", "cifar10", "--data-root", tmp_path / "data", "--store", tmp_path / "c.zarr",
            "--method", "explain-kd", "--epochs", 1, "--out-dir", tmp_path / "students")
     assert TeacherStore.open(tmp_path / "c.zarr").attrs["dataset"]["name"] == "cifar10"
@@ -285,3 +276,40 @@ def test_a_teacher_added_later_must_see_the_same_images(imagenet, tmp_path):
     result = invoke(*args, "--teachers", f"{teachers[0]},{teachers[1]}", exit_code=1)
     assert "row 3 of" in result.output and "was unreadable when other teachers were extracted" in result.output
     assert zarr.open_group(tmp_path / "s.zarr", mode="r")["valid"][3] == False  # noqa: E712
+
+
+def test_bring_your_own_weights_as_a_state_dict_or_a_minimal_checkpoint(imagenet, tmp_path):
+    root, _ = imagenet
+    data = ["--dataset", "ilsvrc2012", "--data-root", root / "data", "--skip-corrupt", "--block-size", 4]
+    torch.manual_seed(3)
+    model = torchvision.models.resnet18(num_classes=5)
+    plain, wrapped = tmp_path / "plain.pth", tmp_path / "wrapped.pt"
+    torch.save(model.state_dict(), plain)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, wrapped)  # DataParallel
+    for weights in (plain, wrapped):
+        store = tmp_path / f"{weights.stem}.zarr"
+        invoke("extract-teachers", *data, "--store", store, "--teachers", f"torchvision:resnet18:{weights}")
+        attrs = zarr.open_group(store, mode="r")["teachers/resnet18"].attrs
+        assert attrs["weights_sha256"] == weights_sha256(model)
+        assert attrs["transform"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 256,
+                                      "crop": 224, "interpolation": "bilinear"}  # the data set's eval transform
+    minimal = tmp_path / "minimal.pt"  # the record README names, without a transform
+    save_checkpoint(minimal, model, {"name": "mine", "arch": "torchvision:resnet18", "in_channels": 3,
+                                     "num_classes": 5})
+    invoke("extract-teachers", *data, "--store", tmp_path / "minimal.zarr", "--teachers", minimal)
+    assert "mine" in zarr.open_group(tmp_path / "minimal.zarr", mode="r")["teachers"]
+
+    wrong = invoke("extract-teachers", *data, "--store", tmp_path / "x.zarr", "--teachers",
+                   f"torchvision:resnet34:{plain}", exit_code=1)
+    assert "does not fit torchvision:resnet34:" in wrong.output and "missing layer1.2." in wrong.output
+    assert wrong.output.count("\n") == 1
+    no_arch = tmp_path / "no_arch.pt"
+    torch.save({"name": "x", "state_dict": model.state_dict()}, no_arch)
+    missing = invoke("extract-teachers", *data, "--store", tmp_path / "x.zarr", "--teachers", no_arch, exit_code=1)
+    assert "lacks arch, in_channels, num_classes; a checkpoint record holds" in missing.output
+    as_checkpoint = invoke("extract-teachers", *data, "--store", tmp_path / "x.zarr", "--teachers", plain, exit_code=1)
+    assert "it looks like a plain state_dict: pass it as torchvision:<arch>:<path>" in as_checkpoint.output
+    gone = invoke("extract-teachers", *data, "--store", tmp_path / "x.zarr", "--teachers",
+                  "torchvision:resnet18:/nowhere/w.pth", exit_code=1)
+    assert "weights file /nowhere/w.pth of teacher torchvision:resnet18:/nowhere/w.pth does not exist" in gone.output
+    assert not (tmp_path / "x.zarr").exists()

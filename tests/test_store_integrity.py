@@ -61,10 +61,10 @@ def test_killed_extraction_resumes_to_an_identical_store(teachers, clean_store, 
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done = finished_blocks(store)
-    assert 3 <= done < 45, f"the kill should land mid-run, {done} of 45 blocks were finished"
+    assert 3 <= done < 36, f"the kill should land mid-run, {done} of 36 blocks were finished"
 
     result = invoke(*extract_args(teachers, store))
-    assert f"{45 - done} of 45 blocks to extract" in result.output or f"{44 - done} of 45" in result.output
+    assert f"{36 - done} of 36 blocks to extract" in result.output or f"{35 - done} of 36" in result.output
     assert_same_store(store, clean_store)
 
 
@@ -82,7 +82,7 @@ def test_an_exception_half_way_leaves_a_resumable_store(teachers, clean_store, t
     failed = invoke(*extract_args(teachers, store), exit_code=1)
     assert "Error: no space left on device; finished blocks and checkpoints are kept" in failed.output
     monkeypatch.setattr(TeacherStore, "write_block", original)
-    assert 0 < len(TeacherStore.open(store).finished_blocks(["resnet8_slim"])) < 45
+    assert 0 < len(TeacherStore.open(store).finished_blocks(["resnet8_slim"])) < 36
     invoke(*extract_args(teachers, store))
     assert_same_store(store, clean_store)
 
@@ -92,8 +92,8 @@ def test_two_processes_with_disjoint_block_parts_write_the_same_store(teachers, 
     processes = [spawn(extract_args(teachers, store, "--blocks", part)) for part in ("1/2", "2/2")]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
-    assert any("23 of 45 blocks to extract (part 1/2)" in out for out in outputs)
-    assert any("22 of 45 blocks to extract (part 2/2)" in out for out in outputs)
+    assert any("18 of 36 blocks to extract (part 1/2)" in out for out in outputs)
+    assert any("18 of 36 blocks to extract (part 2/2)" in out for out in outputs)
     assert_same_store(store, clean_store)
 
 
@@ -135,10 +135,10 @@ def test_student_refuses_a_store_of_other_data_or_an_incomplete_one(teachers, tm
     assert "was made from dataset.split='train', not 'test'" in result.output
 
     result = invoke(*args, exit_code=1)
-    assert "is incomplete (15/45 blocks finished for resnet8_slim, vgg8_bn)" in result.output
+    assert "is incomplete (12/36 blocks finished for resnet8_slim, vgg8_bn)" in result.output
     assert "--allow-partial" in result.output
     result = invoke(*args, "--allow-partial")
-    assert "--allow-partial: training on 480 of 1437 samples" in result.output
+    assert "--allow-partial: training on 384 of 1149 samples" in result.output
 
 
 def test_empty_maps_are_stored_as_zeros_never_nan(tmp_path):
@@ -157,7 +157,7 @@ def test_empty_maps_are_stored_as_zeros_never_nan(tmp_path):
 
 def test_verify_and_info_report_what_is_wrong(clean_store, tmp_path):
     result = invoke("cache", "info", clean_store)
-    assert "complete   yes" in result.output
+    assert "complete   yes" in result.output and "best_by_tie" in result.output and "ties decided" in result.output
     assert "resnet8_slim" in result.output and "8x8" in result.output and "4x4" in result.output
 
     import shutil
@@ -168,9 +168,13 @@ def test_verify_and_info_report_what_is_wrong(clean_store, tmp_path):
     y[3] = np.nan
     group["teachers/vgg8_bn/y_prob"][0:32] = y
     group["teachers/resnet8_slim/progress"][7] = False
+    explained = group["teachers/vgg8_bn/cam_class"][64:96]
+    explained[5] = (explained[5] + 1) % 10  # a map of another class than the label, in a label store
+    group["teachers/vgg8_bn/cam_class"][64:96] = explained
     result = invoke("cache", "verify", broken, exit_code=1)
     assert "FAIL vgg8_bn/y_prob: NaN or infinite values in block 0" in result.output
-    assert "FAIL resnet8_slim: 1 of 45 blocks unfinished (first: 7)" in result.output
+    assert "FAIL vgg8_bn/cam_class: a map of a class other than the label in block 2" in result.output
+    assert "FAIL resnet8_slim: 1 of 36 blocks unfinished (first: 7)" in result.output
     assert "complete   no" in invoke("cache", "info", broken).output
 
 
@@ -185,7 +189,7 @@ def test_interrupted_creation_is_redone_and_foreign_stores_are_refused(teachers,
     foreign = tmp_path / "foreign.zarr"
     zarr.open_group(foreign, mode="w").attrs["title"] = "somebody else's data"
     result = invoke(*extract_args(teachers, foreign), exit_code=1)
-    assert "is not a teacher-cache v2 store (format=None, version=None)" in result.output
+    assert "is not a teacher-cache v3 store (format=None, version=None)" in result.output
     assert zarr.open_group(foreign, mode="r").attrs["title"] == "somebody else's data"
 
 
@@ -207,3 +211,28 @@ def test_student_training_is_deterministic_on_cpu(clean_store, tmp_path):
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_on_change_replace_recomputes_what_differs_and_drops_unlisted_teachers(teachers, clean_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(clean_store, store)
+    retrained = make_teacher(tmp_path / "vgg8_bn.pt", "vgg8_bn", seed=5)  # same name, other weights
+    refused = invoke(*extract_args([teachers[0], retrained], store), exit_code=1)
+    assert "already holds a different teacher 'vgg8_bn' (differs in: weights_sha256)" in refused.output
+    assert "--on-change replace" in refused.output
+    first = store / "teachers" / "resnet8_slim"
+    stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    result = invoke(*extract_args([teachers[0], retrained], store, "--on-change", "replace"))
+    assert "recomputing it" in result.output and "36 of 36 blocks to extract" in result.output
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamps  # resnet8_slim kept
+    fresh = tmp_path / "fresh.zarr"
+    invoke(*extract_args([teachers[0], retrained], fresh))
+    assert_same_store(store, fresh)
+
+    result = invoke(*extract_args(teachers[:1], store, "--on-change", "replace"))
+    assert "dropping teacher vgg8_bn" in result.output and TeacherStore.open(store).teachers == ["resnet8_slim"]
+    result = invoke(*extract_args(teachers[:1], store, "--split-seed", 1, "--on-change", "replace"))
+    assert "replacing" in result.output and "36 of 36 blocks to extract" in result.output
+    assert TeacherStore.open(store).attrs["dataset"]["ids_sha256"] != zarr.open_group(fresh).attrs["dataset"]["ids_sha256"]

@@ -10,6 +10,9 @@ from pipeline.errors import PipelineError
 from pipeline.models import create_model
 
 
+CHECKPOINT_KEYS = ("arch", "in_channels", "num_classes", "state_dict")  # what load_checkpoint needs
+
+
 def weights_sha256(model: nn.Module) -> str:
     """A hash of the parameters and buffers themselves (stable across torch.save files)."""
     digest = hashlib.sha256()
@@ -20,7 +23,8 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, record: dict) -> None:
-    """`record` holds at least name, arch, in_channels, num_classes; add config and metrics."""
+    """`record` holds at least arch, in_channels, num_classes (and name: the arch where missing);
+    add transform (mean/std, default: the data set's), config and metrics (val_top1: held out)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -36,6 +40,12 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         raise PipelineError(f"checkpoint {path} does not exist; train it first (pipeline train-teachers)")
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [key for key in CHECKPOINT_KEYS if key not in record] if isinstance(record, dict) else None
+        if missing:
+            hint = (" (it looks like a plain state_dict: pass it as torchvision:<arch>:<path> or "
+                    "timm:<name>:<path>)" if all(isinstance(v, torch.Tensor) for v in record.values()) else "")
+            raise PipelineError(f"checkpoint {path} lacks {', '.join(missing)}; a checkpoint record holds "
+                                f"{', '.join(CHECKPOINT_KEYS)}{hint}")
         model = create_model(record["arch"], record["in_channels"], record["num_classes"])
         model.load_state_dict(record.pop("state_dict"))
     except PipelineError:
