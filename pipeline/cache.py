@@ -117,7 +117,7 @@ class TeacherStore:
                     store.check_made_from(record)
                     return store
                 except PipelineError as error:
-                    if not replace:
+                    if not (replace and found.get("format") == FORMAT):  # never delete what is not ours
                         raise
                     print(f"replacing {path}: {error}")
                     shutil.rmtree(path)

@@ -173,8 +173,10 @@ class TrainStudentConfig(DataConfig):
         check_choice("method", self.method, METHODS)
         check_choice("policy", self.policy, POLICIES)
         check_choice("recipe", self.recipe, tuple(RECIPES))
-        defaults = RECIPES[self.recipe] if self.method == "explain-kd" else {
+        defaults = dict(RECIPES[self.recipe]) if self.method == "explain-kd" else {
             "student_map": "gradcam", "kd_source": "selected", "beta": AT_BETA if self.method == "at" else 0.0}
+        if self.policy == "global":  # one teacher for logits and maps already
+            defaults["kd_source"] = "selected"
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -185,7 +187,8 @@ class TrainStudentConfig(DataConfig):
             raise PipelineError(f"--map-size must be 0 (the student's map size) or a side length >= 1; got {self.map_size}")
         if self.kd_source == "best" and (self.method != "explain-kd" or self.policy == "global"):
             raise PipelineError("--kd-source best applies to explain-kd with --policy per-sample, weighted, "
-                                "correct or random (the others already learn from one teacher's logits)")
+                                "correct or random (the others already learn from one teacher's logits); "
+                                "drop --kd-source best")
 
 
 @dataclass

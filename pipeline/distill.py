@@ -25,12 +25,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) -> (B, *size): shrunk by area (each cell the mean of the cells it covers, so no
     evidence is dropped), enlarged bilinearly."""
-    size = tuple(size)
-    if size == tuple(maps.shape[-2:]):
-        return maps.float()
-    shrink = size[0] <= maps.shape[-2] and size[1] <= maps.shape[-1]
-    return F.interpolate(maps[:, None].float(), size=size, mode="area" if shrink else "bilinear",
-                         **({} if shrink else {"align_corners": False}))[:, 0]
+    maps, size = maps[:, None].float(), tuple(size)
+    shrunk = (min(size[0], maps.shape[-2]), min(size[1], maps.shape[-1]))
+    if shrunk != tuple(maps.shape[-2:]):
+        maps = F.interpolate(maps, size=shrunk, mode="area")
+    if shrunk != size:
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return maps[:, 0]
 
 
 def normalize_maps(maps: torch.Tensor, norm: str) -> torch.Tensor:

@@ -34,7 +34,7 @@ class CamLayer:
         """`target_layer`, else the model's declared `cam_layer`, else the last feature map
         before pooling; the closed form is used when the head is shown to be GAP + Linear on `probe`."""
         layer = target_layer or getattr(model, "cam_layer", None) or find_target_layer(model, probe)
-        module_path(model, layer)
+        check_not_modified_in_place(model, layer, probe)
         return cls(layer, gap_linear_head(model, layer, probe))
 
     @property
@@ -76,8 +76,9 @@ def find_target_layer(model: nn.Module, probe: torch.Tensor) -> str:
 def gap_linear_head(model: nn.Module, layer: str, probe: torch.Tensor) -> str | None:
     """The Linear that maps the global average of `layer`'s output to the logits, if one does.
 
-    Checked numerically on `probe` (eval mode), so ReLU, norm or extra layers between the
-    map and the Linear (DenseNet, VGG, MobileNetV3) send the model to the autograd path.
+    Checked numerically on `probe` (eval mode), so norm or extra layers between the map and the
+    Linear (VGG, MobileNetV3) send the model to the autograd path; DenseNet's in-place ReLU
+    rectifies the recorded map itself (see `captured`), so DenseNet takes the closed form.
     """
     with torch.no_grad(), captured(model, layer) as box:
         logits = model(probe)
@@ -92,6 +93,28 @@ def gap_linear_head(model: nn.Module, layer: str, probe: torch.Tensor) -> str | 
             if torch.allclose(predicted, logits.float(), rtol=1e-3, atol=1e-4 * (1 + float(logits.abs().max()))):
                 return path
     return None
+
+
+def check_not_modified_in_place(model: nn.Module, layer: str, probe: torch.Tensor) -> None:
+    """Refuse a layer whose output a later in-place operation changes into something other than its
+    ReLU: the map would be of another tensor than the layer names (a residual sum, say)."""
+    box: dict = {}
+
+    def hook(_module, _inputs, output):
+        box["output"], box["before"] = output, output.clone()
+
+    handle = module_path(model, layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        handle.remove()
+    after, before = box["output"], box["before"]
+    if not (torch.equal(after, before) or torch.equal(after, torch.relu(before))):
+        raise PipelineError(f"the output of {type(model).__name__}.{layer} is changed in place later in the network "
+                            "(not by a ReLU, e.g. a residual addition), so its map would be of another tensor; "
+                            "name the module that produces the changed tensor (the enclosing block) with "
+                            "--target-layer")
 
 
 def module_path(model: nn.Module, path: str) -> nn.Module:

@@ -1,15 +1,17 @@
 """Explanation scores and teacher selection: the one home for both (training, reports, `cache info`).
 
 A teacher's explanation of a sample is scored by the Grad-CAM++ confidence drop
-max(0, Y - O) / Y (lower is better). Among teachers whose drops are equal (most often
-several with no drop at all) the one most confident in the explained class (largest Y)
-wins, so a teacher can never win by being unsure of the label: with the unclamped
-(Y - O) / Y, a 2 %-confident teacher whose explanation nudged it to 2.1 % outranked a
-99 %-confident one with no drop.
+max(0, Y - O) / Y (lower is better). Drops within DROP_TIE of the lowest count as equal
+(most often several teachers with no drop at all, or one with a drop of 1e-5), and among
+those the teacher most confident in the explained class (largest Y) wins, so a teacher can
+never win by being unsure of the label: with the unclamped (Y - O) / Y, a 2 %-confident
+teacher whose explanation nudged it to 2.1 % outranked a 99 %-confident one with no drop.
 """
 
 import torch
 import torch.nn.functional as F
+
+DROP_TIE = 0.01  # drops this close to the lowest are ties, decided by the larger Y
 
 def confidence_drop(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """max(0, Y - O) / Y per sample; lower means the map keeps more of the evidence."""
@@ -18,20 +20,20 @@ def confidence_drop(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 def best_explainer(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """(B, M) confidences of M teachers -> (B,) index of the teacher with the lowest confidence
-    drop; equal drops go to the largest Y, then to the first teacher."""
+    drop; drops within DROP_TIE of the lowest go to the largest Y, then to the first teacher."""
     return lowest_drop(confidence_drop(y, o), y)
 
 
 def lowest_drop(drop: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the lowest of (B, M) `drop`, ties to the largest `y`."""
-    lowest = drop == drop.amin(dim=1, keepdim=True)
+    """(B,) index of the lowest of (B, M) `drop`, ties (within DROP_TIE) to the largest `y`."""
+    lowest = drop <= drop.amin(dim=1, keepdim=True) + DROP_TIE
     return torch.where(lowest, y, torch.full_like(y, -1.0)).argmax(dim=1)
 
 
 def decided_by_tie(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """(B,) True where two or more teachers share the lowest drop, so Y decided the choice."""
+    """(B,) True where two or more teachers have the lowest drop (within DROP_TIE), so Y decided."""
     drop = confidence_drop(y, o)
-    return (drop == drop.amin(dim=1, keepdim=True)).sum(dim=1) > 1
+    return (drop <= drop.amin(dim=1, keepdim=True) + DROP_TIE).sum(dim=1) > 1
 
 
 def selection_weights(policy: str, y: torch.Tensor, o: torch.Tensor, correct: torch.Tensor,

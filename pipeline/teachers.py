@@ -15,6 +15,7 @@ transform feeds images (its mean, std and resize/crop).
 import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -28,21 +29,28 @@ from pipeline.explain import CamLayer, captured, probe_input
 from pipeline.models.checkpoint import load_checkpoint, weights_sha256
 
 SOURCES = ("checkpoint", "torchvision", "timm")
-EXTRACTION_CODE = ("explain.py", "teachers.py", "cache.py", "devices.py", "data", "models")  # under pipeline/
+# under pipeline/: what computes a teacher's cached values, besides its data set's own module
+EXTRACTION_CODE = ("explain.py", "teachers.py", "cache.py", "devices.py", "data/base.py", "data/files.py", "models")
 
 
-def extraction_code_sha256() -> str:
-    """A hash of the source of everything that computes a teacher's cached values (and stage one
-    itself), so that a store never mixes blocks computed by different code."""
+def extraction_code_sha256(dataset: str) -> str:
+    """A hash of the source of everything that computes a teacher's cached values on data set
+    `dataset` (and of stage one itself), so that a store never mixes blocks computed by different
+    code; another data set's module does not count."""
     import pipeline
     import stages.extract_teachers
+    from pipeline.data import DATASETS, PATH_DATASETS
 
+    kind = dataset.partition(":")[0]
+    loader = DATASETS.get(f"{kind}:<path>" if kind in PATH_DATASETS else dataset)
     root = Path(pipeline.__file__).parent
     files = sorted(f for name in EXTRACTION_CODE for f in ([root / name] if name.endswith(".py")
                                                            else (root / name).rglob("*.py")))
+    files += [Path(sys.modules[getattr(loader, "func", loader).__module__].__file__),
+              Path(stages.extract_teachers.__file__)]
     digest = hashlib.sha256()
-    for path in [*files, Path(stages.extract_teachers.__file__)]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in files:
+        digest.update(path.relative_to(root.parent).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -65,6 +73,7 @@ class Loaded(NamedTuple):
     arch: str  # a model registry name, or timm:<name>
     transform: Transform | None  # None: the data set's eval transform
     held_out_top1: float | None  # measured on a validation split that is not the test split, else None
+    trained_split_seed: int | None = None  # for a teacher trained by this project on the same data set
 
 
 @dataclass
@@ -91,19 +100,25 @@ def parse_target_layers(items: list[str]) -> dict[str, str]:
     return layers
 
 
-def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | None = None) -> Teacher:
-    """Build the teacher of `spec` for data set `info`, find its Grad-CAM layer and map size."""
+def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | None = None,
+                 split_seed: int | None = None) -> Teacher:
+    """Build the teacher of `spec` for data set `info` (split by `split_seed`), find its Grad-CAM
+    layer and map size."""
     source, _, rest = spec.partition(":")
     if source == "torchvision":
         loaded = torchvision_teacher(rest, info.num_classes)
     elif source == "timm":
         loaded = timm_teacher(rest, info.num_classes)
     elif source == "checkpoint" or not rest or Path(spec).suffix:
-        loaded = checkpoint_teacher(spec.removeprefix("checkpoint:"))
+        loaded = checkpoint_teacher(spec.removeprefix("checkpoint:"), info.name)
     else:
         raise PipelineError(f"unknown teacher source {source!r} in {spec!r}; choose one of: "
                             f"{', '.join(SOURCES)} (or a checkpoint path)")
     model, name = loaded.model.eval(), loaded.name
+    if None not in (loaded.trained_split_seed, split_seed) and loaded.trained_split_seed != split_seed:
+        raise PipelineError(f"teacher {spec} was trained on {info.name} split with --split-seed "
+                            f"{loaded.trained_split_seed}, this run uses {split_seed}: its training images may be "
+                            f"this run's validation or test images; use --split-seed {loaded.trained_split_seed}")
     given = loaded.transform or Transform(info.mean, info.std, info.geometry)
     # image-file data sets decode at each teacher's own resize/crop; in-memory ones have one size
     geometry = (given.geometry or info.geometry) if info.geometry else None
@@ -120,19 +135,21 @@ def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | N
         "arch": loaded.arch, "source": spec, "weights_sha256": weights_sha256(model),
         "target_layer": layer.target_layer, "cam_path": layer.path, "transform": transform.as_dict(),
         "heldout_top1": loaded.held_out_top1, "map_shape": list(box["activation"].shape[-2:]),
-        "code_sha256": extraction_code_sha256(),
+        "code_sha256": extraction_code_sha256(info.name),
     }
     return Teacher(name, model, layer, transform, identity)
 
 
-def checkpoint_teacher(path: str) -> Loaded:
+def checkpoint_teacher(path: str, dataset: str) -> Loaded:
     model, record = load_checkpoint(path)
     t = record.get("transform")
     geometry = Geometry(t["resize"], t["crop"], t.get("interpolation", "bilinear")) if t and "crop" in t else None
     transform = Transform(tuple(t["mean"]), tuple(t["std"]), geometry) if t else None
     # held out: validation accuracy only (`top1` is on the test split, never used to choose)
     held_out = record.get("metrics", {}).get("val_top1")
-    return Loaded(model, record.get("name", record["arch"].split(":")[-1]), record["arch"], transform, held_out)
+    same_data = record.get("dataset", {}).get("name") == dataset
+    seed = record.get("config", {}).get("split_seed") if same_data else None
+    return Loaded(model, record.get("name", record["arch"].split(":")[-1]), record["arch"], transform, held_out, seed)
 
 
 def is_weights_file(weights: str) -> bool:

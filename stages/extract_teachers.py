@@ -51,7 +51,7 @@ def run(cfg: ExtractConfig) -> TeacherStore:
     dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download)
     info = dataset.info
     layers = parse_target_layers(cfg.target_layer)
-    teachers = [load_teacher(spec, info, layers) for spec in cfg.teachers]
+    teachers = [load_teacher(spec, info, layers, cfg.split_seed) for spec in cfg.teachers]
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
         raise PipelineError(f"teacher names must be unique, got {', '.join(names)}")

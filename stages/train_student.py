@@ -78,7 +78,8 @@ def view_fractions(store: TeacherStore, teachers: list[str], info) -> dict[str, 
             raise PipelineError(
                 f"teacher {name} saw a tighter crop (crop {view['crop']} of resize {view['resize']}) than the student "
                 f"(crop {info.geometry.crop} of resize {info.geometry.resize}), so its maps do not cover the "
-                "student's view; extract that teacher with a crop fraction at least the student's")
+                "student's view; extract that teacher with a crop fraction of at least the student's "
+                f"({info.geometry.crop}/{info.geometry.resize}), or train with --method kd or kd-avg (no maps)")
         if fraction < 1 - 1e-9:
             fractions[name] = fraction
             print(f"{name}: maps cut to the student's view, the centred {fraction:.4f} of the teacher's "
@@ -138,7 +139,8 @@ def run(cfg: TrainStudentConfig) -> dict:
                                map_norm=cfg.map_norm, map_size=cfg.map_size, target=target,
                                random_choice=random_teachers(store, teachers, cfg.seed)
                                if cfg.method == "explain-kd" and cfg.policy == "random" else None,
-                               view_fractions=view_fractions(store, teachers, info))
+                               view_fractions=view_fractions(store, teachers, info)
+                               if cfg.method in ("at", "explain-kd") else None)
     run_name = cfg.run_name or cfg.method
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.num_batches,
                   lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",

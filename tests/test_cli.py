@@ -26,7 +26,7 @@ def test_help_explains_every_option(command):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["train-teachers", "--dataset", "mnist"], "unknown data set 'mnist'; choose one of: cifar10, cifar100, cluttered-digits, digits, ilsvrc2012, imagefolder:<path>"),
+    (["train-teachers", "--dataset", "mnist"], "unknown data set 'mnist'; choose one of: cifar10, cifar100, cluttered-digits, cluttered-shapes, digits, ilsvrc2012, imagefolder:<path>"),
     (["train-teachers", "--teachers", "resnet20,resnet999"], "unknown model 'resnet999'; choose one of: resnet20,"),
     (["extract-teachers", "--split", "validation"], "has no split 'validation'; choose one of: train, val, test"),
     (["extract-teachers", "--teachers", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
@@ -59,3 +59,15 @@ def test_options_override_params_file(tmp_path):
     params.write_text("data:\n  split_seed: 7\ntrain_student:\n  beta: 3.0\n  epochs: 2\n")
     cfg = load_config(TrainStudentConfig, params, epochs=5, beta=None)
     assert (cfg.split_seed, cfg.beta, cfg.epochs, cfg.method) == (7, 3.0, 5, "explain-kd")
+
+
+def test_recipes_fill_in_what_is_not_given():
+    from pipeline.config import TrainStudentConfig
+
+    validated = TrainStudentConfig()
+    assert (validated.method, validated.student_map, validated.kd_source, validated.beta) == \
+        ("explain-kd", "attention", "best", 0.5)
+    design = TrainStudentConfig(recipe="design", beta=1.0)
+    assert (design.student_map, design.kd_source, design.beta) == ("gradcam", "selected", 1.0)
+    assert TrainStudentConfig(policy="global").kd_source == "selected"  # one teacher already
+    assert TrainStudentConfig(method="at").beta == 1.0

@@ -148,3 +148,12 @@ def test_densenet_maps_are_those_of_the_rectified_features_as_the_package_gives_
     for path in (layer, CamLayer(layer.target_layer, None)):  # closed form, and autograd
         _, ours, _ = grad_cam(model, x, target, path)
         np.testing.assert_allclose(upsample_minmax(ours, (64, 64)).numpy(), reference, atol=1e-4)
+
+
+def test_a_layer_changed_in_place_by_a_residual_addition_is_refused():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    with pytest.raises(PipelineError, match="output of ResNet.layer4.1.bn2 is changed in place later"):
+        CamLayer.of(model, probe_input((64, 64, 3)), "layer4.1.bn2")  # `out += identity` follows it
+    assert CamLayer.of(model, probe_input((64, 64, 3)), "layer4.1").target_layer == "layer4.1"

@@ -278,6 +278,16 @@ def test_a_teacher_added_later_must_see_the_same_images(imagenet, tmp_path):
     assert zarr.open_group(tmp_path / "s.zarr", mode="r")["valid"][3] == False  # noqa: E712
 
 
+def test_a_teacher_trained_on_another_split_of_the_same_data_is_refused(tmp_path):
+    make_cifar(tmp_path / "data", per_batch=8)
+    data = ["--dataset", "cifar10", "--data-root", tmp_path / "data"]
+    invoke("train-teachers", *data, "--teachers", "resnet8", "--epochs", 1, "--out-dir", tmp_path / "t")
+    result = invoke("extract-teachers", *data, "--split-seed", 1, "--teachers", tmp_path / "t" / "resnet8.pt",
+                    "--store", tmp_path / "s.zarr", exit_code=1)
+    assert "was trained on cifar10 split with --split-seed 0, this run uses 1" in result.output
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_bring_your_own_weights_as_a_state_dict_or_a_minimal_checkpoint(imagenet, tmp_path):
     root, _ = imagenet
     data = ["--dataset", "ilsvrc2012", "--data-root", root / "data", "--skip-corrupt", "--block-size", 4]

@@ -188,9 +188,10 @@ def test_interrupted_creation_is_redone_and_foreign_stores_are_refused(teachers,
 
     foreign = tmp_path / "foreign.zarr"
     zarr.open_group(foreign, mode="w").attrs["title"] = "somebody else's data"
-    result = invoke(*extract_args(teachers, foreign), exit_code=1)
-    assert "is not a teacher-cache v3 store (format=None, version=None)" in result.output
-    assert zarr.open_group(foreign, mode="r").attrs["title"] == "somebody else's data"
+    for mode in ("error", "replace"):  # replace recomputes our own stores only, never deletes others' data
+        result = invoke(*extract_args(teachers, foreign, "--on-change", mode), exit_code=1)
+        assert "is not a teacher-cache v3 store (format=None, version=None)" in result.output
+        assert zarr.open_group(foreign, mode="r").attrs["title"] == "somebody else's data"
 
 
 def test_unreadable_teacher_checkpoint_fails_cleanly_before_touching_the_store(teachers, clean_store, tmp_path):
