@@ -38,6 +38,16 @@ def tracked_files() -> list[str]:
     return out.split()
 
 
+def copy_repository(target_root: Path) -> None:
+    """The tracked files of this repository, copied to `target_root` (skips without git)."""
+    if shutil.which("git") is None:
+        pytest.skip("git is needed for a DVC repository")
+    for name in tracked_files():
+        target = target_root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+
+
 def repro(workdir: Path, *targets: str) -> list[str]:
     """Run `dvc repro [targets]`; return the names of the stages it ran."""
     result = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=workdir, capture_output=True,
@@ -64,12 +74,7 @@ def assert_ran(ran: list[str], expected: list[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_dvc_repro_reruns_only_what_changed(tmp_path):
-    if shutil.which("git") is None:
-        pytest.skip("git is needed for a DVC repository")
-    for name in tracked_files():
-        target = tmp_path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target)
+    copy_repository(tmp_path)
     params = shrink(tmp_path / "params.yaml", TINY)
     study = shrink(tmp_path / "studies/digits/params.yaml", TINY_STUDY)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
@@ -110,12 +115,7 @@ def started_blocks(store: Path) -> int:
 
 @pytest.mark.slow
 def test_a_killed_dvc_repro_resumes_extraction_and_a_data_change_recomputes(tmp_path):
-    if shutil.which("git") is None:
-        pytest.skip("git is needed for a DVC repository")
-    for name in tracked_files():
-        target = tmp_path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target)
+    copy_repository(tmp_path)
     params = shrink(tmp_path / "params.yaml", {**TINY, "extract_teachers": {**TINY["extract_teachers"],
                                                                           "block_size": 32}})
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
