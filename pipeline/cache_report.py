@@ -114,12 +114,9 @@ def verify(store: TeacherStore) -> list[str]:
             problems.append(f"{name}: {len(pending)} of {store.num_blocks} blocks unfinished (first: {pending[0]})")
     if bad_shapes:
         return problems + bad_shapes  # values cannot be read block-wise from arrays of the wrong shape
-    labels = {}
     for name in store.teachers:
         for block in store.finished_blocks([name]):
-            if block not in labels:
-                labels[block] = store.read_rows(*store.block_rows(block), ["labels"])["labels"]
-            fields = ["valid", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
+            fields = ["valid", "labels", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
             rows = store.read_rows(*store.block_rows(block), fields)
             for field in ("logits", "tail_logsumexp", "cam_max", "y_prob", "o_prob", "attention_max"):
                 if f"teachers/{name}/{field}" in rows:
@@ -134,7 +131,7 @@ def verify(store: TeacherStore) -> list[str]:
                 if (rows[f"teachers/{name}/{field}"] < 0).any():
                     problems.append(f"{name}/{field}: negative scale in block {block}")
             explained = rows[f"teachers/{name}/cam_class"][valid]
-            if attrs["target"] == "label" and (explained != labels[block][valid]).any():
+            if attrs["target"] == "label" and (explained != rows["labels"][valid]).any():
                 problems.append(f"{name}/cam_class: a map of a class other than the label in block {block}")
             if ((explained < 0) | (explained >= attrs["dataset"]["num_classes"])).any():
                 problems.append(f"{name}/cam_class: a class outside 0..{attrs['dataset']['num_classes'] - 1} "

@@ -24,16 +24,19 @@ def best_explainer(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     return lowest_drop(confidence_drop(y, o), y)
 
 
+def tied_lowest(drop: torch.Tensor) -> torch.Tensor:
+    """(B, M) True for the drops within DROP_TIE of the lowest of their row."""
+    return drop <= drop.amin(dim=1, keepdim=True) + DROP_TIE
+
+
 def lowest_drop(drop: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B,) index of the lowest of (B, M) `drop`, ties (within DROP_TIE) to the largest `y`."""
-    lowest = drop <= drop.amin(dim=1, keepdim=True) + DROP_TIE
-    return torch.where(lowest, y, torch.full_like(y, -1.0)).argmax(dim=1)
+    return torch.where(tied_lowest(drop), y, torch.full_like(y, -1.0)).argmax(dim=1)
 
 
 def decided_by_tie(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """(B,) True where two or more teachers have the lowest drop (within DROP_TIE), so Y decided."""
-    drop = confidence_drop(y, o)
-    return (drop <= drop.amin(dim=1, keepdim=True) + DROP_TIE).sum(dim=1) > 1
+    return tied_lowest(confidence_drop(y, o)).sum(dim=1) > 1
 
 
 def selection_weights(policy: str, y: torch.Tensor, o: torch.Tensor, correct: torch.Tensor,
