@@ -1,8 +1,12 @@
-"""The teacher cache: one Zarr v3 group per data set split (format v2, see README).
+"""The teacher cache: one Zarr v3 group per data set split (format v4, see README).
 
 Rows are sharded along N; a *block* is exactly one shard, the unit of writing, so no
 two writers ever touch one shard and a block is marked done in `progress` only after
 its data is written (a killed run resumes with the unmarked blocks).
+
+Every chunk ends in a crc32c checksum (and so does every shard's index), and every chunk
+is written even when it holds only zeros, so a damaged chunk fails to decode and an
+absent shard file of a finished block is damage, never zarr's fill value.
 """
 
 import fcntl
@@ -18,21 +22,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
 
-FORMAT, VERSION = "teacher-cache", 3  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class
+FORMAT, VERSION = "teacher-cache", 4  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
+# 4: a crc32c checksum on every chunk, every chunk written
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
+SHARED_ARRAYS = ("labels", "images", "valid")  # one per store; "images" only for small images
 SCORE_FIELDS = ("cam", "cam_max", "cam_class", "y_prob", "o_prob", "attention", "attention_max")
 TOPK_FIELDS = ("logits", "logit_classes", "tail_logsumexp")  # `--logits topk:K` stores these instead of all C logits
 # what makes two teachers the same, the code that computed their values included
 TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform", "code_sha256")
 
 
-def compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+def compressors() -> tuple:
+    """Each chunk is compressed, then checksummed: a flipped bit fails its read."""
+    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()
+
+
+# zarr leaves out chunks equal to the fill value; here every chunk is written, so a missing one is damage
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 def fingerprint(record: dict) -> str:
@@ -62,6 +73,7 @@ class TeacherStore:
 
     def __init__(self, group: zarr.Group, path: Path):
         self.group, self.path = group, path
+        self._arrays: dict[str, zarr.Array] = {}
 
     # -- opening -----------------------------------------------------------------------
 
@@ -115,6 +127,7 @@ class TeacherStore:
                 try:
                     store = cls.open(path, mode="r+")
                     store.check_made_from(record)
+                    store.restore_missing_rows(labels, images)
                     return store
                 except PipelineError as error:
                     if not (replace and found.get("format") == FORMAT):  # never delete what is not ours
@@ -141,9 +154,18 @@ class TeacherStore:
     def _create_rows(group: zarr.Group, name: str, data: np.ndarray, block_size: int, chunk: int) -> None:
         rows = group.create_array(
             name, shape=data.shape, dtype=data.dtype, chunks=(chunk, *data.shape[1:]),
-            shards=(block_size, *data.shape[1:]), compressors=compressor(), fill_value=0,
+            shards=(block_size, *data.shape[1:]), compressors=compressors(), fill_value=0, config=WRITE_EVERY_CHUNK,
         )
         rows[...] = data
+
+    def restore_missing_rows(self, labels: np.ndarray, images: np.ndarray | None) -> None:
+        """Rewrite the `labels` and `images` shards that a repair deleted, from the data set."""
+        for name, data in (("labels", labels), ("images", images)):
+            for block in range(self.num_blocks) if name in self.group else ():
+                if not self.shard_file(name, block).is_file():
+                    print(f"restoring {name} block {block} of {self.path} from the data set")
+                    start, stop = self.block_rows(block)
+                    self.writable(name)[start:stop] = data[start:stop].astype(self.array(name).dtype)
 
     def check_made_from(self, record: dict) -> None:
         """Fail with the first difference between this store and what the caller expects."""
@@ -249,19 +271,31 @@ class TeacherStore:
         for field, (shape, dtype) in self.teacher_shapes(map_shape).items():
             group.create_array(
                 field, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), shards=(block, *shape[1:]),
-                compressors=compressor(), fill_value=0,
+                compressors=compressors(), fill_value=0, config=WRITE_EVERY_CHUNK,
             )
-        group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False)
+        group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False,
+                           compressors=compressors())  # an absent mark is "not finished": the block is recomputed
         group.attrs.update(identity)
 
     def drop_teacher(self, name: str) -> None:
         """Delete one teacher's arrays; the other teachers are untouched."""
         self.teacher_group(name)  # fails listing the store's teachers
         del self.group["teachers"][name]
+        self._arrays = {}
+
+    def writable(self, array: str) -> zarr.Array:
+        return self.group[array].with_config(WRITE_EVERY_CHUNK)
+
+    def progress(self, name: str, block: int | None = None) -> np.ndarray:
+        """Which blocks teacher `name` has finished (or whether it finished `block`); a damaged mark
+        stops with the repair command."""
+        try:
+            return self.teacher_group(name)["progress"][... if block is None else block]
+        except Exception as error:
+            raise self.damaged(f"teachers/{name}/progress", None, error) from None
 
     def pending_blocks(self, name: str) -> list[int]:
-        done = self.teacher_group(name)["progress"][...]
-        return [int(b) for b in np.flatnonzero(~done)]
+        return [int(b) for b in np.flatnonzero(~self.progress(name))]
 
     def write_block(self, name: str, block: int, arrays: dict[str, np.ndarray]) -> None:
         """Write one whole shard of every teacher field, then mark the block finished."""
@@ -272,17 +306,17 @@ class TeacherStore:
             if data.shape[1:] != group[field].shape[1:] or len(data) != stop - start:
                 raise ValueError(f"block {block} of {name}/{field} has shape {data.shape}, "
                                  f"expected ({stop - start}, {', '.join(map(str, group[field].shape[1:]))})")
-            group[field][start:stop] = data.astype(group[field].dtype, copy=False)
+            self.writable(f"teachers/{name}/{field}")[start:stop] = data.astype(group[field].dtype, copy=False)
         group["progress"][block] = True
 
     def write_valid(self, block: int, valid: np.ndarray) -> None:
         """Which rows of a block hold a readable image; written before the first teacher marks the
         block, and only checked afterwards (teachers added later must see the same images)."""
         start, stop = self.block_rows(block)
-        if not any(self.teacher_group(name)["progress"][block] for name in self.teachers):
-            self.group["valid"][start:stop] = valid
+        if not any(self.progress(name, block) for name in self.teachers):
+            self.writable("valid")[start:stop] = valid
             return
-        changed = np.flatnonzero(self.group["valid"][start:stop] != valid)
+        changed = np.flatnonzero(self.read_rows(start, stop, ["valid"])["valid"] != valid)
         if len(changed):
             raise PipelineError(
                 f"row {start + changed[0]} of {self.path} was {'un' if valid[changed[0]] else ''}readable when "
@@ -295,12 +329,50 @@ class TeacherStore:
         """Blocks that every one of `teachers` has finished."""
         done = np.ones(self.num_blocks, dtype=bool)
         for name in teachers:
-            done &= self.teacher_group(name)["progress"][...]
+            done &= self.progress(name)
         return [int(b) for b in np.flatnonzero(done)]
 
     def read_rows(self, start: int, stop: int, fields: list[str]) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of each array path, e.g. "labels" or "teachers/resnet20/cam"."""
-        return {field: self.group[field][start:stop] for field in fields}
+        """Rows [start, stop) of each array path, e.g. "labels" or "teachers/resnet20/cam"; a missing
+        shard file or a chunk that fails its checksum stops with the repair command."""
+        spans = [(block, max(start, first), min(stop, last)) for block in range(start // self.block_size,
+                                                                                -(-stop // self.block_size))
+                 for first, last in [self.block_rows(block)]]
+        return {field: np.concatenate([self.read_block_rows(field, *span) for span in spans]) for field in fields}
+
+    def read_block_rows(self, field: str, block: int, start: int, stop: int) -> np.ndarray:
+        if not self.shard_file(field, block).is_file():
+            raise self.damaged(field, block, "its shard file is missing")
+        try:
+            return self.array(field)[start:stop]
+        except Exception as error:
+            raise self.damaged(field, block, error) from None
+
+    def array(self, path: str) -> zarr.Array:
+        """The array at `path`, its metadata read once per store handle."""
+        if path not in self._arrays:
+            self._arrays[path] = self.group[path]
+        return self._arrays[path]
+
+    def shard_file(self, array: str, block: int) -> Path:
+        """The file that holds `block` of `array` (zarr's default chunk key encoding, c/<block>/0/...)."""
+        metadata = self.array(array).metadata
+        return self.path / array / metadata.encode_chunk_key((block, *[0] * (len(metadata.shape) - 1)))
+
+    def damaged(self, array: str, block: int | None, what: str | Exception) -> PipelineError:
+        """The one-line error for damage found while reading (`what`: a text or the decoding error)."""
+        where = f"{array}" + (f" block {block}" if block is not None else "")
+        what = what if isinstance(what, str) else f"it does not decode ({decoding_error(what)})"
+        return PipelineError(
+            f"store {self.path} is damaged: {where}: {what}; run `pipeline cache verify --repair {self.path}`, "
+            "then the `pipeline extract-teachers` command that wrote it"
+        )
+
+
+def decoding_error(error: Exception) -> str:
+    """What a failed chunk read says, in a few words (zarr's crc32c codec: "checksum do not match")."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return "checksum mismatch" if "checksum" in text else text[:80]
 
 
 def full_logits(rows: dict, name: str, num_classes: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from pipeline.cache import TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint
+from pipeline.integrity import Damage, finished_marks
 from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
 
 
@@ -89,9 +90,10 @@ def tie_total(table: pd.DataFrame) -> str:
     return f"; ties decided {table.best_by_tie.sum():.2%} of the rows" if len(table) and table.best_by_tie.notna().all() else ""
 
 
-def verify(store: TeacherStore) -> list[str]:
-    """Every problem found: incompleteness, wrong shapes, non-finite values, fingerprint mismatch."""
-    attrs, problems, bad_shapes = store.attrs, [], []
+def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> list[str]:
+    """Every problem found: incompleteness, wrong shapes, fingerprint mismatch, the `damage` found by
+    `integrity.find_damage`, and (unless `quick`) values out of range in the blocks not damaged."""
+    attrs, problems, bad_shapes, finished = store.attrs, [], [], {}
     n = store.num_samples
     record = {key: attrs[key] for key in ("dataset", "target", "block_size", "logits")}
     if attrs.get("fingerprint") != fingerprint(record):
@@ -109,13 +111,18 @@ def verify(store: TeacherStore) -> list[str]:
                 bad_shapes.append(f"{name}/{field}: missing")
             elif (group[field].shape, str(group[field].dtype)) != (shape, dtype):
                 bad_shapes.append(f"{name}/{field}: {group[field].dtype} {group[field].shape}, expected {dtype} {shape}")
-        pending = store.pending_blocks(name)
-        if pending:
+        done, _ = finished_marks(store, name)  # undecodable marks are listed in `damage`
+        finished[name], pending = np.flatnonzero(done), np.flatnonzero(~done)
+        if len(pending):
             problems.append(f"{name}: {len(pending)} of {store.num_blocks} blocks unfinished (first: {pending[0]})")
     if bad_shapes:
         return problems + bad_shapes  # values cannot be read block-wise from arrays of the wrong shape
-    for name in store.teachers:
-        for block in store.finished_blocks([name]):
+    problems += [f"damaged: {item}" for item in damage]
+    damaged = {(item.teacher, item.block) for item in damage}
+    for name in [] if quick else store.teachers:
+        for block in map(int, finished[name]):
+            if {(name, block), (None, block)} & damaged:
+                continue
             fields = ["valid", "labels", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
             rows = store.read_rows(*store.block_rows(block), fields)
             for field in ("logits", "tail_logsumexp", "cam_max", "y_prob", "o_prob", "attention_max"):

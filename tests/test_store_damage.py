@@ -1,0 +1,159 @@
+"""A store that notices damage: every kind of broken shard file is found, reported one line per
+block, refused by stage two, and repaired by recomputing only the broken blocks."""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from conftest import assert_same_store, make_teacher
+from pipeline.cli import main
+
+BLOCK_ROWS, CHUNK_ROWS = 128, 32  # the test store: 9 blocks of 128 rows, 4 chunks per shard
+
+
+def invoke(*args, exit_code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == exit_code, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return [make_teacher(root / "resnet8_slim.pt", "resnet8_slim"), make_teacher(root / "vgg8_bn.pt", "vgg8_bn")]
+
+
+def extract_args(teachers, store):
+    return ["extract-teachers", "--teachers", ",".join(map(str, teachers)), "--store", store,
+            "--block-size", BLOCK_ROWS]
+
+
+@pytest.fixture(scope="module")
+def clean_store(teachers, tmp_path_factory):
+    store = tmp_path_factory.mktemp("clean") / "store.zarr"
+    invoke(*extract_args(teachers, store))
+    return store
+
+
+def shard(store, array, block):
+    trailing = {"labels": "", "valid": "", "images": "/0/0/0", "teachers/vgg8_bn/y_prob": "",
+                "teachers/vgg8_bn/logits": "/0", "teachers/resnet8_slim/cam": "/0/0"}[array]
+    return store / array / "c" / f"{block}{trailing}"
+
+
+def first_chunk(path):
+    """(offset, length) of the shard's first chunk, read from its index (16 bytes per chunk + crc32c) by hand."""
+    index = path.read_bytes()[-(16 * (BLOCK_ROWS // CHUNK_ROWS) + 4):]
+    return int.from_bytes(index[0:8], "little"), int.from_bytes(index[8:16], "little")
+
+
+def flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def flip_chunk_data(path):
+    offset, length = first_chunk(path)
+    flip(path, offset + length // 2)
+
+
+def flip_index(path):
+    flip(path, path.stat().st_size - 12)  # inside the last chunk's index entry
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def make_empty(path):
+    path.write_bytes(b"")
+
+
+DAMAGE = {  # how the file is broken -> what verify says
+    "flipped byte in chunk data": (flip_chunk_data, "checksum mismatch"),
+    "flipped byte in shard index": (flip_index, "shard index fails its checksum (truncated or damaged)"),
+    "deleted shard": (lambda path: path.unlink(), "missing (no shard file)"),
+    "truncated shard": (truncate, "shard index fails its checksum (truncated or damaged)"),
+    "zero-length file": (make_empty, "empty file"),
+}
+CASES = [  # every kind of damage, and every array kind (shared, teacher; 1-, 2-, 3-, 4-d) at least once
+    ("flipped byte in chunk data", "teachers/vgg8_bn/logits"), ("flipped byte in chunk data", "labels"),
+    ("flipped byte in shard index", "teachers/resnet8_slim/cam"), ("deleted shard", "valid"),
+    ("deleted shard", "images"), ("truncated shard", "teachers/vgg8_bn/y_prob"),
+    ("zero-length file", "teachers/vgg8_bn/logits"),
+]
+
+
+@pytest.mark.parametrize("kind,array", CASES)
+def test_every_kind_of_damage_is_found_and_repaired_by_recomputing_only_its_block(
+        kind, array, teachers, clean_store, tmp_path):
+    damage, what = DAMAGE[kind]
+    store = tmp_path / "store.zarr"
+    shutil.copytree(clean_store, store)
+    damage(shard(store, array, 5))
+
+    result = invoke("cache", "verify", store, exit_code=1)
+    assert f"FAIL damaged: {array} block 5: {what}\n" in result.output
+    assert result.output.count("FAIL damaged:") == 1
+    if kind != "flipped byte in chunk data":  # the quick check reads indexes only, not chunk data
+        result = invoke("cache", "verify", "--quick", store, exit_code=1)
+        assert f"FAIL damaged: {array} block 5: {what}\n" in result.output
+
+    result = invoke("cache", "verify", "--repair", store, exit_code=1)
+    assert "repaired" in result.output and not shard(store, array, 5).exists()
+    result = invoke(*extract_args(teachers, store))
+    recomputed = 0 if array in ("labels", "images") else 1  # shared rows come from the data set, teachers' blocks
+    assert f": {recomputed} of 9 blocks to extract" in result.output  # are recomputed only where they broke
+    assert "OK" in invoke("cache", "verify", store).output
+    assert_same_store(store, clean_store)
+
+
+@pytest.mark.parametrize("kind,workers", [("flipped byte in chunk data", 0), ("deleted shard", 2)])
+def test_a_student_stops_on_a_damaged_chunk_with_one_line_naming_it_and_the_repair(
+        kind, workers, clean_store, tmp_path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(clean_store, store)
+    DAMAGE[kind][0](shard(store, "teachers/vgg8_bn/logits", 3))
+    result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 1, "--num-workers", workers,
+                    "--out-dir", tmp_path / "s", exit_code=1)
+    message = result.output.strip()
+    assert "\n" not in message, message
+    assert re.fullmatch(
+        rf"Error: store {re.escape(str(store))} is damaged: teachers/vgg8_bn/logits block 3: "
+        r"(it does not decode \(checksum mismatch\)|its shard file is missing); "
+        rf"run `pipeline cache verify --repair {re.escape(str(store))}`, then the `pipeline extract-teachers` "
+        r"command that wrote it", message), message
+
+
+def test_a_damaged_finished_mark_is_reported_and_its_block_recomputed(teachers, clean_store, tmp_path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(clean_store, store)
+    mark = store / "teachers/vgg8_bn/progress/c/4"
+    flip(mark, mark.stat().st_size - 2)  # inside the mark's crc32c
+    result = invoke("cache", "info", store, exit_code=1)
+    assert "teachers/vgg8_bn/progress: it does not decode (checksum mismatch)" in result.output
+    result = invoke("cache", "verify", "--repair", store, exit_code=1)
+    assert "FAIL damaged: teachers/vgg8_bn/progress block 4: finished mark does not decode\n" in result.output
+    assert ": 1 of 9 blocks to extract" in invoke(*extract_args(teachers, store)).output
+    assert "OK" in invoke("cache", "verify", store).output
+    assert_same_store(store, clean_store)
+
+
+def test_every_chunk_holds_a_checksum_and_a_chunk_of_zeros_is_still_written(clean_store, tmp_path):
+    """Plain zarr reads the store, every array's chunks end in crc32c, and a block of zeros has its file
+    (zarr would leave it out, and a missing file would then read as zeros without an error)."""
+    group = zarr.open_group(clean_store, mode="r")
+    arrays = [array for _, array in group.arrays()] + [
+        array for _, teacher in group["teachers"].groups() for _, array in teacher.arrays()]
+    assert len(arrays) == 3 + 2 * 9
+    for array in arrays:
+        assert [c.to_dict()["name"] for c in array.compressors][-1] == "crc32c", array.path
+    zeros = zarr.open_group(tmp_path / "z.zarr", mode="w")
+    from pipeline.cache import TeacherStore
+    TeacherStore._create_rows(zeros, "labels", np.zeros(2 * BLOCK_ROWS, np.int32), BLOCK_ROWS, CHUNK_ROWS)
+    assert (tmp_path / "z.zarr/labels/c/0").stat().st_size > 0 and (tmp_path / "z.zarr/labels/c/1").exists()
