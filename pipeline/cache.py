@@ -37,10 +37,16 @@ TOPK_FIELDS = ("logits", "logit_classes", "tail_logsumexp")  # `--logits topk:K`
 TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform", "code_sha256")
 
 
+def stores_images(images: np.ndarray | None) -> bool:
+    return images is not None and max(images.shape[1:3]) <= MAX_STORED_IMAGE_SIDE
+
+
 def compressors() -> tuple:
     """Each chunk is compressed, then checksummed: a flipped bit fails its read."""
     return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()
 
+
+INDEX_ENTRY_BYTES, CHECKSUM_BYTES = 16, 4  # a shard index: per chunk (offset, length) as uint64 LE; then crc32c
 
 # zarr leaves out chunks equal to the fill value; here every chunk is written, so a missing one is damage
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
@@ -140,12 +146,13 @@ class TeacherStore:
         group.attrs.update({"format": FORMAT, "version": VERSION})
         n, chunk = len(labels), block_size // chunks_per_block
         cls._create_rows(group, "labels", labels.astype(np.int32), block_size, chunk)
-        if images is not None and max(images.shape[1:3]) <= MAX_STORED_IMAGE_SIDE:
+        if stores_images(images):
             cls._create_rows(group, "images", images.astype(np.uint8), block_size, chunk)
         cls._create_rows(group, "valid", np.ones(n, dtype=bool), block_size, chunk)
         group.create_group("teachers")
         group.attrs.update({
             **record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,
+            "stores_images": "images" in group, "teachers": [],
             "fingerprint": fingerprint(record),
         })
         return cls(group, path)
@@ -159,9 +166,16 @@ class TeacherStore:
         rows[...] = data
 
     def restore_missing_rows(self, labels: np.ndarray, images: np.ndarray | None) -> None:
-        """Rewrite the `labels` and `images` shards that a repair deleted, from the data set."""
-        for name, data in (("labels", labels), ("images", images)):
-            for block in range(self.num_blocks) if name in self.group else ():
+        """Rewrite the `labels` and `images` shards that a repair deleted (or the whole array, if it
+        was lost), from the data set."""
+        for name, data in (("labels", labels.astype(np.int32)), ("images", images)):
+            if name not in self.shared_arrays:
+                continue
+            if name not in self.group:
+                print(f"restoring the lost array {name} of {self.path} from the data set")
+                self._create_rows(self.group, name, data, self.block_size, self.attrs["chunk_rows"])
+                continue
+            for block in range(self.num_blocks):
                 if not self.shard_file(name, block).is_file():
                     print(f"restoring {name} block {block} of {self.path} from the data set")
                     start, stop = self.block_rows(block)
@@ -190,6 +204,11 @@ class TeacherStore:
         return dict(self.group.attrs)
 
     @property
+    def shared_arrays(self) -> tuple[str, ...]:
+        """The arrays this store must hold besides its teachers'."""
+        return tuple(a for a in SHARED_ARRAYS if a != "images" or self.attrs["stores_images"])
+
+    @property
     def num_samples(self) -> int:
         return self.attrs["dataset"]["num_samples"]
 
@@ -207,7 +226,8 @@ class TeacherStore:
 
     @property
     def teachers(self) -> list[str]:
-        return sorted(self.group["teachers"].group_keys())
+        """The registered teachers (a root attribute: a teacher whose folder was lost is noticed)."""
+        return sorted(self.attrs.get("teachers", []))
 
     def teacher_attrs(self, name: str) -> dict:
         return dict(self.teacher_group(name).attrs)
@@ -217,6 +237,10 @@ class TeacherStore:
             raise PipelineError(
                 f"store {self.path} has no teacher {name!r}; it holds: {', '.join(self.teachers) or 'none'}"
             )
+        if name not in self.group["teachers"].group_keys():
+            raise PipelineError(f"store {self.path} is damaged: teacher {name!r} is registered but its folder "
+                                f"teachers/{name} is gone; run `pipeline cache drop-teacher {self.path} {name}`, "
+                                "then the `pipeline extract-teachers` command that wrote it")
         return self.group["teachers"][name]
 
     @property
@@ -252,8 +276,8 @@ class TeacherStore:
         ones came from the same teacher (with `replace`, another teacher's arrays are dropped)."""
         map_shape = identity["map_shape"]
         identity = {**identity, "fingerprint": fingerprint({k: identity[k] for k in TEACHER_IDENTITY})}
-        if name in self.teachers and "fingerprint" not in self.teacher_attrs(name):
-            self.drop_teacher(name)  # its registration was interrupted before any block was written
+        if name not in self.teachers and name in self.group["teachers"].group_keys():
+            del self.group["teachers"][name]  # its registration was interrupted before any block was written
         if name in self.teachers:
             have = self.teacher_attrs(name)
             if have.get("fingerprint") == identity["fingerprint"]:
@@ -276,11 +300,15 @@ class TeacherStore:
         group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False,
                            compressors=compressors())  # an absent mark is "not finished": the block is recomputed
         group.attrs.update(identity)
+        self.group.attrs["teachers"] = sorted({*self.teachers, name})  # registered last: complete now
 
     def drop_teacher(self, name: str) -> None:
-        """Delete one teacher's arrays; the other teachers are untouched."""
-        self.teacher_group(name)  # fails listing the store's teachers
-        del self.group["teachers"][name]
+        """Unregister one teacher and delete its arrays (if still there); the other teachers are untouched."""
+        if name not in self.teachers:
+            self.teacher_group(name)  # fails listing the store's teachers
+        self.group.attrs["teachers"] = [t for t in self.teachers if t != name]
+        if name in self.group["teachers"].group_keys():
+            del self.group["teachers"][name]
         self._arrays = {}
 
     def writable(self, array: str) -> zarr.Array:
@@ -289,8 +317,9 @@ class TeacherStore:
     def progress(self, name: str, block: int | None = None) -> np.ndarray:
         """Which blocks teacher `name` has finished (or whether it finished `block`); a damaged mark
         stops with the repair command."""
+        marks = self.teacher_group(name)["progress"]
         try:
-            return self.teacher_group(name)["progress"][... if block is None else block]
+            return marks[... if block is None else block]
         except Exception as error:
             raise self.damaged(f"teachers/{name}/progress", None, error) from None
 
@@ -341,8 +370,12 @@ class TeacherStore:
         return {field: np.concatenate([self.read_block_rows(field, *span) for span in spans]) for field in fields}
 
     def read_block_rows(self, field: str, block: int, start: int, stop: int) -> np.ndarray:
-        if not self.shard_file(field, block).is_file():
-            raise self.damaged(field, block, "its shard file is missing")
+        try:
+            size = self.shard_file(field, block).stat().st_size
+        except FileNotFoundError:
+            raise self.damaged(field, block, "its shard file is missing") from None
+        if size < self.shard_index_bytes(field):  # zarr would read an empty file as fill values
+            raise self.damaged(field, block, "its shard file is empty or truncated")
         try:
             return self.array(field)[start:stop]
         except Exception as error:
@@ -353,6 +386,10 @@ class TeacherStore:
         if path not in self._arrays:
             self._arrays[path] = self.group[path]
         return self._arrays[path]
+
+    def shard_index_bytes(self, array: str) -> int:
+        """Size of a shard's index: (offset, length) as two uint64 per chunk, then a crc32c."""
+        return INDEX_ENTRY_BYTES * (self.block_size // self.array(array).chunks[0]) + CHECKSUM_BYTES
 
     def shard_file(self, array: str, block: int) -> Path:
         """The file that holds `block` of `array` (zarr's default chunk key encoding, c/<block>/0/...)."""

@@ -10,7 +10,8 @@ import pandas as pd
 import torch
 
 from pipeline.cache import TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint
-from pipeline.integrity import Damage, finished_marks
+from pipeline.errors import PipelineError
+from pipeline.integrity import Damage, finished_marks, sound_layout
 from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
 
 
@@ -73,7 +74,8 @@ def describe(store: TeacherStore) -> str:
         f"{dataset['num_classes']} classes, images {'x'.join(map(str, dataset['image_shape']))}",
         f"target     {attrs['target']}; blocks of {attrs['block_size']} rows: {store.num_blocks}",
         f"logits     {logits_text(store.logits_mode)}",
-        f"skipped    {int((~store.group['valid'][...]).sum())} unreadable image(s) (valid = False)",
+        f"skipped    {int((~store.read_rows(0, store.num_samples, ['valid'])['valid']).sum())} unreadable "
+        "image(s) (valid = False)",
         f"complete   {'yes' if complete else 'no'}",
         "",
     ]
@@ -98,12 +100,17 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
     record = {key: attrs[key] for key in ("dataset", "target", "block_size", "logits")}
     if attrs.get("fingerprint") != fingerprint(record):
         problems.append("root fingerprint does not match the dataset/target/block_size attributes")
-    if store.group["labels"].shape != (n,):
-        bad_shapes.append(f"labels has shape {store.group['labels'].shape}, expected ({n},)")
+    for array in store.shared_arrays:
+        if not sound_layout(store, array):
+            bad_shapes.append(f"{array}: missing, or not {n} rows in shards of {store.block_size}")
     if not store.teachers:
         problems.append("the store holds no teachers")
     for name in store.teachers:
-        group, t_attrs = store.teacher_group(name), store.teacher_attrs(name)
+        try:
+            group, t_attrs = store.teacher_group(name), store.teacher_attrs(name)
+        except PipelineError as error:  # registered, its folder lost
+            problems.append(str(error).split(f"store {store.path} is ", 1)[-1])
+            continue
         if t_attrs.get("fingerprint") != fingerprint({k: t_attrs.get(k) for k in TEACHER_IDENTITY}):
             problems.append(f"{name}: fingerprint does not match its identity attributes")
         for field, (shape, dtype) in store.teacher_shapes(t_attrs.get("map_shape", [])).items():
@@ -115,11 +122,11 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
         finished[name], pending = np.flatnonzero(done), np.flatnonzero(~done)
         if len(pending):
             problems.append(f"{name}: {len(pending)} of {store.num_blocks} blocks unfinished (first: {pending[0]})")
+    problems += [f"damaged: {item}" for item in damage]
     if bad_shapes:
         return problems + bad_shapes  # values cannot be read block-wise from arrays of the wrong shape
-    problems += [f"damaged: {item}" for item in damage]
     damaged = {(item.teacher, item.block) for item in damage}
-    for name in [] if quick else store.teachers:
+    for name in [] if quick else finished:
         for block in map(int, finished[name]):
             if {(name, block), (None, block)} & damaged:
                 continue

@@ -18,10 +18,9 @@ import google_crc32c
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import SHARED_ARRAYS, TeacherStore, decoding_error
+from pipeline.cache import CHECKSUM_BYTES, TeacherStore, decoding_error
 from pipeline.errors import PipelineError
 
-INDEX_ENTRY_BYTES, CHECKSUM_BYTES = 16, 4  # per chunk (offset, length) as little-endian uint64; then crc32c
 EMPTY = np.uint64(2**64 - 1)  # the index entry of a chunk that was never written
 
 
@@ -48,8 +47,7 @@ def shard_damage(store: TeacherStore, array: str, block: int, quick: bool) -> st
     if size == 0:
         return "empty file"
     start, stop = store.block_rows(block)
-    chunk_rows = store.array(array).chunks[0]
-    index_bytes = INDEX_ENTRY_BYTES * (store.block_size // chunk_rows) + CHECKSUM_BYTES
+    chunk_rows, index_bytes = store.attrs["chunk_rows"], store.shard_index_bytes(array)
     if size < index_bytes:
         return "truncated (shorter than its index)"
     with open(path, "rb") as file:
@@ -70,6 +68,16 @@ def shard_damage(store: TeacherStore, array: str, block: int, quick: bool) -> st
     return None
 
 
+def sound_layout(store: TeacherStore, array: str) -> bool:
+    """The array is there with N rows in shards of one block and the store's chunk rows; only then do
+    its shard files have the names and index sizes that the checks below assume."""
+    if array not in store.group:
+        return False
+    found = store.array(array)
+    return (found.shape[0] == store.num_samples and found.shards is not None and found.shards[0] == store.block_size
+            and found.chunks[0] == store.attrs["chunk_rows"])
+
+
 def finished_marks(store: TeacherStore, name: str) -> tuple[np.ndarray, list[Damage]]:
     """The teacher's finished blocks, and its marks that do not decode (read as unfinished)."""
     try:
@@ -86,13 +94,18 @@ def finished_marks(store: TeacherStore, name: str) -> tuple[np.ndarray, list[Dam
 
 def find_damage(store: TeacherStore, quick: bool = False) -> list[Damage]:
     """Every damaged block of every array: shared arrays in all blocks, a teacher's in its finished ones."""
-    checks = [(array, block) for array in SHARED_ARRAYS if array in store.group for block in range(store.num_blocks)]
+    checks = [(array, block) for array in store.shared_arrays if sound_layout(store, array)
+              for block in range(store.num_blocks)]
     damage = []
     for name in store.teachers:
-        done, bad_marks = finished_marks(store, name)
+        try:
+            done, bad_marks = finished_marks(store, name)
+        except PipelineError:  # its folder is gone: `verify` says so
+            continue
         damage += bad_marks
-        checks += [(f"teachers/{name}/{field}", int(block))
-                   for block in np.flatnonzero(done) for field in store.teacher_fields]
+        arrays = [f"teachers/{name}/{field}" for field in store.teacher_fields]
+        checks += [(array, int(block)) for block in np.flatnonzero(done) for array in arrays
+                   if sound_layout(store, array)]  # `verify` reports the others
     for array, block in tqdm(checks, desc="verify " + ("shard files" if quick else "every chunk"), unit="shard",
                              disable=len(checks) < 200):
         what = shard_damage(store, array, block, quick)

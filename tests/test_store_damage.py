@@ -113,21 +113,83 @@ def test_every_kind_of_damage_is_found_and_repaired_by_recomputing_only_its_bloc
     assert_same_store(store, clean_store)
 
 
-@pytest.mark.parametrize("kind,workers", [("flipped byte in chunk data", 0), ("deleted shard", 2)])
-def test_a_student_stops_on_a_damaged_chunk_with_one_line_naming_it_and_the_repair(
-        kind, workers, clean_store, tmp_path):
+READ_ERROR = {  # what a reader says about each kind of damage
+    "flipped byte in chunk data": "it does not decode (checksum mismatch)",
+    "flipped byte in shard index": "it does not decode (checksum mismatch)",
+    "deleted shard": "its shard file is missing",
+    "truncated shard": "it does not decode (checksum mismatch)",  # its last bytes are no index: checksum fails
+    "zero-length file": "its shard file is empty or truncated",  # zarr alone would read fill values
+}
+
+
+@pytest.mark.parametrize("kind,array,workers", [
+    *((kind, "teachers/vgg8_bn/logits", 0) for kind in READ_ERROR),
+    ("flipped byte in chunk data", "teachers/vgg8_bn/logits", 2), ("zero-length file", "labels", 2),
+    ("zero-length file", "valid", 0),
+])
+def test_a_student_stops_on_damage_with_one_line_naming_it_and_the_repair(kind, array, workers, clean_store, tmp_path):
     store = tmp_path / "store.zarr"
     shutil.copytree(clean_store, store)
-    DAMAGE[kind][0](shard(store, "teachers/vgg8_bn/logits", 3))
+    DAMAGE[kind][0](shard(store, array, 3))
     result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 1, "--num-workers", workers,
                     "--out-dir", tmp_path / "s", exit_code=1)
-    message = result.output.strip()
-    assert "\n" not in message, message
-    assert re.fullmatch(
-        rf"Error: store {re.escape(str(store))} is damaged: teachers/vgg8_bn/logits block 3: "
-        r"(it does not decode \(checksum mismatch\)|its shard file is missing); "
-        rf"run `pipeline cache verify --repair {re.escape(str(store))}`, then the `pipeline extract-teachers` "
-        r"command that wrote it", message), message
+    assert result.output == (f"Error: store {store} is damaged: {array} block 3: {READ_ERROR[kind]}; run "
+                             f"`pipeline cache verify --repair {store}`, then the `pipeline extract-teachers` command "
+                             "that wrote it\n")
+
+
+def test_two_damaged_blocks_are_listed_and_repaired_by_the_quick_check(teachers, clean_store, tmp_path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(clean_store, store)
+    truncate(shard(store, "teachers/resnet8_slim/cam", 8))  # the last, partial block (1149 = 8 * 128 + 125)
+    shard(store, "teachers/vgg8_bn/y_prob", 2).unlink()
+    result = invoke("cache", "verify", "--quick", "--repair", store, exit_code=1)
+    assert result.output.count("FAIL damaged:") == 2
+    assert "FAIL damaged: teachers/resnet8_slim/cam block 8: shard index fails its checksum" in result.output
+    assert "FAIL damaged: teachers/vgg8_bn/y_prob block 2: missing (no shard file)" in result.output
+    assert ": 2 of 9 blocks to extract" in invoke(*extract_args(teachers, store)).output
+    assert "OK" in invoke("cache", "verify", store).output
+    assert_same_store(store, clean_store)
+
+
+def test_a_lost_teacher_folder_or_images_array_is_noticed_and_rebuilt(teachers, clean_store, tmp_path):
+    store = tmp_path / "store.zarr"
+    shutil.copytree(clean_store, store)
+    shutil.rmtree(store / "teachers/vgg8_bn")
+    shutil.rmtree(store / "images")
+    result = invoke("cache", "verify", store, exit_code=1)
+    assert "FAIL damaged: teacher 'vgg8_bn' is registered but its folder teachers/vgg8_bn is gone" in result.output
+    assert "FAIL images: missing" in result.output
+    result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 1, "--out-dir", tmp_path,
+                    exit_code=1)
+    assert result.output.count("\n") == 1 and "teacher 'vgg8_bn' is registered but its folder" in result.output
+    invoke("cache", "drop-teacher", store, "vgg8_bn")
+    result = invoke(*extract_args(teachers, store))
+    assert "restoring the lost array images" in result.output and ": 9 of 9 blocks to extract" in result.output
+    assert "OK" in invoke("cache", "verify", store).output
+    assert_same_store(store, clean_store)
+
+
+def test_a_block_mixing_zero_and_other_chunks_keeps_every_chunk(tmp_path):
+    """zarr leaves a chunk equal to the fill value out of its shard (an empty index entry) unless told;
+    the store's writes must keep it, or a lost chunk could not be told from a chunk of zeros."""
+    from pipeline.cache import TeacherStore
+    identity = {"name": "toy", "split": "train", "num_samples": 8, "num_classes": 3, "image_shape": [2, 2, 1],
+                "ids_sha256": "x"}
+    store = TeacherStore.create(tmp_path / "s.zarr", identity, np.zeros(8), None, "label", block_size=8,
+                                chunks_per_block=2)
+    store.add_teacher("t", {"arch": "a", "weights_sha256": "w", "target_layer": "l", "transform": {},
+                            "code_sha256": "c", "map_shape": [2, 2]})
+    arrays = {field: np.zeros((8, *shape[1:]), dtype) for field, (shape, dtype) in store.teacher_shapes([2, 2]).items()}
+    arrays["cam"][4:] = 7  # chunk 0 all zeros, chunk 1 not
+    store.write_valid(0, np.arange(8) >= 4)
+    store.write_block("t", 0, arrays)
+    for array in ["labels", "valid", *(f"teachers/t/{field}" for field in arrays)]:
+        path = next((tmp_path / "s.zarr" / array / "c").rglob("*"))
+        while path.is_dir():
+            path = next(path.iterdir())
+        index = np.frombuffer(path.read_bytes()[-(16 * 2 + 4):-4], "<u8")
+        assert (index != 2**64 - 1).all(), array  # no chunk left out
 
 
 def test_a_damaged_finished_mark_is_reported_and_its_block_recomputed(teachers, clean_store, tmp_path):
@@ -144,16 +206,11 @@ def test_a_damaged_finished_mark_is_reported_and_its_block_recomputed(teachers, 
     assert_same_store(store, clean_store)
 
 
-def test_every_chunk_holds_a_checksum_and_a_chunk_of_zeros_is_still_written(clean_store, tmp_path):
-    """Plain zarr reads the store, every array's chunks end in crc32c, and a block of zeros has its file
-    (zarr would leave it out, and a missing file would then read as zeros without an error)."""
+def test_every_chunk_holds_a_checksum(clean_store):
+    """Plain zarr reads the store, and every array's chunks end in crc32c."""
     group = zarr.open_group(clean_store, mode="r")
     arrays = [array for _, array in group.arrays()] + [
         array for _, teacher in group["teachers"].groups() for _, array in teacher.arrays()]
     assert len(arrays) == 3 + 2 * 9
     for array in arrays:
         assert [c.to_dict()["name"] for c in array.compressors][-1] == "crc32c", array.path
-    zeros = zarr.open_group(tmp_path / "z.zarr", mode="w")
-    from pipeline.cache import TeacherStore
-    TeacherStore._create_rows(zeros, "labels", np.zeros(2 * BLOCK_ROWS, np.int32), BLOCK_ROWS, CHUNK_ROWS)
-    assert (tmp_path / "z.zarr/labels/c/0").stat().st_size > 0 and (tmp_path / "z.zarr/labels/c/1").exists()
