@@ -7,24 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
 
-from conftest import assert_same_store, make_teacher
-from pipeline.cli import main
+from conftest import assert_same_store, invoke
 
 BLOCK_ROWS, CHUNK_ROWS = 128, 32  # the test store: 9 blocks of 128 rows, 4 chunks per shard
-
-
-def invoke(*args, exit_code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == exit_code, result.output
-    return result
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    return [make_teacher(root / "resnet8_slim.pt", "resnet8_slim"), make_teacher(root / "vgg8_bn.pt", "vgg8_bn")]
 
 
 def extract_args(teachers, store):

@@ -10,23 +10,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
 
-from conftest import assert_same_store, make_teacher, store_arrays
+from conftest import assert_same_store, invoke, make_teacher, store_arrays
 from pipeline.cache import VERSION, TeacherStore
-from pipeline.cli import main
-
-
-def invoke(*args, exit_code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == exit_code, result.output
-    return result
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    return [make_teacher(root / "resnet8_slim.pt", "resnet8_slim"), make_teacher(root / "vgg8_bn.pt", "vgg8_bn")]
 
 
 def extract_args(teachers, store, *extra):
