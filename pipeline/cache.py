@@ -1,8 +1,12 @@
-"""The teacher cache: one Zarr v3 group per data set split (format v2, see README).
+"""The teacher cache: one Zarr v3 group per data set split (format v4, see README).
 
 Rows are sharded along N; a *block* is exactly one shard, the unit of writing, so no
 two writers ever touch one shard and a block is marked done in `progress` only after
 its data is written (a killed run resumes with the unmarked blocks).
+
+Every chunk ends in a crc32c checksum (and so does every shard's index), and every chunk
+is written even when it holds only zeros, so a damaged chunk fails to decode and an
+absent shard file of a finished block is damage, never zarr's fill value.
 """
 
 import fcntl
@@ -18,21 +22,34 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
 
-FORMAT, VERSION = "teacher-cache", 3  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class
+FORMAT, VERSION = "teacher-cache", 4  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
+# 4: a crc32c checksum on every chunk, every chunk written
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
+SHARED_ARRAYS = ("labels", "images", "valid")  # one per store; "images" only for small images
 SCORE_FIELDS = ("cam", "cam_max", "cam_class", "y_prob", "o_prob", "attention", "attention_max")
 TOPK_FIELDS = ("logits", "logit_classes", "tail_logsumexp")  # `--logits topk:K` stores these instead of all C logits
 # what makes two teachers the same, the code that computed their values included
 TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform", "code_sha256")
 
 
-def compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+def stores_images(images: np.ndarray | None) -> bool:
+    return images is not None and max(images.shape[1:3]) <= MAX_STORED_IMAGE_SIDE
+
+
+def compressors() -> tuple:
+    """Each chunk is compressed, then checksummed: a flipped bit fails its read."""
+    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()
+
+
+INDEX_ENTRY_BYTES, CHECKSUM_BYTES = 16, 4  # a shard index: per chunk (offset, length) as uint64 LE; then crc32c
+
+# zarr leaves out chunks equal to the fill value; here every chunk is written, so a missing one is damage
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 def fingerprint(record: dict) -> str:
@@ -62,6 +79,7 @@ class TeacherStore:
 
     def __init__(self, group: zarr.Group, path: Path):
         self.group, self.path = group, path
+        self._arrays: dict[str, zarr.Array] = {}
 
     # -- opening -----------------------------------------------------------------------
 
@@ -115,6 +133,7 @@ class TeacherStore:
                 try:
                     store = cls.open(path, mode="r+")
                     store.check_made_from(record)
+                    store.restore_missing_rows(labels, images)
                     return store
                 except PipelineError as error:
                     if not (replace and found.get("format") == FORMAT):  # never delete what is not ours
@@ -127,12 +146,13 @@ class TeacherStore:
         group.attrs.update({"format": FORMAT, "version": VERSION})
         n, chunk = len(labels), block_size // chunks_per_block
         cls._create_rows(group, "labels", labels.astype(np.int32), block_size, chunk)
-        if images is not None and max(images.shape[1:3]) <= MAX_STORED_IMAGE_SIDE:
+        if stores_images(images):
             cls._create_rows(group, "images", images.astype(np.uint8), block_size, chunk)
         cls._create_rows(group, "valid", np.ones(n, dtype=bool), block_size, chunk)
         group.create_group("teachers")
         group.attrs.update({
             **record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,
+            "stores_images": "images" in group, "teachers": [],
             "fingerprint": fingerprint(record),
         })
         return cls(group, path)
@@ -141,9 +161,25 @@ class TeacherStore:
     def _create_rows(group: zarr.Group, name: str, data: np.ndarray, block_size: int, chunk: int) -> None:
         rows = group.create_array(
             name, shape=data.shape, dtype=data.dtype, chunks=(chunk, *data.shape[1:]),
-            shards=(block_size, *data.shape[1:]), compressors=compressor(), fill_value=0,
+            shards=(block_size, *data.shape[1:]), compressors=compressors(), fill_value=0, config=WRITE_EVERY_CHUNK,
         )
         rows[...] = data
+
+    def restore_missing_rows(self, labels: np.ndarray, images: np.ndarray | None) -> None:
+        """Rewrite the `labels` and `images` shards that a repair deleted (or the whole array, if it
+        was lost), from the data set."""
+        for name, data in (("labels", labels.astype(np.int32)), ("images", images)):
+            if name not in self.shared_arrays:
+                continue
+            if name not in self.group:
+                print(f"restoring the lost array {name} of {self.path} from the data set")
+                self._create_rows(self.group, name, data, self.block_size, self.attrs["chunk_rows"])
+                continue
+            for block in range(self.num_blocks):
+                if not self.shard_file(name, block).is_file():
+                    print(f"restoring {name} block {block} of {self.path} from the data set")
+                    start, stop = self.block_rows(block)
+                    self.writable(name)[start:stop] = data[start:stop].astype(self.array(name).dtype)
 
     def check_made_from(self, record: dict) -> None:
         """Fail with the first difference between this store and what the caller expects."""
@@ -168,6 +204,11 @@ class TeacherStore:
         return dict(self.group.attrs)
 
     @property
+    def shared_arrays(self) -> tuple[str, ...]:
+        """The arrays this store must hold besides its teachers'."""
+        return tuple(a for a in SHARED_ARRAYS if a != "images" or self.attrs["stores_images"])
+
+    @property
     def num_samples(self) -> int:
         return self.attrs["dataset"]["num_samples"]
 
@@ -185,7 +226,8 @@ class TeacherStore:
 
     @property
     def teachers(self) -> list[str]:
-        return sorted(self.group["teachers"].group_keys())
+        """The registered teachers (a root attribute: a teacher whose folder was lost is noticed)."""
+        return sorted(self.attrs.get("teachers", []))
 
     def teacher_attrs(self, name: str) -> dict:
         return dict(self.teacher_group(name).attrs)
@@ -195,6 +237,10 @@ class TeacherStore:
             raise PipelineError(
                 f"store {self.path} has no teacher {name!r}; it holds: {', '.join(self.teachers) or 'none'}"
             )
+        if name not in self.group["teachers"].group_keys():
+            raise PipelineError(f"store {self.path} is damaged: teacher {name!r} is registered but its folder "
+                                f"teachers/{name} is gone; run `pipeline cache drop-teacher {self.path} {name}`, "
+                                "then the `pipeline extract-teachers` command that wrote it")
         return self.group["teachers"][name]
 
     @property
@@ -230,8 +276,8 @@ class TeacherStore:
         ones came from the same teacher (with `replace`, another teacher's arrays are dropped)."""
         map_shape = identity["map_shape"]
         identity = {**identity, "fingerprint": fingerprint({k: identity[k] for k in TEACHER_IDENTITY})}
-        if name in self.teachers and "fingerprint" not in self.teacher_attrs(name):
-            self.drop_teacher(name)  # its registration was interrupted before any block was written
+        if name not in self.teachers and name in self.group["teachers"].group_keys():
+            del self.group["teachers"][name]  # its registration was interrupted before any block was written
         if name in self.teachers:
             have = self.teacher_attrs(name)
             if have.get("fingerprint") == identity["fingerprint"]:
@@ -249,19 +295,36 @@ class TeacherStore:
         for field, (shape, dtype) in self.teacher_shapes(map_shape).items():
             group.create_array(
                 field, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), shards=(block, *shape[1:]),
-                compressors=compressor(), fill_value=0,
+                compressors=compressors(), fill_value=0, config=WRITE_EVERY_CHUNK,
             )
-        group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False)
+        group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False,
+                           compressors=compressors())  # an absent mark is "not finished": the block is recomputed
         group.attrs.update(identity)
+        self.group.attrs["teachers"] = sorted({*self.teachers, name})  # registered last: complete now
 
     def drop_teacher(self, name: str) -> None:
-        """Delete one teacher's arrays; the other teachers are untouched."""
-        self.teacher_group(name)  # fails listing the store's teachers
-        del self.group["teachers"][name]
+        """Unregister one teacher and delete its arrays (if still there); the other teachers are untouched."""
+        if name not in self.teachers:
+            self.teacher_group(name)  # fails listing the store's teachers
+        self.group.attrs["teachers"] = [t for t in self.teachers if t != name]
+        if name in self.group["teachers"].group_keys():
+            del self.group["teachers"][name]
+        self._arrays = {}
+
+    def writable(self, array: str) -> zarr.Array:
+        return self.group[array].with_config(WRITE_EVERY_CHUNK)
+
+    def progress(self, name: str, block: int | None = None) -> np.ndarray:
+        """Which blocks teacher `name` has finished (or whether it finished `block`); a damaged mark
+        stops with the repair command."""
+        marks = self.teacher_group(name)["progress"]
+        try:
+            return marks[... if block is None else block]
+        except Exception as error:
+            raise self.damaged(f"teachers/{name}/progress", None, error) from None
 
     def pending_blocks(self, name: str) -> list[int]:
-        done = self.teacher_group(name)["progress"][...]
-        return [int(b) for b in np.flatnonzero(~done)]
+        return [int(b) for b in np.flatnonzero(~self.progress(name))]
 
     def write_block(self, name: str, block: int, arrays: dict[str, np.ndarray]) -> None:
         """Write one whole shard of every teacher field, then mark the block finished."""
@@ -272,17 +335,17 @@ class TeacherStore:
             if data.shape[1:] != group[field].shape[1:] or len(data) != stop - start:
                 raise ValueError(f"block {block} of {name}/{field} has shape {data.shape}, "
                                  f"expected ({stop - start}, {', '.join(map(str, group[field].shape[1:]))})")
-            group[field][start:stop] = data.astype(group[field].dtype, copy=False)
+            self.writable(f"teachers/{name}/{field}")[start:stop] = data.astype(group[field].dtype, copy=False)
         group["progress"][block] = True
 
     def write_valid(self, block: int, valid: np.ndarray) -> None:
         """Which rows of a block hold a readable image; written before the first teacher marks the
         block, and only checked afterwards (teachers added later must see the same images)."""
         start, stop = self.block_rows(block)
-        if not any(self.teacher_group(name)["progress"][block] for name in self.teachers):
-            self.group["valid"][start:stop] = valid
+        if not any(self.progress(name, block) for name in self.teachers):
+            self.writable("valid")[start:stop] = valid
             return
-        changed = np.flatnonzero(self.group["valid"][start:stop] != valid)
+        changed = np.flatnonzero(self.read_rows(start, stop, ["valid"])["valid"] != valid)
         if len(changed):
             raise PipelineError(
                 f"row {start + changed[0]} of {self.path} was {'un' if valid[changed[0]] else ''}readable when "
@@ -295,12 +358,58 @@ class TeacherStore:
         """Blocks that every one of `teachers` has finished."""
         done = np.ones(self.num_blocks, dtype=bool)
         for name in teachers:
-            done &= self.teacher_group(name)["progress"][...]
+            done &= self.progress(name)
         return [int(b) for b in np.flatnonzero(done)]
 
     def read_rows(self, start: int, stop: int, fields: list[str]) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of each array path, e.g. "labels" or "teachers/resnet20/cam"."""
-        return {field: self.group[field][start:stop] for field in fields}
+        """Rows [start, stop) of each array path, e.g. "labels" or "teachers/resnet20/cam"; a missing
+        shard file or a chunk that fails its checksum stops with the repair command."""
+        spans = [(block, max(start, first), min(stop, last)) for block in range(start // self.block_size,
+                                                                                -(-stop // self.block_size))
+                 for first, last in [self.block_rows(block)]]
+        return {field: np.concatenate([self.read_block_rows(field, *span) for span in spans]) for field in fields}
+
+    def read_block_rows(self, field: str, block: int, start: int, stop: int) -> np.ndarray:
+        try:
+            size = self.shard_file(field, block).stat().st_size
+        except FileNotFoundError:
+            raise self.damaged(field, block, "its shard file is missing") from None
+        if size < self.shard_index_bytes(field):  # zarr would read an empty file as fill values
+            raise self.damaged(field, block, "its shard file is empty or truncated")
+        try:
+            return self.array(field)[start:stop]
+        except Exception as error:
+            raise self.damaged(field, block, error) from None
+
+    def array(self, path: str) -> zarr.Array:
+        """The array at `path`, its metadata read once per store handle."""
+        if path not in self._arrays:
+            self._arrays[path] = self.group[path]
+        return self._arrays[path]
+
+    def shard_index_bytes(self, array: str) -> int:
+        """Size of a shard's index: (offset, length) as two uint64 per chunk, then a crc32c."""
+        return INDEX_ENTRY_BYTES * (self.block_size // self.array(array).chunks[0]) + CHECKSUM_BYTES
+
+    def shard_file(self, array: str, block: int) -> Path:
+        """The file that holds `block` of `array` (zarr's default chunk key encoding, c/<block>/0/...)."""
+        metadata = self.array(array).metadata
+        return self.path / array / metadata.encode_chunk_key((block, *[0] * (len(metadata.shape) - 1)))
+
+    def damaged(self, array: str, block: int | None, what: str | Exception) -> PipelineError:
+        """The one-line error for damage found while reading (`what`: a text or the decoding error)."""
+        where = f"{array}" + (f" block {block}" if block is not None else "")
+        what = what if isinstance(what, str) else f"it does not decode ({decoding_error(what)})"
+        return PipelineError(
+            f"store {self.path} is damaged: {where}: {what}; run `pipeline cache verify --repair {self.path}`, "
+            "then the `pipeline extract-teachers` command that wrote it"
+        )
+
+
+def decoding_error(error: Exception) -> str:
+    """What a failed chunk read says, in a few words (zarr's crc32c codec: "checksum do not match")."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return "checksum mismatch" if "checksum" in text else text[:80]
 
 
 def full_logits(rows: dict, name: str, num_classes: int) -> torch.Tensor:

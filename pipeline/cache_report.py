@@ -10,6 +10,8 @@ import pandas as pd
 import torch
 
 from pipeline.cache import TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint
+from pipeline.errors import PipelineError
+from pipeline.integrity import Damage, finished_marks, sound_layout
 from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
 
 
@@ -72,7 +74,8 @@ def describe(store: TeacherStore) -> str:
         f"{dataset['num_classes']} classes, images {'x'.join(map(str, dataset['image_shape']))}",
         f"target     {attrs['target']}; blocks of {attrs['block_size']} rows: {store.num_blocks}",
         f"logits     {logits_text(store.logits_mode)}",
-        f"skipped    {int((~store.group['valid'][...]).sum())} unreadable image(s) (valid = False)",
+        f"skipped    {int((~store.read_rows(0, store.num_samples, ['valid'])['valid']).sum())} unreadable "
+        "image(s) (valid = False)",
         f"complete   {'yes' if complete else 'no'}",
         "",
     ]
@@ -89,19 +92,25 @@ def tie_total(table: pd.DataFrame) -> str:
     return f"; ties decided {table.best_by_tie.sum():.2%} of the rows" if len(table) and table.best_by_tie.notna().all() else ""
 
 
-def verify(store: TeacherStore) -> list[str]:
-    """Every problem found: incompleteness, wrong shapes, non-finite values, fingerprint mismatch."""
-    attrs, problems, bad_shapes = store.attrs, [], []
+def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> list[str]:
+    """Every problem found: incompleteness, wrong shapes, fingerprint mismatch, the `damage` found by
+    `integrity.find_damage`, and (unless `quick`) values out of range in the blocks not damaged."""
+    attrs, problems, bad_shapes, finished = store.attrs, [], [], {}
     n = store.num_samples
     record = {key: attrs[key] for key in ("dataset", "target", "block_size", "logits")}
     if attrs.get("fingerprint") != fingerprint(record):
         problems.append("root fingerprint does not match the dataset/target/block_size attributes")
-    if store.group["labels"].shape != (n,):
-        bad_shapes.append(f"labels has shape {store.group['labels'].shape}, expected ({n},)")
+    for array in store.shared_arrays:
+        if not sound_layout(store, array):
+            bad_shapes.append(f"{array}: missing, or not {n} rows in shards of {store.block_size}")
     if not store.teachers:
         problems.append("the store holds no teachers")
     for name in store.teachers:
-        group, t_attrs = store.teacher_group(name), store.teacher_attrs(name)
+        try:
+            group, t_attrs = store.teacher_group(name), store.teacher_attrs(name)
+        except PipelineError as error:  # registered, its folder lost
+            problems.append(str(error).split(f"store {store.path} is ", 1)[-1])
+            continue
         if t_attrs.get("fingerprint") != fingerprint({k: t_attrs.get(k) for k in TEACHER_IDENTITY}):
             problems.append(f"{name}: fingerprint does not match its identity attributes")
         for field, (shape, dtype) in store.teacher_shapes(t_attrs.get("map_shape", [])).items():
@@ -109,13 +118,18 @@ def verify(store: TeacherStore) -> list[str]:
                 bad_shapes.append(f"{name}/{field}: missing")
             elif (group[field].shape, str(group[field].dtype)) != (shape, dtype):
                 bad_shapes.append(f"{name}/{field}: {group[field].dtype} {group[field].shape}, expected {dtype} {shape}")
-        pending = store.pending_blocks(name)
-        if pending:
+        done, _ = finished_marks(store, name)  # undecodable marks are listed in `damage`
+        finished[name], pending = np.flatnonzero(done), np.flatnonzero(~done)
+        if len(pending):
             problems.append(f"{name}: {len(pending)} of {store.num_blocks} blocks unfinished (first: {pending[0]})")
+    problems += [f"damaged: {item}" for item in damage]
     if bad_shapes:
         return problems + bad_shapes  # values cannot be read block-wise from arrays of the wrong shape
-    for name in store.teachers:
-        for block in store.finished_blocks([name]):
+    damaged = {(item.teacher, item.block) for item in damage}
+    for name in [] if quick else finished:
+        for block in map(int, finished[name]):
+            if {(name, block), (None, block)} & damaged:
+                continue
             fields = ["valid", "labels", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
             rows = store.read_rows(*store.block_rows(block), fields)
             for field in ("logits", "tail_logsumexp", "cam_max", "y_prob", "o_prob", "attention_max"):

@@ -53,6 +53,12 @@ def build_config(cls, params_file, options: dict):
     return load_config(cls, params_file, **options)
 
 
+def own_line(error: PipelineError) -> str:
+    """The error's message; raised in a DataLoader worker, it arrives inside the worker's traceback."""
+    text = str(error)
+    return text.rsplit("PipelineError: ", 1)[-1].strip() if text.startswith("Caught PipelineError") else text
+
+
 def stage_command(name: str, cls, stage_path: str):
     """Register `pipeline <name>`, which runs stages.<stage_path>.run(config)."""
 
@@ -65,7 +71,7 @@ def stage_command(name: str, cls, stage_path: str):
             try:
                 importlib.import_module(f"stages.{stage_path}").run(build_config(cls, params_file, options))
             except PipelineError as error:
-                raise click.ClickException(str(error)) from None
+                raise click.ClickException(own_line(error)) from None
             except OSError as error:
                 if error.errno != errno.ENOSPC:
                     raise
@@ -156,21 +162,37 @@ def cache_info(store):
     is the best explainer, map resolution, bytes on disk, finished blocks."""
     from pipeline.cache_report import describe
 
-    click.echo(describe(open_store(store)))
+    try:
+        click.echo(describe(open_store(store)))
+    except PipelineError as error:  # damage met while reading
+        raise click.ClickException(str(error)) from None
 
 
 @cache.command("verify")
 @click.argument("store")
-def cache_verify(store):
-    """Check completeness, shapes, finiteness of every value and the fingerprints; exit 0 only if all hold."""
+@click.option("--quick", is_flag=True, help="read only each shard file's index (present, not empty, index "
+              "checksum, chunks inside the file), not every chunk and value")
+@click.option("--repair", is_flag=True, help="delete the damaged shard files and mark their blocks unfinished, "
+              "so that the `pipeline extract-teachers` command that wrote the store recomputes just those")
+def cache_verify(store, quick, repair):
+    """Check completeness, shapes, fingerprints and every shard: by default every chunk is decoded (its
+    crc32c checksum) and every value range-checked; exit 0 only if all hold."""
     from pipeline.cache_report import verify
+    from pipeline.integrity import find_damage, repair_damage
 
-    problems = verify(open_store(store))
+    opened = open_store(store, mode="r+" if repair else "r")
+    damage = find_damage(opened, quick)
+    problems = verify(opened, damage, quick)
     for problem in problems:
         click.echo(f"FAIL {problem}")
+    if repair and damage:
+        repair_damage(opened, damage)
+        click.echo(f"repaired {store}: {len(damage)} damaged shard(s) deleted and their blocks marked unfinished; "
+                   "now rerun the `pipeline extract-teachers` command that wrote it")
     if problems:
         raise click.ClickException(f"{store}: {len(problems)} problem(s)")
-    click.echo(f"OK {store}: complete, shapes and values valid, fingerprints match")
+    checked = "shard files and indexes present" if quick else "every chunk's checksum, values valid"
+    click.echo(f"OK {store}: complete, shapes valid, fingerprints match, {checked}")
 
 
 @cache.command("drop-teacher")
@@ -184,3 +206,4 @@ def cache_drop_teacher(store, teacher):
     except PipelineError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"dropped {teacher} from {store}; it holds: {', '.join(opened.teachers) or 'no teachers'}")
+

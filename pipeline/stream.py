@@ -30,8 +30,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         self.dataset, self.workers = dataset, max(1, workers)
         self.epoch = 0
         store = TeacherStore.open(self.path)
-        valid = store.group["valid"][...]
-        self.valid_rows = {b: int(valid[slice(*store.block_rows(b))].sum()) for b in self.blocks}
+        self.valid_rows = {b: int(store.read_rows(*store.block_rows(b), ["valid"])["valid"].sum()) for b in self.blocks}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

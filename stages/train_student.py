@@ -115,7 +115,7 @@ def run(cfg: TrainStudentConfig) -> dict:
     check_flip(cfg.flip, info)
     fields = ["images", "labels", *teacher_fields(cfg.method, teachers, store.logit_fields)]
     stream = BlockStream(cfg.store, fields, blocks, cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks,
-                         dataset=None if "images" in store.group else dataset,  # large images come from files
+                         dataset=None if store.attrs["stores_images"] else dataset,  # large images come from files
                          workers=cfg.num_workers)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.num_workers,

@@ -1,11 +1,14 @@
-"""Shared helpers: teacher checkpoints with random weights, and whole-store comparison."""
+"""Shared helpers: the CLI, teacher checkpoints with random weights, and whole-store comparison."""
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import zarr
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.data import get_dataset
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
@@ -25,6 +28,20 @@ def make_teacher(path: Path, arch: str, seed: int = 0, zero_head: bool = False) 
         "transform": {"mean": list(info.mean), "std": list(info.std)}, "metrics": {"top1": 0.5, "val_top1": 0.5},
     })
     return path
+
+
+def invoke(*args, exit_code=0):
+    """Run `pipeline ARGS` in-process; the exit code must be `exit_code`."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == exit_code, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Untrained resnet8_slim and vgg8_bn digits checkpoints (closed-form and autograd Grad-CAM paths)."""
+    root = tmp_path_factory.mktemp("teachers")
+    return [make_teacher(root / "resnet8_slim.pt", "resnet8_slim"), make_teacher(root / "vgg8_bn.pt", "vgg8_bn")]
 
 
 def store_arrays(path: Path) -> dict[str, np.ndarray]:

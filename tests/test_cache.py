@@ -52,7 +52,7 @@ def test_round_trip_and_plain_zarr(tmp_path):
     assert store.pending_blocks("t1") == []
 
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")  # plain zarr, no project code
-    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 3
+    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 4
     np.testing.assert_array_equal(group["labels"][:], np.arange(N) % C)
     assert group["images"].shape == (N, 4, 4, 1)
     assert group["teachers/t1/cam"].shards == (4, *MAP) and group["teachers/t1/cam"].chunks == (2, *MAP)
@@ -94,7 +94,7 @@ def test_unknown_format_or_version_is_refused(tmp_path):
     make_store(tmp_path / "s.zarr")
     group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
     group.attrs["version"] = 99
-    with pytest.raises(PipelineError, match="is not a teacher-cache v3 store \\(format='teacher-cache', version=99\\)"):
+    with pytest.raises(PipelineError, match="is not a teacher-cache v4 store \\(format='teacher-cache', version=99\\)"):
         TeacherStore.open(tmp_path / "s.zarr")
     with pytest.raises(PipelineError, match="no teacher store at"):
         TeacherStore.open(tmp_path / "missing.zarr")

@@ -8,24 +8,16 @@ import pytest
 import torch
 import torchvision
 import zarr
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import IMAGENET_WNIDS, make_cifar, make_imagenet, make_torchvision_teacher
+from conftest import IMAGENET_WNIDS, invoke, make_cifar, make_imagenet, make_torchvision_teacher
 from pipeline.cache import TeacherStore
-from pipeline.cli import main
 from pipeline.data import DATA_ROOT_ENV, get_dataset, normalize
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint, weights_sha256
 from pipeline.teachers import load_teacher, torchvision_weights
-
-
-def invoke(*args, exit_code=0):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == exit_code, result.output
-    return result
 
 
 # -- CIFAR ----------------------------------------------------------------------------

@@ -23,11 +23,11 @@ def epoch_rows(stream):
 
 def test_every_row_once_per_epoch_reading_whole_blocks(tmp_path, monkeypatch):
     store = make_store(tmp_path / "s.zarr")
-    reads = []
+    stream = BlockStream(str(store.path), ["images", "labels"], list(range(store.num_blocks)), batch_size=5, seed=3)
+    reads = []  # of the epoch (the constructor counts each block's valid rows)
     original = TeacherStore.read_rows
     monkeypatch.setattr(TeacherStore, "read_rows",
                         lambda self, start, stop, fields: reads.append((start, stop)) or original(self, start, stop, fields))
-    stream = BlockStream(str(store.path), ["images", "labels"], list(range(store.num_blocks)), batch_size=5, seed=3)
     batches = epoch_rows(stream)
     assert sorted(sum(batches, [])) == list(range(N))
     assert max(len(b) for b in batches) == 5

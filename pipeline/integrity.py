@@ -1,0 +1,123 @@
+"""Finding and repairing damaged shard files of a teacher store.
+
+The quick check reads only each shard's index (the file's last bytes): the file is there,
+is not empty, its index passes its crc32c checksum (a truncated file fails here, because
+its last bytes are no longer the index) and every chunk lies inside the file. The full
+check also decodes every chunk, which checks each chunk's own crc32c checksum.
+
+Repair deletes the damaged files and marks their blocks unfinished, for the teacher whose
+array broke (for `valid`, every teacher), so that the `pipeline extract-teachers` command
+that wrote the store recomputes exactly those blocks; it rewrites `labels` and `images`
+from the data set when it opens the store.
+"""
+
+import math
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.cache import CHECKSUM_BYTES, TeacherStore, decoding_error
+from pipeline.errors import PipelineError
+
+EMPTY = np.uint64(2**64 - 1)  # the index entry of a chunk that was never written
+
+
+@dataclass(frozen=True)
+class Damage:
+    array: str  # "labels", "teachers/<name>/cam", "teachers/<name>/progress", ...
+    block: int
+    what: str
+
+    @property
+    def teacher(self) -> str | None:
+        return self.array.split("/")[1] if self.array.startswith("teachers/") else None
+
+    def __str__(self) -> str:
+        return f"{self.array} block {self.block}: {self.what}"
+
+
+def shard_damage(store: TeacherStore, array: str, block: int, quick: bool) -> str | None:
+    """What is wrong with `block` of `array`, or None."""
+    path = store.shard_file(array, block)
+    if not path.is_file():
+        return "missing (no shard file)"
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file"
+    start, stop = store.block_rows(block)
+    chunk_rows, index_bytes = store.attrs["chunk_rows"], store.shard_index_bytes(array)
+    if size < index_bytes:
+        return "truncated (shorter than its index)"
+    with open(path, "rb") as file:
+        file.seek(size - index_bytes)
+        index = file.read()
+    if google_crc32c.value(index[:-CHECKSUM_BYTES]) != int.from_bytes(index[-CHECKSUM_BYTES:], "little"):
+        return "shard index fails its checksum (truncated or damaged)"
+    entries = np.frombuffer(index[:-CHECKSUM_BYTES], "<u8").reshape(-1, 2)[:math.ceil((stop - start) / chunk_rows)]
+    if (entries == EMPTY).any():
+        return "a chunk is missing from the shard"
+    if (entries.sum(1) > size - index_bytes).any():
+        return "truncated (a chunk reaches past the data)"
+    if not quick:
+        try:
+            store.array(array)[start:stop]
+        except Exception as error:  # zarr raises ValueError, RuntimeError or codec errors
+            return decoding_error(error)
+    return None
+
+
+def sound_layout(store: TeacherStore, array: str) -> bool:
+    """The array is there with N rows in shards of one block and the store's chunk rows; only then do
+    its shard files have the names and index sizes that the checks below assume."""
+    if array not in store.group:
+        return False
+    found = store.array(array)
+    return (found.shape[0] == store.num_samples and found.shards is not None and found.shards[0] == store.block_size
+            and found.chunks[0] == store.attrs["chunk_rows"])
+
+
+def finished_marks(store: TeacherStore, name: str) -> tuple[np.ndarray, list[Damage]]:
+    """The teacher's finished blocks, and its marks that do not decode (read as unfinished)."""
+    try:
+        return store.progress(name), []
+    except PipelineError:
+        done, damage = np.zeros(store.num_blocks, bool), []
+        for block in range(store.num_blocks):
+            try:
+                done[block] = store.progress(name, block)
+            except PipelineError:
+                damage.append(Damage(f"teachers/{name}/progress", block, "finished mark does not decode"))
+        return done, damage
+
+
+def find_damage(store: TeacherStore, quick: bool = False) -> list[Damage]:
+    """Every damaged block of every array: shared arrays in all blocks, a teacher's in its finished ones."""
+    checks = [(array, block) for array in store.shared_arrays if sound_layout(store, array)
+              for block in range(store.num_blocks)]
+    damage = []
+    for name in store.teachers:
+        try:
+            done, bad_marks = finished_marks(store, name)
+        except PipelineError:  # its folder is gone: `verify` says so
+            continue
+        damage += bad_marks
+        arrays = [f"teachers/{name}/{field}" for field in store.teacher_fields]
+        checks += [(array, int(block)) for block in np.flatnonzero(done) for array in arrays
+                   if sound_layout(store, array)]  # `verify` reports the others
+    for array, block in tqdm(checks, desc="verify " + ("shard files" if quick else "every chunk"), unit="shard",
+                             disable=len(checks) < 200):
+        what = shard_damage(store, array, block, quick)
+        if what:
+            damage.append(Damage(array, block, what))
+    return damage
+
+
+def repair_damage(store: TeacherStore, damage: list[Damage]) -> None:
+    """Delete the damaged files and unmark their blocks (see the module's docstring)."""
+    for item in damage:
+        store.shard_file(item.array, item.block).unlink(missing_ok=True)
+        teachers = [item.teacher] if item.teacher else store.teachers if item.array == "valid" else []
+        for name in teachers:
+            store.group["teachers"][name]["progress"][item.block] = False
