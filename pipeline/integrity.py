@@ -80,6 +80,7 @@ def sound_layout(store: TeacherStore, array: str) -> bool:
 
 def finished_marks(store: TeacherStore, name: str) -> tuple[np.ndarray, list[Damage]]:
     """The teacher's finished blocks, and its marks that do not decode (read as unfinished)."""
+    store.teacher_group(name)  # a lost folder is no damaged mark: it fails here, and `verify` says so
     try:
         return store.progress(name), []
     except PipelineError:
