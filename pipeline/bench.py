@@ -1,118 +1,418 @@
-"""`python -m pipeline.bench`: what the store's safety costs, measured as ratios in one run.
+"""`pipeline bench`: the project's speed and size figures, each against a peer measured in the same run.
 
-Stores are synthetic (random values of the real shapes and dtypes), written to a temporary
-folder; each rate is the median of `repeats` timed passes after one warm-up pass.
+Every time is the median of `repeats` timed runs after one warm-up run, and the setups that a
+ratio compares take turns, so that a change of machine load affects them alike. Stores are
+synthetic (random values of the real shapes and dtypes) unless a figure says otherwise;
+teachers have random weights (no weights can be downloaded here), which changes no timing.
 """
 
-import contextlib
+import importlib.util
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from unittest import mock
 
-import click
 import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
 
-from pipeline import cache
-from pipeline.cache import TeacherStore
-from pipeline.distill import teacher_fields
+from pipeline.cache import TeacherStore, quantize_cam, topk_logit_fields
+from pipeline.config import ExtractConfig, TrainStudentConfig
+from pipeline.data import get_dataset, normalize
+from pipeline.devices import autocast, prepare_model, resolve_device, to_device
+from pipeline.distill import DistillationLoss, teacher_fields
+from pipeline.explain import CamLayer, explain, module_path, probe_input
+from pipeline.fabricate import make_cifar, make_teacher
+from pipeline.models import create_model
 from pipeline.stream import BlockStream
+from pipeline.teachers import Teacher, Transform
+from stages.extract_teachers import explain_batch
+from stages.extract_teachers import run as extract
+from stages.train_student import run as train
+
+TEACHERS = ("t0", "t1", "t2")
+DIGITS_TEACHERS = ("resnet20", "wrn16_2", "vgg8_bn")  # the default pipeline's teachers
 
 
-def synthetic_store(path: Path, samples: int, classes: int, map_side: int, teachers: int, block_size: int,
-                    image_side: int = 8) -> TeacherStore:
-    """A complete store of random values: `teachers` teachers, full logits, maps of map_side^2."""
+@dataclass
+class Figure:
+    figure: str
+    value: float | str
+    peer: str = "-"
+    goal: str = "-"
+    met: bool | None = None  # None: a figure to report, no goal
+
+    def cells(self) -> list[str]:
+        value = f"{self.value:,.3g}" if isinstance(self.value, float) and self.value < 100 else (
+            f"{self.value:,.0f}" if isinstance(self.value, float) else str(self.value))
+        return [self.figure, value, self.peer, self.goal, {True: "yes", False: "**no**", None: "-"}[self.met]]
+
+
+@dataclass
+class Scale:
+    """How big each measurement is: `full` for the figures README shows, `quick` to check it all runs."""
+
+    reader_samples: int
+    reader_block: int
+    per_sample_files: int
+    student_epochs: int
+    extraction: tuple[tuple[str, int, int], ...]  # (torchvision arch, image side, batch)
+    bytes_samples: int
+    memory_samples: int
+    repeats: int
+
+
+FULL = Scale(131072, 4096, 2048, 3,
+             (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)), 8192, 512, 3)
+QUICK = Scale(8192, 1024, 256, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), 2048, 32, 1)
+
+
+def median_seconds(setups: dict[str, Callable[[], object]], repeats: int,
+                   before: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median wall time of each setup; the setups take turns, and the first turn is a warm-up."""
+    times = {name: [] for name in setups}
+    for turn in range(repeats + 1):
+        for name, run in setups.items():
+            before()
+            began = time.perf_counter()
+            run()
+            if turn:
+                times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# -- stores -------------------------------------------------------------------------------------
+
+
+def smooth_maps(rng: np.random.Generator, n: int, side: int) -> np.ndarray:
+    """uint8 maps that look like Grad-CAMs: a bilinear blow-up of 3x3 noise, negative parts cut off."""
+    coarse = torch.from_numpy(rng.normal(size=(n, 1, 3, 3)).astype(np.float32))
+    return quantize_cam(torch.relu(F.interpolate(coarse, size=(side, side), mode="bilinear"))[:, 0])[0]
+
+
+def synthetic_store(path: Path, samples: int, classes: int, map_side: int, block_size: int,
+                    logits: dict | None = None, teachers=TEACHERS, chunks_per_block: int = 4) -> TeacherStore:
+    """A complete store of random values: logits ~ N(0, 3), smooth maps, Y uniform, O below it."""
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, classes, samples)
-    images = rng.integers(0, 256, (samples, image_side, image_side, 1), dtype=np.uint8)
     identity = {"name": "synthetic", "split": "train", "num_samples": samples, "num_classes": classes,
-                "image_shape": [image_side, image_side, 1], "ids_sha256": "0" * 64}
-    store = TeacherStore.create(path, identity, labels, images, target="label", block_size=block_size)
-    for t in range(teachers):
-        store.add_teacher(f"t{t}", {"arch": "synthetic", "weights_sha256": str(t), "target_layer": "x",
-                                    "transform": {}, "code_sha256": "", "map_shape": [map_side, map_side]})
+                "image_shape": [224, 224, 3], "ids_sha256": "0" * 64}
+    labels = rng.integers(0, classes, samples)
+    store = TeacherStore.create(path, identity, labels, None, target="label", block_size=block_size, logits=logits,
+                                chunks_per_block=chunks_per_block)
+    for t, name in enumerate(teachers):
+        store.add_teacher(name, {"arch": "synthetic", "weights_sha256": str(t), "target_layer": "x",
+                                 "transform": {}, "code_sha256": "", "map_shape": [map_side, map_side],
+                                 "heldout_top1": 0.5 + t / 100})
     for block in range(store.num_blocks):
         start, stop = store.block_rows(block)
         n = stop - start
         store.write_valid(block, np.ones(n, bool))
-        for t in range(teachers):
+        for name in teachers:
+            logit_values = torch.from_numpy(rng.normal(0, 3, (n, classes)).astype(np.float32))
             y = rng.uniform(0.01, 1, n).astype(np.float32)
-            store.write_block(f"t{t}", block, {
-                "logits": rng.normal(0, 3, (n, classes)).astype(np.float16),
-                "cam": rng.integers(0, 256, (n, map_side, map_side), dtype=np.uint8),
-                "cam_max": rng.uniform(0, 2, n).astype(np.float32), "cam_class": labels[start:stop],
-                "y_prob": y, "o_prob": y * rng.uniform(0, 1, n).astype(np.float32),
-                "attention": rng.integers(0, 256, (n, map_side, map_side), dtype=np.uint8),
-                "attention_max": rng.uniform(0, 2, n).astype(np.float32)})
+            store.write_block(name, block, {
+                **(topk_logit_fields(logit_values, logits["k"]) if logits else {"logits": logit_values.half().numpy()}),
+                "cam": smooth_maps(rng, n, map_side), "cam_max": rng.uniform(0, 2, n).astype(np.float32),
+                "cam_class": labels[start:stop], "y_prob": y, "o_prob": y * rng.uniform(0, 1, n).astype(np.float32),
+                "attention": smooth_maps(rng, n, map_side), "attention_max": rng.uniform(0, 2, n).astype(np.float32)})
     return store
 
 
-def one_pass(stream: BlockStream, epoch: int) -> float:
-    """Samples per second of one pass of `stream` (one process)."""
-    stream.set_epoch(epoch)
-    began, rows = time.perf_counter(), 0
-    for batch in stream:
-        rows += len(batch["index"])
-    return rows / (time.perf_counter() - began)
+def evict(root: Path) -> None:
+    """Drop `root`'s files from the page cache, so that the next read comes from the disk, as it would
+    from a store larger than memory."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
-def interleaved_rates(setups: dict, repeats: int) -> dict[str, float]:
-    """{name: (store path, fields, context manager factory)} -> median samples/s; the setups take turns,
-    so a change of machine load affects them alike, and a first pass of each is a warm-up."""
-    rates = {name: [] for name in setups}
-    for attempt in range(repeats + 1):
-        for name, (path, fields, context) in setups.items():
-            with context():
-                store = TeacherStore.open(path)
-                rate = one_pass(BlockStream(str(path), fields, list(range(store.num_blocks)), 256), attempt)
-            if attempt:
-                rates[name].append(rate)
-    return {name: statistics.median(values) for name, values in rates.items()}
+def bytes_under(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
 
 
-def unchecked_reads():
-    """Reads without the shard-file check (zarr alone): the baseline of that check."""
-    return mock.patch.object(TeacherStore, "read_block_rows",
-                             lambda self, field, block, start, stop: self.array(field)[start:stop])
+# -- stage two's reader -------------------------------------------------------------------------
 
 
-def no_checksums():
-    """Stores written inside are compressed like the real ones but carry no crc32c: format v3's codecs."""
-    shipped = cache.compressors
-    return mock.patch.object(cache, "compressors", lambda: shipped()[:1])
+def reader_figures(folder: Path, scale: Scale) -> list[Figure]:
+    """Samples/s of the explain-kd fields of 3 teachers from an ImageNet-shaped store (top-10 logits,
+    7x7 maps) whose files are evicted from the page cache before every pass."""
+    store = synthetic_store(folder / "reader.zarr", scale.reader_samples, 1000, 7, scale.reader_block,
+                            logits={"mode": "topk", "k": 10})
+    fields = ["labels", *teacher_fields("explain-kd", list(TEACHERS), store.logit_fields)]
+    blocks = list(range(store.num_blocks))
+    files = folder / "per-sample"
+    files.mkdir()
+    rows = store.read_rows(0, scale.per_sample_files, fields)
+    for i in range(scale.per_sample_files):  # torchdistill's cache: one torch.save file per sample
+        torch.save({f: torch.from_numpy(rows[f][i:i + 1]) for f in fields}, files / f"{i}.pt")
 
+    def ours():
+        for _ in BlockStream(str(store.path), fields, blocks, 256, seed=1):
+            pass
 
-def checksum_cost(samples: int = 8192, block_size: int = 256, repeats: int = 5) -> list[dict]:
-    """Stage two's stream rate (explain-kd fields of 3 teachers, digits-sized rows) on a store with and
-    without crc32c checksums, with and without the shard-file check of every read."""
-    fields = ["images", "labels", *teacher_fields("explain-kd", ["t0", "t1", "t2"])]
-    with tempfile.TemporaryDirectory() as folder:
-        checked = synthetic_store(Path(folder) / "checked.zarr", samples, 10, 8, 3, block_size)
-        with no_checksums():
-            plain = synthetic_store(Path(folder) / "plain.zarr", samples, 10, 8, 3, block_size)
-        rate = interleaved_rates({
-            "shipped": (checked.path, fields, contextlib.nullcontext), "crc only": (checked.path, fields, unchecked_reads),
-            "neither": (plain.path, fields, unchecked_reads)}, repeats)
-    shipped, crc_only, neither = rate["shipped"], rate["crc only"], rate["neither"]
+    def plain_zarr():  # zarr's own reads, a block of each array at a time
+        group = zarr.open_group(store.path, mode="r")
+        arrays = [group[f] for f in ["valid", *fields]]
+        for start, stop in map(store.block_rows, blocks):
+            for array in arrays:
+                array[start:stop]
+
+    def per_sample():
+        for i in range(scale.per_sample_files):
+            torch.load(files / f"{i}.pt")
+
+    def cold():
+        evict(store.path)
+        evict(files)
+
+    seconds = median_seconds({"ours": ours, "zarr": plain_zarr, "files": per_sample}, scale.repeats, before=cold)
+    warm = median_seconds({"ours": ours}, scale.repeats)["ours"]
+    rate = {name: n / seconds[name] for name, n in
+            (("ours", store.num_samples), ("zarr", store.num_samples), ("files", scale.per_sample_files))}
+    shape = (f"{len(fields)} arrays, {store.num_samples:,} samples in blocks of {store.block_size}, "
+             "page cache dropped before each pass")
     return [
-        {"figure": "stream, samples/s: crc32c + shard-file check (shipped)", "value": round(shipped)},
-        {"figure": "stream, samples/s: crc32c only", "value": round(crc_only)},
-        {"figure": "stream, samples/s: neither (format v3)", "value": round(neither)},
-        {"figure": "shipped / neither", "value": round(shipped / neither, 3)},
+        Figure(f"stage two's reader, samples/s ({shape})", rate["ours"],
+               f"plain zarr reads {rate['zarr']:,.0f}; per-sample torch.save files {rate['files']:,.0f}",
+               ">= 250,000", rate["ours"] >= 250_000),
+        Figure("reader / plain zarr reads", rate["ours"] / rate["zarr"]),
+        Figure("stage two's reader, samples/s, store in the page cache", store.num_samples / warm),
     ]
 
 
-@click.command()
-@click.option("--repeats", default=5, show_default=True, help="timed passes per figure (the median is shown)")
-def main(repeats):
-    """Measure what the store's checksums cost stage two's reader, as ratios in one run; prints a
-    markdown table."""
-    rows = checksum_cost(repeats=repeats)
-    click.echo("| figure | value |\n|---|---|")
-    for row in rows:
-        click.echo(f"| {row['figure']} | {row['value']} |")
+# -- a student run from the store --------------------------------------------------------------
 
 
-if __name__ == "__main__":
-    main()
+def digits_store(folder: Path) -> Path:
+    """A digits store as the default pipeline makes it (its teachers' architectures, random weights),
+    written by stage one itself."""
+    checkpoints = [str(make_teacher(folder / f"{arch}.pt", arch, seed)) for seed, arch in enumerate(DIGITS_TEACHERS)]
+    store = folder / "digits.zarr"
+    extract(ExtractConfig(dataset="digits", teachers=checkpoints, store=str(store)))
+    return store
+
+
+def student_figures(folder: Path, scale: Scale) -> list[Figure]:
+    """Wall time of a whole `train-student` run (same student, store, epochs) per method, over ce's."""
+    store = digits_store(folder)
+    runs = {"ce": {"method": "ce"}, "kd": {"method": "kd"}, "explain-kd": {"method": "explain-kd"},
+            "explain-kd, design recipe": {"method": "explain-kd", "recipe": "design"}}
+    setups = {name: (lambda options=options: train(TrainStudentConfig(
+        dataset="digits", store=str(store), epochs=scale.student_epochs, out_dir=str(folder / "students"),
+        **options))) for name, options in runs.items()}
+    seconds = median_seconds(setups, scale.repeats)
+    return [Figure(f"student run {name} / ce ({scale.student_epochs} epochs, digits, resnet8_slim)",
+                   seconds[name] / seconds["ce"], *(("cached-teacher prototype 0.97; online 3 teachers ~8", "<= 1.05",
+                                                    seconds[name] / seconds["ce"] <= 1.05) if name == "explain-kd"
+                                                   else ()))
+            for name in runs if name != "ce"]
+
+
+def online_figure(folder: Path, scale: Scale) -> Figure:
+    """Per training step: the 3 teachers explained online (stage one's work) plus the student's step,
+    over the student's step from cached rows."""
+    info = get_dataset("digits", "train").info
+    store = TeacherStore.open(folder / "digits.zarr")
+    fields = ["images", "labels", *teacher_fields("explain-kd", store.teachers, store.logit_fields)]
+    batch = next(iter(BlockStream(str(store.path), fields, [0], 64)))
+    teachers = []
+    for arch in DIGITS_TEACHERS:
+        model = create_model(arch, info.image_shape[2], info.num_classes).eval()
+        teachers.append((model, CamLayer.of(model, probe_input(info.image_shape))))
+    student = create_model("resnet8_slim", info.image_shape[2], info.num_classes)
+    layer = CamLayer.of(student.eval(), probe_input(info.image_shape))
+    student.train()
+    loss_fn = DistillationLoss("explain-kd", store.teachers, layer, info.mean, info.std, 4.0, 1.0, 0.5,
+                               info.num_classes, student_map="attention", kd_teacher=store.teachers[-1])
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
+    x = (batch["images"].permute(0, 3, 1, 2).float() / 255 - torch.tensor(info.mean).view(1, -1, 1, 1)) / \
+        torch.tensor(info.std).view(1, -1, 1, 1)
+
+    def cached():
+        optimizer.zero_grad()
+        loss_fn(student, batch)["loss"].backward()
+        optimizer.step()
+
+    def online():
+        for model, cam_layer in teachers:
+            explain(model, cam_layer, x, batch["labels"], "label", info.mean, info.std)
+        cached()
+
+    seconds = median_seconds({"cached": lambda: [cached() for _ in range(5)],
+                              "online": lambda: [online() for _ in range(5)]}, scale.repeats)
+    return Figure("online distillation step / cached (3 digits teachers, batch 64)",
+                  seconds["online"] / seconds["cached"], "a prototype's online 3-teacher step: ~8")
+
+
+# -- stage one ----------------------------------------------------------------------------------
+
+
+def torchvision_teacher(arch: str) -> Teacher:
+    import torchvision  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=1000).eval()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return Teacher(arch, model, CamLayer.of(model, probe_input((64, 64, 3))), Transform(mean, std), {})
+
+
+def extraction_figures(scale: Scale, device: torch.device) -> list[Figure]:
+    """Stage one's work on a batch (logits, Grad-CAM, the scoring forward, attention; as extraction runs
+    it) over a bare inference forward, and the grad-cam package's GradCAM + confidence metric over ours."""
+    figures = []
+    for arch, side, batch in scale.extraction:
+        teacher = torchvision_teacher(arch)
+        teacher.model = prepare_model(teacher.model, device)
+        images = torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8)  # as the loader yields them
+        labels = torch.randint(0, 1000, (batch,))
+        x = to_device(normalize(images, teacher.transform.mean, teacher.transform.std), device)
+
+        def bare():
+            with torch.inference_mode(), autocast(device):
+                teacher.model(x)
+            sync(device)
+
+        def ours():
+            explain_batch(teacher, images, labels, "label", device)
+
+        setups = {"bare": bare, "ours": ours} | ({"grad-cam": lambda: grad_cam_package(teacher, x, labels)}
+                                                 if device.type == "cpu" and has_grad_cam() else {})
+        seconds = median_seconds(setups, scale.repeats)
+        autograd = not teacher.layer.linear_head
+        limit = 2.5 if autograd else 2.0
+        ratio = seconds["ours"] / seconds["bare"]
+        figures.append(Figure(f"stage one batch work / bare forward ({arch}, {side} px, batch {batch}, "
+                              f"{'autograd' if autograd else 'GAP head'}, {device.type})", ratio,
+                              "grad-cam package + its confidence metric: 4.7 to 5.1", f"<= {limit}", ratio <= limit))
+        if "grad-cam" in seconds:
+            figures.append(Figure(f"grad-cam package / ours, same maps and scores ({arch}, {side} px)",
+                                  seconds["grad-cam"] / seconds["ours"]))
+    return figures
+
+
+def has_grad_cam() -> bool:
+    return importlib.util.find_spec("pytorch_grad_cam") is not None
+
+
+def grad_cam_package(teacher: Teacher, x: torch.Tensor, labels: torch.Tensor) -> None:
+    """The peer: the grad-cam package's GradCAM maps and its confidence change on the map-multiplied image."""
+    from pytorch_grad_cam import GradCAM  # noqa: PLC0415
+    from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange  # noqa: PLC0415
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget  # noqa: PLC0415
+
+    layer = module_path(teacher.model, teacher.layer.target_layer)
+    with GradCAM(model=teacher.model, target_layers=[layer]) as cam:
+        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in labels])
+    CamMultImageConfidenceChange()(x, maps, [ClassifierOutputSoftmaxTarget(int(c)) for c in labels], teacher.model)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_figures(scale: Scale, device: torch.device) -> list[Figure]:
+    """Extraction images/s of torchvision resnet50 at 224 px (bf16, channels_last, scoring included)."""
+    teacher = torchvision_teacher("resnet50")
+    teacher.model = prepare_model(teacher.model, device)
+    batch = 256 if scale is FULL else 8
+    images = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8).pin_memory()
+    labels = torch.randint(0, 1000, (batch,))
+    seconds = median_seconds({"ours": lambda: (explain_batch(teacher, images, labels, "label", device),
+                                               sync(device))}, scale.repeats)["ours"]
+    rate = batch / seconds
+    return [Figure(f"extraction images/s, resnet50 224 px bf16 channels_last, batch {batch} "
+                   f"({torch.cuda.get_device_name(device)})", rate, "-", ">= 2,500 (one H100)", rate >= 2500)]
+
+
+# -- the store's size and stage one's memory -------------------------------------------------
+
+
+def bytes_figures(folder: Path, scale: Scale) -> list[Figure]:
+    """Bytes on disk per sample per teacher (all of a teacher's arrays; values as `synthetic_store`)."""
+    figures = []
+    for shape, classes, side in (("CIFAR-100", 100, 8), ("ImageNet", 1000, 7)):
+        for logits in (None, {"mode": "topk", "k": 10}):
+            name = f"{shape}-{'full' if logits is None else 'top10'}"
+            store = synthetic_store(folder / f"{name}.zarr", scale.bytes_samples, classes, side,
+                                    min(4096, scale.bytes_samples), logits, teachers=("t0",))
+            value = bytes_under(store.path / "teachers" / "t0") / scale.bytes_samples
+            goal = shape == "ImageNet" and logits is not None
+            figures.append(Figure(f"store bytes/sample/teacher, {shape} shape, {side}x{side} maps, "
+                                  f"{'full' if logits is None else 'top-10'} logits", value, "-",
+                                  "<= 100" if goal else "-", value <= 100 if goal else None))
+    return figures
+
+
+def memory_figure(folder: Path, scale: Scale) -> Figure:
+    """Peak resident memory of `pipeline extract-teachers` (CIFAR-10 files, one teacher) at N and 4N
+    samples, each in a fresh process."""
+    peaks = {}
+    for n in (scale.memory_samples, 4 * scale.memory_samples):
+        root = make_cifar(folder / f"cifar-{n}", per_batch=n // 5)
+        teacher = make_teacher(folder / "cifar-teacher.pt", "resnet20", dataset="cifar10", data_root=root)
+        command = [sys.executable, "-c", "import resource, sys; from pipeline.cli import main; "
+                   "sys.argv = ['pipeline'] + sys.argv[1:];\ntry: main()\nexcept SystemExit: pass\n"
+                   "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+                   "extract-teachers", "--dataset", "cifar10", "--data-root", str(root), "--teachers", str(teacher),
+                   "--store", str(folder / f"cifar-{n}.zarr"), "--block-size", "64", "--batch-size", "32"]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        peaks[n] = int(out.rsplit("peak", 1)[1]) / 1024
+    small, large = peaks.values()
+    return Figure(f"extraction peak memory, MiB, at {scale.memory_samples} and {4 * scale.memory_samples} samples "
+                  "(CIFAR-10 files, resnet20)", f"{small:,.0f} and {large:,.0f} ({large / small:.2f}x)", "-",
+                  "flat (<= 1.1x)", large / small <= 1.1)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def run_all(scale: Scale, folder: Path) -> list[Figure]:
+    sections = [lambda: reader_figures(folder, scale), lambda: student_figures(folder, scale),
+                lambda: [online_figure(folder, scale)], lambda: extraction_figures(scale, torch.device("cpu")),
+                lambda: bytes_figures(folder, scale), lambda: [memory_figure(folder, scale)]]
+    if torch.cuda.is_available():
+        device = resolve_device("cuda")
+        sections += [lambda: extraction_figures(scale, device), lambda: gpu_figures(scale, device)]
+    figures = []
+    for section in sections:
+        began = time.perf_counter()
+        figures += section()
+        print(f"bench: {figures[-1].figure} ... ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+    return figures
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def markdown(figures: list[Figure]) -> str:
+    lines = ["| figure | value | peer | goal | met |", "|---|---|---|---|---|"]
+    return "\n".join(lines + ["| " + " | ".join(f.cells()) + " |" for f in figures])
+
+
+def run_bench(quick: bool, json_path: str | None, repeats: int | None) -> str:
+    """Every figure, as one markdown table under a line that names the machine (see `pipeline bench`)."""
+    scale = QUICK if quick else FULL
+    if repeats is not None:
+        scale = Scale(**{**asdict(scale), "repeats": repeats})
+    with tempfile.TemporaryDirectory() as folder:
+        figures = run_all(scale, Path(folder))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"machine": machine(), "quick": quick,
+                                               "figures": [asdict(f) for f in figures]}, indent=1) + "\n")
+    return f"{machine()}\n\n{markdown(figures)}"

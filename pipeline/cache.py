@@ -26,6 +26,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.shards import ShardDamage, ShardLayout, read_shard_rows
 
 FORMAT, VERSION = "teacher-cache", 4  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
 # 4: a crc32c checksum on every chunk, every chunk written
@@ -45,8 +46,6 @@ def compressors() -> tuple:
     """Each chunk is compressed, then checksummed: a flipped bit fails its read."""
     return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()
 
-
-INDEX_ENTRY_BYTES, CHECKSUM_BYTES = 16, 4  # a shard index: per chunk (offset, length) as uint64 LE; then crc32c
 
 # zarr leaves out chunks equal to the fill value; here every chunk is written, so a missing one is damage
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
@@ -80,6 +79,7 @@ class TeacherStore:
     def __init__(self, group: zarr.Group, path: Path):
         self.group, self.path = group, path
         self._arrays: dict[str, zarr.Array] = {}
+        self._layouts: dict[str, ShardLayout] = {}
 
     # -- opening -----------------------------------------------------------------------
 
@@ -309,7 +309,7 @@ class TeacherStore:
         self.group.attrs["teachers"] = [t for t in self.teachers if t != name]
         if name in self.group["teachers"].group_keys():
             del self.group["teachers"][name]
-        self._arrays = {}
+        self._arrays, self._layouts = {}, {}
 
     def writable(self, array: str) -> zarr.Array:
         return self.group[array].with_config(WRITE_EVERY_CHUNK)
@@ -370,26 +370,23 @@ class TeacherStore:
         return {field: np.concatenate([self.read_block_rows(field, *span) for span in spans]) for field in fields}
 
     def read_block_rows(self, field: str, block: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of `field`, all in `block`, read straight from its shard file (pipeline.shards)."""
+        first = block * self.block_size
         try:
-            size = self.shard_file(field, block).stat().st_size
-        except FileNotFoundError:
-            raise self.damaged(field, block, "its shard file is missing") from None
-        if size < self.shard_index_bytes(field):  # zarr would read an empty file as fill values
-            raise self.damaged(field, block, "its shard file is empty or truncated")
-        try:
-            return self.array(field)[start:stop]
-        except Exception as error:
-            raise self.damaged(field, block, error) from None
+            return read_shard_rows(self.shard_file(field, block), self.layout(field), start - first, stop - first)
+        except ShardDamage as damage:
+            raise self.damaged(field, block, str(damage)) from None
+
+    def layout(self, path: str) -> ShardLayout:
+        if path not in self._layouts:
+            self._layouts[path] = ShardLayout.of(self.array(path), path)
+        return self._layouts[path]
 
     def array(self, path: str) -> zarr.Array:
         """The array at `path`, its metadata read once per store handle."""
         if path not in self._arrays:
             self._arrays[path] = self.group[path]
         return self._arrays[path]
-
-    def shard_index_bytes(self, array: str) -> int:
-        """Size of a shard's index: (offset, length) as two uint64 per chunk, then a crc32c."""
-        return INDEX_ENTRY_BYTES * (self.block_size // self.array(array).chunks[0]) + CHECKSUM_BYTES
 
     def shard_file(self, array: str, block: int) -> Path:
         """The file that holds `block` of `array` (zarr's default chunk key encoding, c/<block>/0/...)."""

@@ -14,14 +14,12 @@ from the data set when it opens the store.
 import math
 from dataclasses import dataclass
 
-import google_crc32c
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import CHECKSUM_BYTES, TeacherStore, decoding_error
+from pipeline.cache import TeacherStore
 from pipeline.errors import PipelineError
-
-EMPTY = np.uint64(2**64 - 1)  # the index entry of a chunk that was never written
+from pipeline.shards import ShardDamage, check_index, decode_chunks
 
 
 @dataclass(frozen=True)
@@ -40,31 +38,13 @@ class Damage:
 
 def shard_damage(store: TeacherStore, array: str, block: int, quick: bool) -> str | None:
     """What is wrong with `block` of `array`, or None."""
-    path = store.shard_file(array, block)
-    if not path.is_file():
-        return "missing (no shard file)"
-    size = path.stat().st_size
-    if size == 0:
-        return "empty file"
     start, stop = store.block_rows(block)
-    chunk_rows, index_bytes = store.attrs["chunk_rows"], store.shard_index_bytes(array)
-    if size < index_bytes:
-        return "truncated (shorter than its index)"
-    with open(path, "rb") as file:
-        file.seek(size - index_bytes)
-        index = file.read()
-    if google_crc32c.value(index[:-CHECKSUM_BYTES]) != int.from_bytes(index[-CHECKSUM_BYTES:], "little"):
-        return "shard index fails its checksum (truncated or damaged)"
-    entries = np.frombuffer(index[:-CHECKSUM_BYTES], "<u8").reshape(-1, 2)[:math.ceil((stop - start) / chunk_rows)]
-    if (entries == EMPTY).any():
-        return "a chunk is missing from the shard"
-    if (entries.sum(1) > size - index_bytes).any():
-        return "truncated (a chunk reaches past the data)"
-    if not quick:
-        try:
-            store.array(array)[start:stop]
-        except Exception as error:  # zarr raises ValueError, RuntimeError or codec errors
-            return decoding_error(error)
+    layout = store.layout(array)
+    chunks = range(math.ceil((stop - start) / layout.chunk_rows))
+    try:
+        (check_index if quick else decode_chunks)(store.shard_file(array, block), layout, chunks)
+    except ShardDamage as damage:
+        return str(damage)
     return None
 
 

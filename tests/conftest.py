@@ -9,25 +9,9 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.data import get_dataset
+from pipeline.fabricate import make_cifar, make_teacher  # noqa: F401 (the tests' helpers too)
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
-
-
-def make_teacher(path: Path, arch: str, seed: int = 0, zero_head: bool = False) -> Path:
-    """Save an untrained teacher checkpoint of `arch` for digits; `zero_head` zeroes its last Linear."""
-    torch.manual_seed(seed)
-    info = get_dataset("digits", "test").info
-    model = create_model(arch, info.image_shape[2], info.num_classes)
-    if zero_head:
-        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        torch.nn.init.zeros_(last.weight)
-        torch.nn.init.zeros_(last.bias)
-    save_checkpoint(path, model, {
-        "name": arch, "arch": arch, "in_channels": info.image_shape[2], "num_classes": info.num_classes,
-        "transform": {"mean": list(info.mean), "std": list(info.std)}, "metrics": {"top1": 0.5, "val_top1": 0.5},
-    })
-    return path
 
 
 def invoke(*args, exit_code=0):
@@ -63,25 +47,6 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 # -- fabricated real-world layouts -------------------------------------------------------
 
-def make_cifar(root: Path, name: str = "cifar10", per_batch: int = 4, seed: int = 0) -> Path:
-    """torchvision's CIFAR python layout with `per_batch` random images in every batch file."""
-    import pickle
-
-    rng = np.random.default_rng(seed)
-    folder, files, key, classes = {
-        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10),
-        "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
-    }[name]
-    (root / folder).mkdir(parents=True, exist_ok=True)
-    for file in files:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 key: rng.integers(0, classes, per_batch).tolist(),
-                 b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
-        with open(root / folder / file, "wb") as handle:
-            pickle.dump(batch, handle)
-    return root
-
-
 IMAGENET_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475"]
 
 
@@ -108,8 +73,6 @@ def make_imagenet(root: Path, classes=IMAGENET_WNIDS[1:4], train_per_class: int 
 
 def make_torchvision_teacher(path: Path, arch: str, num_classes: int, seed: int = 0) -> Path:
     """A torchvision architecture with random weights, saved as this project's checkpoint."""
-    from pipeline.models import create_model
-
     torch.manual_seed(seed)
     model = create_model(f"torchvision:{arch}", 3, num_classes)
     save_checkpoint(path, model, {

@@ -66,6 +66,51 @@ def test_round_trip_and_plain_zarr(tmp_path):
     np.testing.assert_array_equal(rows["teachers/t1/y_prob"], written[1]["y_prob"])
 
 
+def written_store(path, block_size=4, logits=None):
+    store = TeacherStore.create(path, identity(), np.arange(N) % C, np.arange(N * 16, dtype=np.uint8).reshape(N, 4, 4, 1),
+                                target="label", block_size=block_size, chunks_per_block=2, logits=logits)
+    store.add_teacher("t1", TEACHER)
+    rng = np.random.default_rng(1)
+    for block in range(store.num_blocks):
+        start, stop = store.block_rows(block)
+        arrays = block_arrays(rng, stop - start)
+        if logits:
+            arrays |= topk_logit_fields(torch.from_numpy(arrays["logits"]).float(), logits["k"])
+        store.write_block("t1", block, arrays)
+    return store
+
+
+@pytest.mark.parametrize("logits", [None, {"mode": "topk", "k": 2}])
+def test_direct_shard_reads_equal_zarrs_for_every_row_range(tmp_path, logits):
+    """The reader decodes shard files itself (pipeline.shards); zarr's own read path is the reference."""
+    store = written_store(tmp_path / "s.zarr", logits=logits)
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    arrays = [*store.shared_arrays, *(f"teachers/t1/{f}" for f in store.teacher_fields)]
+    for start in range(N):
+        for stop in range(start + 1, N + 1):  # within a chunk, across chunks and blocks, the partial last block
+            rows = store.read_rows(start, stop, arrays)
+            for array in arrays:
+                assert rows[array].dtype == group[array].dtype
+                np.testing.assert_array_equal(rows[array], group[array][start:stop], err_msg=f"{array} {start}:{stop}")
+
+
+def test_a_chunk_whose_header_states_another_size_is_damage_even_with_a_valid_checksum(tmp_path):
+    """A decoder writing fewer bytes than a chunk holds would leave rows of uninitialised memory."""
+    import google_crc32c
+
+    store = written_store(tmp_path / "s.zarr")
+    path = store.shard_file("teachers/t1/y_prob", 1)
+    data = bytearray(path.read_bytes())
+    index = np.frombuffer(bytes(data[-36:-4]), "<u8").reshape(2, 2)  # 2 chunks: (offset, length), then crc32c
+    offset, length = (int(v) for v in index[0])
+    data[offset + 4:offset + 8] = (4).to_bytes(4, "little")  # blosc header: decoded bytes, really 2 rows * 4 bytes
+    data[offset + length - 4:offset + length] = google_crc32c.value(bytes(data[offset:offset + length - 4])).to_bytes(
+        4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="y_prob block 1: it does not decode .a chunk says it holds 4 bytes"):
+        TeacherStore.open(tmp_path / "s.zarr").read_rows(4, 8, ["teachers/t1/y_prob"])
+
+
 def test_unfinished_blocks_are_pending(tmp_path):
     store = make_store(tmp_path / "s.zarr")
     store.add_teacher("t1", TEACHER)

@@ -60,12 +60,14 @@ def make_empty(path):
     path.write_bytes(b"")
 
 
-DAMAGE = {  # how the file is broken -> what verify says
-    "flipped byte in chunk data": (flip_chunk_data, "checksum mismatch"),
-    "flipped byte in shard index": (flip_index, "shard index fails its checksum (truncated or damaged)"),
-    "deleted shard": (lambda path: path.unlink(), "missing (no shard file)"),
-    "truncated shard": (truncate, "shard index fails its checksum (truncated or damaged)"),
-    "zero-length file": (make_empty, "empty file"),
+# how the file is broken -> what verify and a reader say (a truncated file's last bytes are no index;
+# zarr alone would read an empty file as fill values)
+DAMAGE = {
+    "flipped byte in chunk data": (flip_chunk_data, "it does not decode (checksum mismatch)"),
+    "flipped byte in shard index": (flip_index, "its shard index fails its checksum (truncated or damaged)"),
+    "deleted shard": (lambda path: path.unlink(), "its shard file is missing"),
+    "truncated shard": (truncate, "its shard index fails its checksum (truncated or damaged)"),
+    "zero-length file": (make_empty, "its shard file is empty"),
 }
 CASES = [  # every kind of damage, and every array kind (shared, teacher; 1-, 2-, 3-, 4-d) at least once
     ("flipped byte in chunk data", "teachers/vgg8_bn/logits"), ("flipped byte in chunk data", "labels"),
@@ -99,17 +101,8 @@ def test_every_kind_of_damage_is_found_and_repaired_by_recomputing_only_its_bloc
     assert_same_store(store, clean_store)
 
 
-READ_ERROR = {  # what a reader says about each kind of damage
-    "flipped byte in chunk data": "it does not decode (checksum mismatch)",
-    "flipped byte in shard index": "it does not decode (checksum mismatch)",
-    "deleted shard": "its shard file is missing",
-    "truncated shard": "it does not decode (checksum mismatch)",  # its last bytes are no index: checksum fails
-    "zero-length file": "its shard file is empty or truncated",  # zarr alone would read fill values
-}
-
-
 @pytest.mark.parametrize("kind,array,workers", [
-    *((kind, "teachers/vgg8_bn/logits", 0) for kind in READ_ERROR),
+    *((kind, "teachers/vgg8_bn/logits", 0) for kind in DAMAGE),
     ("flipped byte in chunk data", "teachers/vgg8_bn/logits", 2), ("zero-length file", "labels", 2),
     ("zero-length file", "valid", 0),
 ])
@@ -119,7 +112,7 @@ def test_a_student_stops_on_damage_with_one_line_naming_it_and_the_repair(kind, 
     DAMAGE[kind][0](shard(store, array, 3))
     result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 1, "--num-workers", workers,
                     "--out-dir", tmp_path / "s", exit_code=1)
-    assert result.output == (f"Error: store {store} is damaged: {array} block 3: {READ_ERROR[kind]}; run "
+    assert result.output == (f"Error: store {store} is damaged: {array} block 3: {DAMAGE[kind][1]}; run "
                              f"`pipeline cache verify --repair {store}`, then the `pipeline extract-teachers` command "
                              "that wrote it\n")
 
@@ -131,8 +124,8 @@ def test_two_damaged_blocks_are_listed_and_repaired_by_the_quick_check(teachers,
     shard(store, "teachers/vgg8_bn/y_prob", 2).unlink()
     result = invoke("cache", "verify", "--quick", "--repair", store, exit_code=1)
     assert result.output.count("FAIL damaged:") == 2
-    assert "FAIL damaged: teachers/resnet8_slim/cam block 8: shard index fails its checksum" in result.output
-    assert "FAIL damaged: teachers/vgg8_bn/y_prob block 2: missing (no shard file)" in result.output
+    assert "FAIL damaged: teachers/resnet8_slim/cam block 8: its shard index fails its checksum" in result.output
+    assert "FAIL damaged: teachers/vgg8_bn/y_prob block 2: its shard file is missing" in result.output
     assert ": 2 of 9 blocks to extract" in invoke(*extract_args(teachers, store)).output
     assert "OK" in invoke("cache", "verify", store).output
     assert_same_store(store, clean_store)

@@ -1,0 +1,46 @@
+"""Fabricated inputs for tests and `pipeline bench`: untrained teacher checkpoints, CIFAR files of
+random images (no weights or data sets can be downloaded where they run)."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.data import get_dataset
+from pipeline.models import create_model
+from pipeline.models.checkpoint import save_checkpoint
+
+
+def make_teacher(path: Path, arch: str, seed: int = 0, zero_head: bool = False, dataset: str = "digits",
+                 data_root: Path | None = None) -> Path:
+    """Save an untrained teacher checkpoint of `arch` for `dataset`; `zero_head` zeroes its last Linear."""
+    torch.manual_seed(seed)
+    info = get_dataset(dataset, "test", data_root and str(data_root)).info
+    model = create_model(arch, info.image_shape[2], info.num_classes)
+    if zero_head:
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
+    save_checkpoint(path, model, {
+        "name": arch, "arch": arch, "in_channels": info.image_shape[2], "num_classes": info.num_classes,
+        "transform": {"mean": list(info.mean), "std": list(info.std)}, "metrics": {"top1": 0.5, "val_top1": 0.5},
+    })
+    return path
+
+
+def make_cifar(root: Path, name: str = "cifar10", per_batch: int = 4, seed: int = 0) -> Path:
+    """torchvision's CIFAR python layout with `per_batch` random images in every batch file."""
+    rng = np.random.default_rng(seed)
+    folder, files, key, classes = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10),
+        "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
+    }[name]
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    for file in files:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 key: rng.integers(0, classes, per_batch).tolist(),
+                 b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
+        with open(root / folder / file, "wb") as handle:
+            pickle.dump(batch, handle)
+    return root

@@ -1,0 +1,137 @@
+"""Reading the store's shard files directly: one read per file, every checksum checked here.
+
+zarr's read path costs about a millisecond of fixed overhead per chunk (its asyncio codec
+pipeline), which caps stage two near 50,000 samples/s at 25 arrays a block however the reads
+are batched (docs/reader.md). Every sharded array of a format v4 store has one layout, which
+`ShardLayout.of` checks: a shard is one block of rows in chunks of `chunk_rows` rows, each
+chunk blosc-compressed and followed by its crc32c; the file ends in the index, an (offset,
+length) pair of little-endian uint64 per chunk, and the index's own crc32c (the zarr v3
+sharding codec with index_location "end"). Writing stays with zarr.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import zarr
+from numcodecs import blosc
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+
+from pipeline.errors import PipelineError
+
+INDEX_ENTRY_BYTES, CHECKSUM_BYTES, BLOSC_HEADER_BYTES = 16, 4, 16
+EMPTY = np.uint64(2**64 - 1)  # the index entry of a chunk that was never written
+
+
+class ShardDamage(Exception):
+    """What is wrong with one shard file, in a few words (the caller names the store and block)."""
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    dtype: np.dtype  # little-endian, as stored
+    row_shape: tuple[int, ...]
+    chunk_rows: int
+    chunks_per_shard: int
+
+    @classmethod
+    def of(cls, array: zarr.Array, name: str) -> "ShardLayout":
+        """The layout of a format v4 array, or a one-line error naming what differs."""
+        codecs = array.metadata.codecs
+        sharding = codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
+        inner = [type(c) for c in sharding.codecs] if sharding else []
+        index = [type(c) for c in sharding.index_codecs] if sharding else []
+        if (inner != [BytesCodec, BloscCodec, Crc32cCodec] or index != [BytesCodec, Crc32cCodec]
+                or sharding.index_location.value != "end" or sharding.chunk_shape[1:] != array.shape[1:]):
+            raise PipelineError(f"array {name} is not laid out as a teacher-cache v4 array (codecs {codecs}); "
+                                "rewrite the store with this version's `pipeline extract-teachers`")
+        chunk_rows = sharding.chunk_shape[0]
+        return cls(np.dtype(array.dtype).newbyteorder("<"), tuple(array.shape[1:]), chunk_rows,
+                   array.shards[0] // chunk_rows)
+
+    @property
+    def index_bytes(self) -> int:
+        return INDEX_ENTRY_BYTES * self.chunks_per_shard + CHECKSUM_BYTES
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * math.prod(self.row_shape) * self.dtype.itemsize
+
+
+def has_checksum(data: np.ndarray) -> bool:
+    """Whether the bytes `data` end in the crc32c of the bytes before them (zarr's Crc32cCodec: little-endian)."""
+    body, stored = data[:-CHECKSUM_BYTES], data[-CHECKSUM_BYTES:]
+    return google_crc32c.value(body) == int.from_bytes(stored.tobytes(), "little")
+
+
+def blosc_sizes(body: np.ndarray) -> tuple[int, int]:
+    """(decoded, compressed) bytes that a blosc chunk's 16-byte header states (both uint32 LE)."""
+    if len(body) < BLOSC_HEADER_BYTES:
+        return 0, len(body)
+    return int(body[4:8].view("<u4")[0]), int(body[12:16].view("<u4")[0])
+
+
+def read_file(path: Path, layout: ShardLayout, index_only: bool = False) -> tuple[np.ndarray, int]:
+    """The file's bytes (with `index_only`, just its index: the last bytes) and its size."""
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, 2)
+            if size == 0:
+                raise ShardDamage("its shard file is empty")
+            if size < layout.index_bytes:
+                raise ShardDamage("its shard file is truncated (shorter than its index)")
+            file.seek(size - layout.index_bytes if index_only else 0)
+            return np.frombuffer(file.read(), np.uint8), size
+    except FileNotFoundError:
+        raise ShardDamage("its shard file is missing") from None
+
+
+def chunk_spans(index: np.ndarray, data_bytes: int, layout: ShardLayout, chunks: range) -> np.ndarray:
+    """(offset, length) of each chunk in `chunks`, after checking the index (the file's last
+    `index_bytes`) and that the chunks lie in the `data_bytes` before it."""
+    if not has_checksum(index):
+        raise ShardDamage("its shard index fails its checksum (truncated or damaged)")
+    entries = index[:-CHECKSUM_BYTES].view("<u8").reshape(-1, 2)[chunks.start:chunks.stop]
+    if (entries == EMPTY).any():
+        raise ShardDamage("a chunk is missing from its shard")
+    if (entries.sum(1) > data_bytes).any():
+        raise ShardDamage("its shard file is truncated (a chunk reaches past the data)")
+    return entries
+
+
+def check_index(path: Path, layout: ShardLayout, chunks: range) -> None:
+    """The quick check: the file is there and its index is sound, read from the file's end only."""
+    index, size = read_file(path, layout, index_only=True)
+    chunk_spans(index, size - layout.index_bytes, layout, chunks)
+
+
+def decode_chunks(path: Path, layout: ShardLayout, chunks: range) -> np.ndarray:
+    """The rows of `chunks` (chunk numbers within the shard), every checksum checked."""
+    data, size = read_file(path, layout)
+    data_bytes = size - layout.index_bytes
+    out = np.empty((len(chunks) * layout.chunk_rows, *layout.row_shape), layout.dtype)
+    target = out.reshape(len(chunks), -1).view(np.uint8)
+    for i, (offset, length) in enumerate(chunk_spans(data[data_bytes:], data_bytes, layout, chunks)):
+        chunk = data[offset:offset + length]
+        if length <= CHECKSUM_BYTES or not has_checksum(chunk):
+            raise ShardDamage("it does not decode (checksum mismatch)")
+        body = chunk[:-CHECKSUM_BYTES]
+        decoded, compressed = blosc_sizes(body)
+        if (decoded, compressed) != (layout.chunk_bytes, len(body)):
+            raise ShardDamage(f"it does not decode (a chunk says it holds {decoded} bytes in {compressed}, "
+                              f"not {layout.chunk_bytes} in {len(body)})")
+        try:
+            blosc.decompress(body, target[i])
+        except RuntimeError as error:  # blosc's own checks of its header and stream
+            raise ShardDamage(f"it does not decode ({error})") from None
+    return out
+
+
+def read_shard_rows(path: Path, layout: ShardLayout, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of one shard, counted from the shard's first row."""
+    first, last = start // layout.chunk_rows, -(-stop // layout.chunk_rows)
+    rows = decode_chunks(path, layout, range(first, last))
+    offset = first * layout.chunk_rows
+    return rows[start - offset:stop - offset]
