@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline.cache import TeacherStore, quantize_cam, topk_logit_fields
+from pipeline.cache import TeacherStore, default_block_size, quantize_cam, topk_logit_fields
 from pipeline.config import ExtractConfig, TrainStudentConfig
 from pipeline.data import get_dataset, normalize
 from pipeline.devices import autocast, prepare_model, resolve_device, to_device
@@ -69,7 +69,8 @@ class Scale:
     repeats: int
 
 
-FULL = Scale(131072, 4096, 2048, 3,
+ILSVRC2012_TRAIN = 1_281_167  # samples: its store's block size is the reader's
+FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 3,
              (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)), 8192, 512, 3)
 QUICK = Scale(8192, 1024, 256, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), 2048, 32, 1)
 
@@ -203,9 +204,8 @@ def digits_store(folder: Path) -> Path:
     return store
 
 
-def student_figures(folder: Path, scale: Scale) -> list[Figure]:
+def student_figures(store: Path, folder: Path, scale: Scale) -> list[Figure]:
     """Wall time of a whole `train-student` run (same student, store, epochs) per method, over ce's."""
-    store = digits_store(folder)
     runs = {"ce": {"method": "ce"}, "kd": {"method": "kd"}, "explain-kd": {"method": "explain-kd"},
             "explain-kd, design recipe": {"method": "explain-kd", "recipe": "design"}}
     setups = {name: (lambda options=options: train(TrainStudentConfig(
@@ -219,11 +219,11 @@ def student_figures(folder: Path, scale: Scale) -> list[Figure]:
             for name in runs if name != "ce"]
 
 
-def online_figure(folder: Path, scale: Scale) -> Figure:
+def online_figure(path: Path, scale: Scale) -> Figure:
     """Per training step: the 3 teachers explained online (stage one's work) plus the student's step,
     over the student's step from cached rows."""
     info = get_dataset("digits", "train").info
-    store = TeacherStore.open(folder / "digits.zarr")
+    store = TeacherStore.open(path)
     fields = ["images", "labels", *teacher_fields("explain-kd", store.teachers, store.logit_fields)]
     batch = next(iter(BlockStream(str(store.path), fields, [0], 64)))
     teachers = []
@@ -249,8 +249,9 @@ def online_figure(folder: Path, scale: Scale) -> Figure:
             explain(model, cam_layer, x, batch["labels"], "label", info.mean, info.std)
         cached()
 
-    seconds = median_seconds({"cached": lambda: [cached() for _ in range(5)],
-                              "online": lambda: [online() for _ in range(5)]}, scale.repeats)
+    steps = range(scale.student_epochs * 2)
+    seconds = median_seconds({"cached": lambda: [cached() for _ in steps], "online": lambda: [online() for _ in steps]},
+                             scale.repeats)
     return Figure("online distillation step / cached (3 digits teachers, batch 64)",
                   seconds["online"] / seconds["cached"], "a prototype's online 3-teacher step: ~8")
 
@@ -350,7 +351,7 @@ def bytes_figures(folder: Path, scale: Scale) -> list[Figure]:
             value = bytes_under(store.path / "teachers" / "t0") / scale.bytes_samples
             goal = shape == "ImageNet" and logits is not None
             figures.append(Figure(f"store bytes/sample/teacher, {shape} shape, {side}x{side} maps, "
-                                  f"{'full' if logits is None else 'top-10'} logits", value, "-",
+                                  f"{'full' if logits is None else 'top-10'} logits (synthetic values)", value, "-",
                                   "<= 100" if goal else "-", value <= 100 if goal else None))
     return figures
 
@@ -379,8 +380,9 @@ def memory_figure(folder: Path, scale: Scale) -> Figure:
 
 
 def run_all(scale: Scale, folder: Path) -> list[Figure]:
-    sections = [lambda: reader_figures(folder, scale), lambda: student_figures(folder, scale),
-                lambda: [online_figure(folder, scale)], lambda: extraction_figures(scale, torch.device("cpu")),
+    sections = [lambda: reader_figures(folder, scale), lambda: student_figures(digits_store(folder), folder, scale),
+                lambda: [online_figure(folder / "digits.zarr", scale)],
+                lambda: extraction_figures(scale, torch.device("cpu")),
                 lambda: bytes_figures(folder, scale), lambda: [memory_figure(folder, scale)]]
     if torch.cuda.is_available():
         device = resolve_device("cuda")

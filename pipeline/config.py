@@ -87,7 +87,8 @@ class ExtractConfig(DataConfig):
                              "of the same name with other weights or code: error (stop and say what differs) | "
                              "replace (recompute what differs and drop teachers not listed; DVC stages use it)")
     target: str = setting("label", "class whose Grad-CAM is cached: label (ground truth) | predicted")
-    block_size: int = setting(256, "samples per shard: the unit of writing and of resuming")
+    block_size: int | None = setting(None, "samples per shard: the unit of writing, resuming and reading (default: "
+                                     "the largest of 256, 1024, 4096, 16384 that makes at least 32 blocks)")
     batch_size: int = setting(128, "teacher batch size")
     num_workers: int = setting(0, "DataLoader worker processes that load images")
     blocks: str | None = setting(

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import google_crc32c
 import numpy as np
-import zarr
 from numcodecs import blosc
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 
 from pipeline.errors import PipelineError
 
@@ -37,19 +35,27 @@ class ShardLayout:
     chunks_per_shard: int
 
     @classmethod
-    def of(cls, array: zarr.Array, name: str) -> "ShardLayout":
-        """The layout of a format v4 array, or a one-line error naming what differs."""
-        codecs = array.metadata.codecs
-        sharding = codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
-        inner = [type(c) for c in sharding.codecs] if sharding else []
-        index = [type(c) for c in sharding.index_codecs] if sharding else []
-        if (inner != [BytesCodec, BloscCodec, Crc32cCodec] or index != [BytesCodec, Crc32cCodec]
-                or sharding.index_location.value != "end" or sharding.chunk_shape[1:] != array.shape[1:]):
-            raise PipelineError(f"array {name} is not laid out as a teacher-cache v4 array (codecs {codecs}); "
-                                "rewrite the store with this version's `pipeline extract-teachers`")
-        chunk_rows = sharding.chunk_shape[0]
-        return cls(np.dtype(array.dtype).newbyteorder("<"), tuple(array.shape[1:]), chunk_rows,
-                   array.shards[0] // chunk_rows)
+    def of(cls, metadata: dict, name: str) -> "ShardLayout":
+        """The layout that an array's zarr.json describes, or a one-line error if it is not format v4's
+        (read as JSON: opening the array with zarr costs milliseconds, at every reader's start)."""
+        codecs = metadata.get("codecs", [])
+        sharding = codecs[0].get("configuration", {}) if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed" \
+            else {}
+        shape, shard = metadata.get("shape", []), metadata.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+        encoding = metadata.get("chunk_key_encoding", {})
+        if ([c["name"] for c in sharding.get("codecs", [])] != ["bytes", "blosc", "crc32c"]
+                or [c["name"] for c in sharding.get("index_codecs", [])] != ["bytes", "crc32c"]
+                or sharding.get("index_location") != "end" or not shard or shard[1:] != shape[1:]
+                or sharding.get("chunk_shape", [])[1:] != shape[1:] or shard[0] % sharding["chunk_shape"][0]
+                or encoding != {"name": "default", "configuration": {"separator": "/"}}):
+            raise PipelineError(f"array {name} is not laid out as a teacher-cache v4 array; rewrite the store with "
+                                "this version's `pipeline extract-teachers`")
+        chunk_rows = sharding["chunk_shape"][0]
+        return cls(np.dtype(metadata["data_type"]).newbyteorder("<"), tuple(shape[1:]), chunk_rows, shard[0] // chunk_rows)
+
+    def shard_key(self, block: int) -> str:
+        """The shard file of `block`, under the array's folder (zarr's default chunk key encoding)."""
+        return "/".join(["c", str(block), *["0"] * len(self.row_shape)])
 
     @property
     def index_bytes(self) -> int:

@@ -59,14 +59,13 @@ class BlockStream(torch.utils.data.IterableDataset):
         for window in self.windows(self.epoch, worker):
             spans = [store.block_rows(b) for b in window]
             parts = [store.read_rows(start, stop, [*stored, "valid"]) for start, stop in spans]
-            valid = np.concatenate([p["valid"] for p in parts])
-            rows = {f: np.concatenate([p[f] for p in parts])[valid] for f in stored}
-            index = np.concatenate([np.arange(start, stop) for start, stop in spans])[valid]
-            perm = rng.permutation(len(index)) if self.shuffle else np.arange(len(index))
+            kept = np.flatnonzero(np.concatenate([p["valid"] for p in parts]))
+            order = kept[rng.permutation(len(kept))] if self.shuffle else kept  # one take per array and window:
+            rows = {f: np.concatenate([p[f] for p in parts])[order] for f in stored}  # batches are slices of it
+            index = np.concatenate([np.arange(start, stop) for start, stop in spans])[order]
             for s in range(0, len(index), self.batch_size):
-                take = perm[s:s + self.batch_size]
-                batch = {f: torch.from_numpy(rows[f][take]) for f in stored}
-                batch["index"] = torch.from_numpy(index[take])
+                batch = {f: torch.from_numpy(rows[f][s:s + self.batch_size]) for f in stored}
+                batch["index"] = torch.from_numpy(index[s:s + self.batch_size])
                 if len(stored) < len(self.fields):
-                    batch["images"] = torch.from_numpy(np.stack([self.dataset.image(int(r)) for r in index[take]]))
+                    batch["images"] = torch.from_numpy(np.stack([self.dataset.image(int(r)) for r in batch["index"]]))
                 yield batch

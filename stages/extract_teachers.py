@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.cache import TeacherStore, quantize_cam, topk_logit_fields
+from pipeline.cache import TeacherStore, default_block_size, quantize_cam, topk_logit_fields
 from pipeline.config import ExtractConfig
 from pipeline.data import Dataset, Geometry, UnreadableImage, get_dataset, normalize
 from pipeline.devices import autocast, prepare_model, resolve_device, to_device
@@ -67,7 +67,7 @@ def run(cfg: ExtractConfig) -> TeacherStore:
     with TeacherStore.locked(cfg.store):  # parallel extractors of one store create it once
         store = TeacherStore.create(
             cfg.store, dataset.identity(), dataset.labels, getattr(dataset, "images", None), target=cfg.target,
-            block_size=cfg.block_size, logits=logits, replace=replace,
+            block_size=cfg.block_size or default_block_size(len(dataset)), logits=logits, replace=replace,
         )
         for name in set(store.teachers) - set(names) if replace else ():
             print(f"dropping teacher {name} from {store.path}: not among --teachers (--on-change replace)")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import TeacherStore, dequantize_cam, full_logits, quantize_cam, topk_logit_fields
+from pipeline.cache import TeacherStore, default_block_size, dequantize_cam, full_logits, quantize_cam, topk_logit_fields
 from pipeline.errors import PipelineError
 
 N, C, MAP = 10, 5, (3, 3)
@@ -202,3 +202,13 @@ def test_topk_logits_restore_the_distribution_within_a_bound():
     assert kl[1.0][:32].max() < 1e-3
     assert kl[4.0].max() < 0.12  # was 1.8 nats when the tail mass was taken as 1 - sum of the top K
     assert torch.equal(full_logits({"teachers/t/logits": logits}, "t", classes), logits)  # full mode: as stored
+
+
+@pytest.mark.parametrize("samples,expected", [
+    (1_437, 256),  # digits' training split: 5 blocks of the smallest size
+    (50_000, 1_024),  # CIFAR: 48 blocks (4096 would give 12)
+    (200_000, 4_096),  # 48 blocks (16384 would give 12)
+    (1_281_167, 16_384),  # ILSVRC2012's training split: 78 blocks
+])
+def test_default_block_size_is_the_largest_that_leaves_32_blocks(samples, expected):
+    assert default_block_size(samples) == expected

@@ -1,0 +1,33 @@
+"""`pipeline bench --quick`: every figure is measured and reported (no timing is asserted)."""
+
+import json
+import math
+
+import pytest
+
+from conftest import invoke
+
+
+@pytest.mark.slow
+def test_bench_quick_measures_every_figure_and_writes_the_table_as_json(tmp_path):
+    result = invoke("bench", "--quick", "--json", tmp_path / "bench.json")
+    report = json.loads((tmp_path / "bench.json").read_text())
+    figures = {f["figure"]: f for f in report["figures"]}
+    kinds = ["stage two's reader, samples/s (", "reader / plain zarr reads", "student run explain-kd / ce",
+             "online distillation step / cached", "stage one batch work / bare forward (resnet18",
+             "stage one batch work / bare forward (vgg11", "grad-cam package / ours",
+             "extraction peak memory"] + [f"store bytes/sample/teacher, {s} shape, {m} maps, {l} logits"
+                                          for s, m in (("CIFAR-100", "8x8"), ("ImageNet", "7x7"))
+                                          for l in ("full", "top-10")]
+    for kind in kinds:
+        assert any(name.startswith(kind) for name in figures), kind
+    for figure in report["figures"]:  # one table row each, with its goal judged where it has one
+        assert f"| {figure['figure']} |" in result.output
+        assert (figure["met"] is None) == (figure["goal"] == "-"), figure
+        if isinstance(figure["value"], float):
+            assert math.isfinite(figure["value"]) and figure["value"] > 0, figure
+    size = {(s, l): figures[f"store bytes/sample/teacher, {s} shape, {m} maps, {l} logits (synthetic values)"]["value"]
+            for s, m in (("CIFAR-100", "8x8"), ("ImageNet", "7x7")) for l in ("full", "top-10")}
+    # full logits are float16: at least 2 bytes per class before compression, of random values
+    assert size["ImageNet", "full"] > 1000 * 2 * 0.9 > size["ImageNet", "top-10"]
+    assert size["CIFAR-100", "full"] > size["CIFAR-100", "top-10"]
