@@ -6,6 +6,7 @@ synthetic (random values of the real shapes and dtypes) unless a figure says oth
 teachers have random weights (no weights can be downloaded here), which changes no timing.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -412,7 +413,7 @@ def run_bench(quick: bool, json_path: str | None, repeats: int | None) -> str:
     scale = QUICK if quick else FULL
     if repeats is not None:
         scale = Scale(**{**asdict(scale), "repeats": repeats})
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):  # the stages' own lines
         figures = run_all(scale, Path(folder))
     if json_path:
         Path(json_path).write_text(json.dumps({"machine": machine(), "quick": quick,
