@@ -389,12 +389,21 @@ class TeacherStore:
             raise self.damaged(field, block, str(damage)) from None
 
     def layout(self, path: str) -> ShardLayout:
+        """How `path`'s shard files are laid out, checked against the store's rows, blocks and chunks."""
         if path not in self._layouts:
             try:
                 metadata = json.loads((self.path / path / "zarr.json").read_text())
             except FileNotFoundError:
                 raise self.damaged(path, None, "its array metadata (zarr.json) is missing") from None
-            self._layouts[path] = ShardLayout.of(metadata, path)
+            except ValueError:
+                raise self.damaged(path, None, "its array metadata (zarr.json) is not JSON") from None
+            layout = ShardLayout.of(metadata, path)
+            found, expected = (layout.rows, layout.shard_rows, layout.chunk_rows), \
+                (self.num_samples, self.block_size, self.attrs["chunk_rows"])
+            if found != expected:
+                raise self.damaged(path, None, "its zarr.json describes {} rows in shards of {} and chunks of {}, not "
+                                               "{}, {} and {}".format(*found, *expected))
+            self._layouts[path] = layout
         return self._layouts[path]
 
     def array(self, path: str) -> zarr.Array:

@@ -31,27 +31,41 @@ class ShardDamage(Exception):
 class ShardLayout:
     dtype: np.dtype  # little-endian, as stored
     row_shape: tuple[int, ...]
+    rows: int  # of the whole array
+    shard_rows: int
     chunk_rows: int
-    chunks_per_shard: int
 
     @classmethod
     def of(cls, metadata: dict, name: str) -> "ShardLayout":
         """The layout that an array's zarr.json describes, or a one-line error if it is not format v4's
         (read as JSON: opening the array with zarr costs milliseconds, at every reader's start)."""
-        codecs = metadata.get("codecs", [])
-        sharding = codecs[0].get("configuration", {}) if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed" \
-            else {}
-        shape, shard = metadata.get("shape", []), metadata.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-        encoding = metadata.get("chunk_key_encoding", {})
-        if ([c["name"] for c in sharding.get("codecs", [])] != ["bytes", "blosc", "crc32c"]
-                or [c["name"] for c in sharding.get("index_codecs", [])] != ["bytes", "crc32c"]
-                or sharding.get("index_location") != "end" or not shard or shard[1:] != shape[1:]
-                or sharding.get("chunk_shape", [])[1:] != shape[1:] or shard[0] % sharding["chunk_shape"][0]
-                or encoding != {"name": "default", "configuration": {"separator": "/"}}):
+        try:
+            layout = cls.parse(metadata)
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
+            layout = None
+        if layout is None:
             raise PipelineError(f"array {name} is not laid out as a teacher-cache v4 array; rewrite the store with "
                                 "this version's `pipeline extract-teachers`")
-        chunk_rows = sharding["chunk_shape"][0]
-        return cls(np.dtype(metadata["data_type"]).newbyteorder("<"), tuple(shape[1:]), chunk_rows, shard[0] // chunk_rows)
+        return layout
+
+    @classmethod
+    def parse(cls, metadata: dict) -> "ShardLayout | None":
+        (sharding,) = metadata["codecs"]
+        config, dtype = sharding["configuration"], np.dtype(metadata["data_type"])
+        inner, index = config["codecs"], config["index_codecs"]
+        shape, shard, chunk = metadata["shape"], metadata["chunk_grid"]["configuration"]["chunk_shape"], \
+            config["chunk_shape"]
+        little = lambda codec: codec.get("configuration", {}).get("endian") == "little"  # noqa: E731
+        sound = (sharding["name"] == "sharding_indexed" and config.get("index_location") == "end"
+                 and [c["name"] for c in inner] == ["bytes", "blosc", "crc32c"] and (dtype.itemsize == 1 or little(inner[0]))
+                 and [c["name"] for c in index] == ["bytes", "crc32c"] and little(index[0])
+                 and shard[1:] == chunk[1:] == shape[1:] and shard[0] % chunk[0] == 0
+                 and metadata["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}})
+        return cls(dtype.newbyteorder("<"), tuple(shape[1:]), shape[0], shard[0], chunk[0]) if sound else None
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
 
     def shard_key(self, block: int) -> str:
         """The shard file of `block`, under the array's folder (zarr's default chunk key encoding)."""
@@ -99,10 +113,13 @@ def chunk_spans(index: np.ndarray, data_bytes: int, layout: ShardLayout, chunks:
     `index_bytes`) and that the chunks lie in the `data_bytes` before it."""
     if not has_checksum(index):
         raise ShardDamage("its shard index fails its checksum (truncated or damaged)")
+    if chunks.stop > layout.chunks_per_shard:  # a slice past the index would silently return fewer entries
+        raise ShardDamage(f"chunks up to {chunks.stop} asked of a shard of {layout.chunks_per_shard}")
     entries = index[:-CHECKSUM_BYTES].view("<u8").reshape(-1, 2)[chunks.start:chunks.stop]
     if (entries == EMPTY).any():
         raise ShardDamage("a chunk is missing from its shard")
-    if (entries.sum(1) > data_bytes).any():
+    offsets, lengths = entries[:, 0], entries[:, 1]
+    if ((offsets > data_bytes) | (lengths > data_bytes - np.minimum(offsets, data_bytes))).any():  # no uint64 wrap
         raise ShardDamage("its shard file is truncated (a chunk reaches past the data)")
     return entries
 

@@ -6,12 +6,20 @@ shuffled order, and shuffle rows within a window of `mix_blocks` blocks. The pla
 epoch (which worker reads which windows) is a pure function of (seed, epoch), so the
 number of batches is known exactly before the epoch runs (the learning-rate schedule
 depends on it).
+
+In one process (no workers), a stream whose arrays decode to at most `hold_bytes` keeps the
+blocks it has read, checked, and reads each from disk once; with workers every epoch reads
+them again (each epoch's workers are new processes).
 """
+
+import math
 
 import numpy as np
 import torch
 
 from pipeline.cache import TeacherStore
+
+HOLD_BYTES = 2**30
 
 
 class BlockStream(torch.utils.data.IterableDataset):
@@ -23,14 +31,28 @@ class BlockStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, path: str, fields: list[str], blocks: list[int], batch_size: int,
-                 seed: int = 0, mix_blocks: int = 2, shuffle: bool = True, dataset=None, workers: int = 0):
+                 seed: int = 0, mix_blocks: int = 2, shuffle: bool = True, dataset=None, workers: int = 0,
+                 hold_bytes: int = HOLD_BYTES):
         super().__init__()
         self.path, self.fields, self.blocks = str(path), list(fields), list(blocks)
         self.batch_size, self.seed, self.mix_blocks, self.shuffle = batch_size, seed, max(1, mix_blocks), shuffle
         self.dataset, self.workers = dataset, max(1, workers)
         self.epoch = 0
+        self.stored = [f for f in self.fields if not (f == "images" and dataset is not None)] + ["valid"]
         store = TeacherStore.open(self.path)
         self.valid_rows = {b: int(store.read_rows(*store.block_rows(b), ["valid"])["valid"].sum()) for b in self.blocks}
+        decoded = len(self.blocks) * store.block_size * sum(
+            math.prod(store.layout(f).row_shape) * store.layout(f).dtype.itemsize for f in self.stored)
+        self.held: dict[int, dict] | None = {} if workers == 0 and decoded <= hold_bytes else None
+
+    def read_block(self, store: TeacherStore, block: int) -> dict:
+        """The stored arrays' rows of `block`: from memory if held, else from the store (and held)."""
+        if self.held is not None and block in self.held:
+            return self.held[block]
+        rows = store.read_rows(*store.block_rows(block), self.stored)
+        if self.held is not None:
+            self.held[block] = rows
+        return rows
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -55,10 +77,10 @@ class BlockStream(torch.utils.data.IterableDataset):
                              "pass the DataLoader's num_workers as `workers`")
         rng = np.random.default_rng([self.seed, self.epoch, worker + 1])
         store = TeacherStore.open(self.path)
-        stored = [f for f in self.fields if not (f == "images" and self.dataset is not None)]
+        stored = self.stored[:-1]  # all but "valid"
         for window in self.windows(self.epoch, worker):
             spans = [store.block_rows(b) for b in window]
-            parts = [store.read_rows(start, stop, [*stored, "valid"]) for start, stop in spans]
+            parts = [self.read_block(store, b) for b in window]
             kept = np.flatnonzero(np.concatenate([p["valid"] for p in parts]))
             order = kept[rng.permutation(len(kept))] if self.shuffle else kept  # one take per array and window:
             rows = {f: np.concatenate([p[f] for p in parts])[order] for f in stored}  # batches are slices of it

@@ -1,5 +1,8 @@
 """The teacher store: round trip, plain-zarr readability, refusal of the wrong store."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -66,9 +69,10 @@ def test_round_trip_and_plain_zarr(tmp_path):
     np.testing.assert_array_equal(rows["teachers/t1/y_prob"], written[1]["y_prob"])
 
 
-def written_store(path, block_size=4, logits=None):
-    store = TeacherStore.create(path, identity(), np.arange(N) % C, np.arange(N * 16, dtype=np.uint8).reshape(N, 4, 4, 1),
-                                target="label", block_size=block_size, chunks_per_block=2, logits=logits)
+def written_store(path, block_size=4, logits=None, n=N, chunks_per_block=2):
+    store = TeacherStore.create(path, identity(num_samples=n), np.arange(n) % C,
+                                np.arange(n * 16, dtype=np.uint8).reshape(n, 4, 4, 1), target="label",
+                                block_size=block_size, chunks_per_block=chunks_per_block, logits=logits)
     store.add_teacher("t1", TEACHER)
     rng = np.random.default_rng(1)
     for block in range(store.num_blocks):
@@ -80,18 +84,42 @@ def written_store(path, block_size=4, logits=None):
     return store
 
 
-@pytest.mark.parametrize("logits", [None, {"mode": "topk", "k": 2}])
-def test_direct_shard_reads_equal_zarrs_for_every_row_range(tmp_path, logits):
+@pytest.mark.parametrize("logits,n,block_size,chunks_per_block", [
+    (None, N, 4, 2), ({"mode": "topk", "k": 2}, N, 4, 2),
+    (None, 9, 8, 4),  # the last chunk (rows 8-9) reaches past the array's end; 4 chunks per block as by default
+])
+def test_direct_shard_reads_equal_zarrs_for_every_row_range(tmp_path, logits, n, block_size, chunks_per_block):
     """The reader decodes shard files itself (pipeline.shards); zarr's own read path is the reference."""
-    store = written_store(tmp_path / "s.zarr", logits=logits)
+    store = written_store(tmp_path / "s.zarr", block_size, logits, n, chunks_per_block)
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")
     arrays = [*store.shared_arrays, *(f"teachers/t1/{f}" for f in store.teacher_fields)]
-    for start in range(N):
-        for stop in range(start + 1, N + 1):  # within a chunk, across chunks and blocks, the partial last block
+    for start in range(n):
+        for stop in range(start + 1, n + 1):  # within a chunk, across chunks and blocks, the partial last block
             rows = store.read_rows(start, stop, arrays)
             for array in arrays:
                 assert rows[array].dtype == group[array].dtype
                 np.testing.assert_array_equal(rows[array], group[array][start:stop], err_msg=f"{array} {start}:{stop}")
+
+
+def edit_metadata(path, edit):
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    path.write_text(json.dumps(metadata))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[8]),  # shards of 8 rows in a store of blocks of 4
+     "y_prob: its zarr.json describes 10 rows in shards of 8 and chunks of 2, not 10, 4 and 2"),
+    (lambda m: m["codecs"][0]["configuration"]["codecs"][0].update(configuration={"endian": "big"}),
+     "array teachers/t1/y_prob is not laid out as a teacher-cache v4 array"),
+    (lambda m: m.pop("data_type"), "array teachers/t1/y_prob is not laid out as a teacher-cache v4 array"),
+])
+def test_an_array_laid_out_otherwise_than_the_store_is_refused_not_misread(tmp_path, edit, message):
+    """Rows are placed by the store's block size: an array whose shards differ would be read at wrong offsets."""
+    written_store(tmp_path / "s.zarr")
+    edit_metadata(tmp_path / "s.zarr" / "teachers" / "t1" / "y_prob" / "zarr.json", edit)
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        TeacherStore.open(tmp_path / "s.zarr").read_rows(0, 4, ["teachers/t1/y_prob"])
 
 
 def test_a_chunk_whose_header_states_another_size_is_damage_even_with_a_valid_checksum(tmp_path):

@@ -34,6 +34,24 @@ def test_every_row_once_per_epoch_reading_whole_blocks(tmp_path, monkeypatch):
     assert sorted(reads) == [store.block_rows(b) for b in range(store.num_blocks)]  # whole shards only
 
 
+def test_a_small_store_is_read_from_disk_once_in_one_process(tmp_path, monkeypatch):
+    store = make_store(tmp_path / "s.zarr")
+    blocks = list(range(store.num_blocks))
+    held = BlockStream(str(store.path), ["images", "labels"], blocks, batch_size=5, seed=3)
+    unheld = BlockStream(str(store.path), ["images", "labels"], blocks, batch_size=5, seed=3, hold_bytes=0)
+    reads = []
+    original = TeacherStore.read_rows
+    monkeypatch.setattr(TeacherStore, "read_rows",
+                        lambda self, start, stop, fields: reads.append(start) or original(self, start, stop, fields))
+    for epoch in range(3):
+        held.set_epoch(epoch)
+        unheld.set_epoch(epoch)
+        assert epoch_rows(held) == epoch_rows(unheld)
+    assert len(reads) == (3 + 1) * store.num_blocks  # the unheld stream: every epoch; the held one: the first only
+    # workers are new processes every epoch: nothing to hold
+    assert BlockStream(str(store.path), ["labels"], blocks, batch_size=5, workers=2).held is None
+
+
 def test_order_depends_on_seed_and_epoch_only(tmp_path):
     store = make_store(tmp_path / "s.zarr")
     stream = BlockStream(str(store.path), ["labels"], list(range(store.num_blocks)), batch_size=4, seed=1)
