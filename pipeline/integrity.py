@@ -98,7 +98,8 @@ def find_damage(store: TeacherStore, quick: bool = False) -> list[Damage]:
 def repair_damage(store: TeacherStore, damage: list[Damage]) -> None:
     """Delete the damaged files and unmark their blocks (see the module's docstring)."""
     for item in damage:
-        store.shard_file(item.array, item.block).unlink(missing_ok=True)
+        if not item.array.endswith("/progress"):  # a mark is not sharded: unmarking below rewrites it
+            store.shard_file(item.array, item.block).unlink(missing_ok=True)
         teachers = [item.teacher] if item.teacher else store.teachers if item.array == "valid" else []
         for name in teachers:
             store.group["teachers"][name]["progress"][item.block] = False

@@ -17,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
-OPTIONAL = {"timm": "timm"}  # imported only inside the function that needs it, declared as an extra
+OPTIONAL = {"timm": "timm", "pytorch_grad_cam": "bench"}  # imported only inside the function that needs
+# it, declared as an extra
 
 
 def modules() -> list[Path]:
