@@ -71,7 +71,7 @@ class Scale:
 
 
 ILSVRC2012_TRAIN = 1_281_167  # samples: its store's block size is the reader's
-FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 3,
+FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 5,
              (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)), 8192, 512, 3)
 QUICK = Scale(8192, 1024, 256, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), 2048, 32, 1)
 

@@ -80,8 +80,9 @@ def quantize_cam(cam: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize_cam(cam: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(..., h, w) uint8 maps and their (...) scales -> float maps."""
     cam, scale = torch.as_tensor(cam), torch.as_tensor(scale)
-    return cam.float() / 255 * scale.float().view(-1, *([1] * (cam.dim() - 1)))
+    return cam.float() / 255 * scale.float().reshape(*scale.shape, *([1] * (cam.dim() - scale.dim())))
 
 
 class TeacherStore:

@@ -23,22 +23,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, h, w) -> (B, *size): shrunk by area (each cell the mean of the cells it covers, so no
+    """(..., h, w) -> (..., *size): shrunk by area (each cell the mean of the cells it covers, so no
     evidence is dropped), enlarged bilinearly."""
-    maps, size = maps[:, None].float(), tuple(size)
+    lead, size = maps.shape[:-2], tuple(size)
+    maps = maps.reshape(-1, 1, *maps.shape[-2:]).float()
     shrunk = (min(size[0], maps.shape[-2]), min(size[1], maps.shape[-1]))
     if shrunk != tuple(maps.shape[-2:]):
         maps = F.interpolate(maps, size=shrunk, mode="area")
     if shrunk != size:
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    return maps[:, 0]
+    return maps.reshape(*lead, *size)
 
 
 def normalize_maps(maps: torch.Tensor, norm: str) -> torch.Tensor:
-    """Flattened (B, h*w) maps scaled per sample: to unit L2 norm (l2) or to mean 1 (mean); zero maps stay zero."""
+    """Flattened (..., h*w) maps scaled each: to unit L2 norm (l2) or to mean 1 (mean); zero maps stay zero."""
     if norm == "l2":
-        return F.normalize(maps, dim=1)
-    return maps / maps.mean(dim=1, keepdim=True).clamp_min(1e-12)
+        return F.normalize(maps, dim=-1)
+    return maps / maps.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def map_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "l2") -> torch.Tensor:
@@ -105,16 +106,15 @@ class DistillationLoss:
         if self.method == "ce":
             losses = {"ce": F.cross_entropy(model(x), labels)}
             return losses | {"loss": losses["ce"]}
-        field = lambda name, key: batch[f"teachers/{name}/{key}"]  # noqa: E731
-        teacher_logits = [full_logits(batch, t, self.num_classes) for t in self.teachers]
-        soft = torch.stack([F.softmax(z / self.temperature, dim=1) for z in teacher_logits], dim=1)  # (B, M, C)
+        field = lambda key: torch.stack([batch[f"teachers/{t}/{key}"] for t in self.teachers], 1)  # noqa: E731
+        # every teacher's values are stacked (B, M, ...) and computed on at once: a step's fixed cost per op
+        teacher_logits = torch.stack([full_logits(batch, t, self.num_classes) for t in self.teachers], 1)
+        soft = F.softmax(teacher_logits / self.temperature, dim=2)  # (B, M, C)
         losses = {}
         if self.method == "explain-kd":
             choice = None if self.random_choice is None else self.random_choice[batch["index"].cpu()].to(x.device)
-            weights = selection_weights(
-                self.policy, torch.stack([field(t, "y_prob") for t in self.teachers], 1),
-                torch.stack([field(t, "o_prob") for t in self.teachers], 1),
-                torch.stack([z.argmax(1) == labels for z in teacher_logits], 1), self.policy_temperature, choice)
+            weights = selection_weights(self.policy, field("y_prob"), field("o_prob"),
+                                        teacher_logits.argmax(2) == labels[:, None], self.policy_temperature, choice)
             for m, name in enumerate(self.teachers):
                 losses[f"chosen/{name}"] = weights[:, m].mean()
         else:  # kd and at: the one teacher; kd-avg: all alike
@@ -136,9 +136,7 @@ class DistillationLoss:
         if use_cam or self.method == "at":
             key = "cam" if use_cam else "attention"
             size = (self.map_size, self.map_size) if self.map_size else tuple(student_map.shape[-2:])
-            maps = torch.stack([self.teacher_map(t, dequantize_cam(field(t, key), field(t, f"{key}_max")),
-                                                 x.shape[-2:], size, moves)
-                                for t in self.teachers], dim=1)  # (B, M, h, w), each normalised
+            maps = self.teacher_maps(dequantize_cam(field(key), field(f"{key}_max")), x.shape[-2:], size, moves)
             losses["map"] = map_loss(resize_maps(student_map, size), (weights[..., None, None] * maps).sum(1),
                                      self.map_norm)
             total = total + beta * losses["map"]
@@ -160,12 +158,14 @@ class DistillationLoss:
             logits = model(x)
         return logits, box["activation"]
 
-    def teacher_map(self, name: str, maps: torch.Tensor, image_size, map_size, moves: Moves | None) -> torch.Tensor:
-        """Cached (B, h, w) maps of teacher `name` -> cut to the student's view, `map_size`, moved like
-        their images, normalised (so that mixing teachers weighs their maps alike)."""
-        fraction = self.view_fractions.get(name, 1.0)
-        if fraction != 1.0:
-            maps = centre_crop_maps(maps, fraction)
+    def teacher_maps(self, maps: torch.Tensor, image_size, map_size, moves: Moves | None) -> torch.Tensor:
+        """Cached (B, M, h, w) maps of the M teachers -> cut to the student's view, `map_size`, moved like
+        their images, each normalised (so that mixing teachers weighs their maps alike)."""
+        fractions = [self.view_fractions.get(name, 1.0) for name in self.teachers]
+        if any(fraction != 1.0 for fraction in fractions):
+            maps = torch.stack([centre_crop_maps(maps[:, m], f) if f != 1.0 else maps[:, m].float()
+                                for m, f in enumerate(fractions)], 1)
         if moves is not None and self.map_follows:
-            maps = apply(resize_maps(maps, tuple(image_size))[:, None], moves)[:, 0]
-        return normalize_maps(resize_maps(maps, tuple(map_size)).flatten(1), self.map_norm).view(len(maps), *map_size)
+            maps = apply(resize_maps(maps, tuple(image_size)), moves)  # the M maps of a sample move as its channels
+        maps = resize_maps(maps, tuple(map_size))
+        return normalize_maps(maps.flatten(2), self.map_norm).view(maps.shape)

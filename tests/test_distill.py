@@ -207,12 +207,14 @@ def test_beta_warms_up_and_maps_follow_the_shift():
     maps = torch.zeros(1, 4, 4)
     maps[0, 1, 1] = 1.0  # one hot cell at 8x8 pixels of a 32 px image
     down_right = Moves(torch.tensor([[8, 8]]), torch.tensor([False]))
-    moved = loss_fn.teacher_map("t1", maps, (32, 32), (4, 4), down_right)
+    teacher_maps = lambda moves: loss_fn.teacher_maps(  # noqa: E731
+        torch.stack([maps, torch.zeros_like(maps)], 1), (32, 32), (4, 4), moves)[:, 0]  # t1's of two teachers
+    moved = teacher_maps(down_right)
     assert moved[0].argmax().item() == 2 * 4 + 2  # one cell down and right: 8 px = one 4x4 cell
-    mirrored = loss_fn.teacher_map("t1", maps, (32, 32), (4, 4), Moves(torch.tensor([[0, 0]]), torch.tensor([True])))
+    mirrored = teacher_maps(Moves(torch.tensor([[0, 0]]), torch.tensor([True])))
     assert mirrored[0].argmax().item() == 1 * 4 + 2  # column 1 of 4 -> column 2
     loss_fn.map_follows = False
-    assert loss_fn.teacher_map("t1", maps, (32, 32), (4, 4), down_right)[0].argmax().item() == 1 * 4 + 1
+    assert teacher_maps(down_right)[0].argmax().item() == 1 * 4 + 1
 
 
 def test_flips_mirror_only_the_drawn_samples_and_are_refused_for_digits(tmp_path):
@@ -291,7 +293,7 @@ def test_teacher_maps_are_cut_to_the_student_view():
     student = create_model("resnet8_slim", 1, 10)
     loss_fn = DistillationLoss("explain-kd", ["t1"], CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 1.0, 10,
                                view_fractions={"t1": 0.5})
-    got = loss_fn.teacher_map("t1", ramp, (32, 32), (8, 8), None)
+    got = loss_fn.teacher_maps(ramp[:, None], (32, 32), (8, 8), None)[:, 0]
     torch.testing.assert_close(got[0], F.normalize(expected.repeat(8, 1).flatten(), dim=0).view(8, 8))
 
 
