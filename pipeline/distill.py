@@ -136,7 +136,8 @@ class DistillationLoss:
         if use_cam or self.method == "at":
             key = "cam" if use_cam else "attention"
             size = (self.map_size, self.map_size) if self.map_size else tuple(student_map.shape[-2:])
-            maps = self.teacher_maps(dequantize_cam(field(key), field(f"{key}_max")), x.shape[-2:], size, moves)
+            maps = self.teacher_maps([dequantize_cam(batch[f"teachers/{t}/{key}"], batch[f"teachers/{t}/{key}_max"])
+                                      for t in self.teachers], x.shape[-2:], size, moves)
             losses["map"] = map_loss(resize_maps(student_map, size), (weights[..., None, None] * maps).sum(1),
                                      self.map_norm)
             total = total + beta * losses["map"]
@@ -158,14 +159,22 @@ class DistillationLoss:
             logits = model(x)
         return logits, box["activation"]
 
-    def teacher_maps(self, maps: torch.Tensor, image_size, map_size, moves: Moves | None) -> torch.Tensor:
-        """Cached (B, M, h, w) maps of the M teachers -> cut to the student's view, `map_size`, moved like
-        their images, each normalised (so that mixing teachers weighs their maps alike)."""
-        fractions = [self.view_fractions.get(name, 1.0) for name in self.teachers]
-        if any(fraction != 1.0 for fraction in fractions):
-            maps = torch.stack([centre_crop_maps(maps[:, m], f) if f != 1.0 else maps[:, m].float()
-                                for m, f in enumerate(fractions)], 1)
-        if moves is not None and self.map_follows:
-            maps = apply(resize_maps(maps, tuple(image_size)), moves)  # the M maps of a sample move as its channels
-        maps = resize_maps(maps, tuple(map_size))
-        return normalize_maps(maps.flatten(2), self.map_norm).view(maps.shape)
+    def teacher_maps(self, maps: list[torch.Tensor], image_size, map_size, moves: Moves | None) -> torch.Tensor:
+        """Cached (B, h, w) maps, one per teacher -> (B, M, *map_size): cut to the student's view, moved
+        like their images, resized, each normalised (so that mixing teachers weighs their maps alike).
+        Teachers whose maps share a size are computed on together (a step's fixed cost is per op)."""
+        maps = [centre_crop_maps(cam, self.view_fractions[name]) if self.view_fractions.get(name, 1.0) != 1.0 else cam.float()
+                for name, cam in zip(self.teachers, maps)]
+        sizes = {}
+        for m, cam in enumerate(maps):
+            sizes.setdefault(tuple(cam.shape[-2:]), []).append(m)
+        out = [None] * len(maps)
+        for members in sizes.values():
+            group = torch.stack([maps[m] for m in members], 1)  # (B, teachers of this size, h, w)
+            if moves is not None and self.map_follows:
+                group = apply(resize_maps(group, tuple(image_size)), moves)  # a sample's maps move as its channels
+            group = resize_maps(group, tuple(map_size))
+            group = normalize_maps(group.flatten(2), self.map_norm).view(group.shape)
+            for i, m in enumerate(members):
+                out[m] = group[:, i]
+        return torch.stack(out, 1)

@@ -117,8 +117,9 @@ def run(cfg: TrainStudentConfig) -> dict:
     stream = BlockStream(cfg.store, fields, blocks, cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks,
                          dataset=None if store.attrs["stores_images"] else dataset,  # large images come from files
                          workers=cfg.num_workers)
+    device = resolve_device(cfg.device)
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=cfg.num_workers,
+        stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",  # copies overlap compute
         multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
     )
 
@@ -144,7 +145,7 @@ def run(cfg: TrainStudentConfig) -> dict:
     run_name = cfg.run_name or cfg.method
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.num_batches,
                   lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",
-                  device=resolve_device(cfg.device))
+                  device=device)
     run_dir = Path(cfg.out_dir) / run_name
     val = get_val_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     val_top1 = top1(model.cpu(), val) if val else None

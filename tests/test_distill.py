@@ -208,7 +208,7 @@ def test_beta_warms_up_and_maps_follow_the_shift():
     maps[0, 1, 1] = 1.0  # one hot cell at 8x8 pixels of a 32 px image
     down_right = Moves(torch.tensor([[8, 8]]), torch.tensor([False]))
     teacher_maps = lambda moves: loss_fn.teacher_maps(  # noqa: E731
-        torch.stack([maps, torch.zeros_like(maps)], 1), (32, 32), (4, 4), moves)[:, 0]  # t1's of two teachers
+        [maps, torch.zeros_like(maps)], (32, 32), (4, 4), moves)[:, 0]  # t1's of two teachers
     moved = teacher_maps(down_right)
     assert moved[0].argmax().item() == 2 * 4 + 2  # one cell down and right: 8 px = one 4x4 cell
     mirrored = teacher_maps(Moves(torch.tensor([[0, 0]]), torch.tensor([True])))
@@ -293,7 +293,7 @@ def test_teacher_maps_are_cut_to_the_student_view():
     student = create_model("resnet8_slim", 1, 10)
     loss_fn = DistillationLoss("explain-kd", ["t1"], CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 1.0, 10,
                                view_fractions={"t1": 0.5})
-    got = loss_fn.teacher_maps(ramp[:, None], (32, 32), (8, 8), None)[:, 0]
+    got = loss_fn.teacher_maps([ramp], (32, 32), (8, 8), None)[:, 0]
     torch.testing.assert_close(got[0], F.normalize(expected.repeat(8, 1).flatten(), dim=0).view(8, 8))
 
 
@@ -316,3 +316,18 @@ def test_view_fractions_follow_each_teachers_resize_and_crop():
     with pytest.raises(PipelineError, match="teacher tight saw a tighter crop \\(crop 224 of resize 288\\)"):
         view_fractions(store, ["tight"], info)
     assert view_fractions(store, ["tight"], DatasetInfo("toy", 3, (32, 32, 3), (0.5,), (0.5,), ("train",))) == {}
+
+
+def test_teachers_with_maps_of_different_sizes_are_each_resized_to_the_student_map():
+    """t1's maps are 2x2 and t2's 4x4 (teachers of other depths); each is enlarged to the student's 8x8."""
+    batch, teachers = make_student_batch("explain-kd")
+    batch["teachers/t1/cam"] = torch.randint(1, 256, (2, 2, 2), dtype=torch.uint8)
+    batch["teachers/t1/cam_max"] = torch.tensor([1.0, 2.0])  # sample 1 chooses t1, and now has a map
+    student = create_model("resnet8_slim", 1, 10).eval()
+    losses = DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 0.5, 2.0, 10,
+                              student_map="attention", kd_teacher="t1")(student, batch)
+    _, activation = features_of(student, standardised(batch))
+    up = lambda cam: F.interpolate(cam[None, None].float(), size=(8, 8), mode="bilinear", align_corners=False)[0, 0]  # noqa: E731
+    chosen = torch.stack([up(batch["teachers/t2/cam"][0]), up(batch["teachers/t1/cam"][1])])  # t2 wins 0, t1 wins 1
+    expected = hand_map_distance((activation ** 2).mean(1), chosen)
+    torch.testing.assert_close(losses["map"], expected, rtol=1e-4, atol=1e-6)
