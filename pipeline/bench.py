@@ -64,6 +64,7 @@ class Scale:
     reader_block: int
     per_sample_files: int
     student_epochs: int
+    student_repeats: int  # whole runs vary by about 10 % from one to the next on 2 cores: more of them
     extraction: tuple[tuple[str, int, int], ...]  # (torchvision arch, image side, batch)
     bytes_samples: int
     memory_samples: int
@@ -71,17 +72,18 @@ class Scale:
 
 
 ILSVRC2012_TRAIN = 1_281_167  # samples: its store's block size is the reader's
-FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 5,
+FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 5, 7,
              (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)), 8192, 512, 3)
-QUICK = Scale(8192, 1024, 256, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), 2048, 32, 1)
+QUICK = Scale(8192, 1024, 256, 1, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), 2048, 32, 1)
 
 
 def median_seconds(setups: dict[str, Callable[[], object]], repeats: int,
                    before: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median wall time of each setup; the setups take turns, and the first turn is a warm-up."""
+    """Median wall time of each setup; the setups take turns (in reverse order every other turn, so that
+    none always follows the same one), and the first turn is a warm-up."""
     times = {name: [] for name in setups}
     for turn in range(repeats + 1):
-        for name, run in setups.items():
+        for name, run in list(setups.items())[::-1 if turn % 2 else 1]:
             before()
             began = time.perf_counter()
             run()
@@ -212,8 +214,9 @@ def student_figures(store: Path, folder: Path, scale: Scale) -> list[Figure]:
     setups = {name: (lambda options=options: train(TrainStudentConfig(
         dataset="digits", store=str(store), epochs=scale.student_epochs, out_dir=str(folder / "students"),
         **options))) for name, options in runs.items()}
-    seconds = median_seconds(setups, scale.repeats)
-    return [Figure(f"student run {name} / ce ({scale.student_epochs} epochs, digits, resnet8_slim)",
+    seconds = median_seconds(setups, scale.student_repeats)
+    return [Figure(f"student run {name} / ce ({scale.student_epochs} epochs, digits, resnet8_slim, "
+                   f"median of {scale.student_repeats})",
                    seconds[name] / seconds["ce"], *(("cached-teacher prototype 0.97; online 3 teachers ~8", "<= 1.05",
                                                     seconds[name] / seconds["ce"] <= 1.05) if name == "explain-kd"
                                                    else ()))
@@ -413,7 +416,7 @@ def run_bench(quick: bool, json_path: str | None, repeats: int | None) -> str:
     """Every figure, as one markdown table under a line that names the machine (see `pipeline bench`)."""
     scale = QUICK if quick else FULL
     if repeats is not None:
-        scale = Scale(**{**asdict(scale), "repeats": repeats})
+        scale = Scale(**{**asdict(scale), "repeats": repeats, "student_repeats": repeats})
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):  # the stages' own lines
         figures = run_all(scale, Path(folder))
     if json_path:

@@ -213,7 +213,7 @@ def cache_drop_teacher(store, teacher):
 @click.option("--quick", is_flag=True, help="small sizes and one repeat: checks that every figure runs (CI)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="also write the figures to this JSON file")
-@click.option("--repeats", type=click.IntRange(1), default=None, help="timed runs per figure (default: 3; 1 with --quick)")
+@click.option("--repeats", type=click.IntRange(1), default=None, help="timed runs per figure (default: 3, whole student runs 7; 1 with --quick)")
 def bench(quick, json_path, repeats):
     """Measure speed and size figures against their peers in one run (a few minutes on 2 CPU cores);
     prints one markdown table (figure, value, peer, goal, met?); on a CUDA machine adds GPU figures."""
