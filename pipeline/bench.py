@@ -69,12 +69,13 @@ class Scale:
     bytes_samples: int
     memory_samples: int
     repeats: int
+    gpu_batch: int  # the GPU goal (>= 2,500 images/s) is for batch 256
 
 
 ILSVRC2012_TRAIN = 1_281_167  # samples: its store's block size is the reader's
 FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 5, 7,
-             (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)), 8192, 512, 3)
-QUICK = Scale(8192, 1024, 256, 1, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), 2048, 32, 1)
+             (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)), 8192, 512, 3, 256)
+QUICK = Scale(8192, 1024, 256, 1, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), 2048, 32, 1, 8)
 
 
 def median_seconds(setups: dict[str, Callable[[], object]], repeats: int,
@@ -332,14 +333,16 @@ def gpu_figures(scale: Scale, device: torch.device) -> list[Figure]:
     """Extraction images/s of torchvision resnet50 at 224 px (bf16, channels_last, scoring included)."""
     teacher = torchvision_teacher("resnet50")
     teacher.model = prepare_model(teacher.model, device)
-    batch = 256 if scale is FULL else 8
+    batch = scale.gpu_batch
     images = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8).pin_memory()
     labels = torch.randint(0, 1000, (batch,))
     seconds = median_seconds({"ours": lambda: (explain_batch(teacher, images, labels, "label", device),
                                                sync(device))}, scale.repeats)["ours"]
     rate = batch / seconds
+    judged = batch == FULL.gpu_batch
     return [Figure(f"extraction images/s, resnet50 224 px bf16 channels_last, batch {batch} "
-                   f"({torch.cuda.get_device_name(device)})", rate, "-", ">= 2,500 (one H100)", rate >= 2500)]
+                   f"({torch.cuda.get_device_name(device)})", rate, "-", ">= 2,500 (one H100)" if judged else "-",
+                   rate >= 2500 if judged else None)]
 
 
 # -- the store's size and stage one's memory -------------------------------------------------

@@ -8,8 +8,9 @@ number of batches is known exactly before the epoch runs (the learning-rate sche
 depends on it).
 
 In one process (no workers), a stream whose arrays decode to at most `hold_bytes` keeps the
-blocks it has read, checked, and reads each from disk once; with workers every epoch reads
-them again (each epoch's workers are new processes).
+blocks it has read, checked, and reads each from disk once per run (a file damaged after that
+read is found by the next run or `cache verify`); with workers every epoch reads them again
+(each epoch's workers are new processes).
 """
 
 import math
