@@ -331,3 +331,24 @@ def test_teachers_with_maps_of_different_sizes_are_each_resized_to_the_student_m
     chosen = torch.stack([up(batch["teachers/t2/cam"][0]), up(batch["teachers/t1/cam"][1])])  # t2 wins 0, t1 wins 1
     expected = hand_map_distance((activation ** 2).mean(1), chosen)
     torch.testing.assert_close(losses["map"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_teachers_computed_together_equal_each_teacher_computed_alone():
+    """Three teachers (two map sizes, one cut to the student's view), four samples each shifted or flipped
+    its own way: the maps the loss computes together equal each teacher's map computed on its own."""
+    torch.manual_seed(0)
+    student = create_model("resnet8_slim", 1, 10)
+    names, sides = ["a", "b", "c"], [4, 8, 4]
+    fractions = {"b": 0.75}
+    loss_fn = DistillationLoss("explain-kd", names, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 1.0, 10,
+                               view_fractions=fractions)
+    maps = [torch.rand(4, side, side) for side in sides]
+    moves = Moves(torch.tensor([[3, -2], [0, 0], [-5, 4], [1, 1]]), torch.tensor([False, True, True, False]))
+    together = loss_fn.teacher_maps(maps, (32, 32), (6, 6), moves)
+    for m, name in enumerate(names):
+        alone = centre_crop_maps(maps[m], fractions[name]) if name in fractions else maps[m]
+        alone = torch.stack([apply(resize_maps(alone[i:i + 1], (32, 32))[:, None],  # one sample, one map at a time
+                                   Moves(moves.shifts[i:i + 1], moves.flips[i:i + 1]))[0, 0] for i in range(4)])
+        alone = resize_maps(alone, (6, 6)).flatten(1)
+        expected = (alone / alone.pow(2).sum(1, keepdim=True).sqrt()).view(4, 6, 6)
+        torch.testing.assert_close(together[:, m], expected, rtol=1e-5, atol=1e-6)
