@@ -14,13 +14,11 @@ from pathlib import Path
 from unittest import mock
 
 import pandas as pd
-import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import cache
-from pipeline.bench import TEACHERS, bytes_under, evict, median_seconds, synthetic_store
+from pipeline.bench import TEACHERS, bytes_under, evict, median_seconds, stream_pass, synthetic_store, zarr_pass
 from pipeline.distill import teacher_fields
-from pipeline.stream import BlockStream
 
 CODECS = {"zstd 5, bitshuffle (shipped)": cache.compressors,
           "lz4 5, bitshuffle": lambda: (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()),
@@ -35,20 +33,10 @@ def trial(folder: Path, samples: int, block: int, chunks: int, codec: str, zarr_
         store = synthetic_store(path, samples, 1000, 7, block, {"mode": "topk", "k": 10}, chunks_per_block=chunks)
     written = time.perf_counter() - began
     fields = ["labels", *teacher_fields("explain-kd", list(TEACHERS), store.logit_fields)]
-    blocks = list(range(store.num_blocks))
-
-    def ours():
-        for _ in BlockStream(str(path), fields, blocks, 256):
-            pass
-
-    def plain_zarr():
-        group = zarr.open_group(path, mode="r")
-        arrays = [group[f] for f in ["valid", *fields]]
-        for start, stop in map(store.block_rows, blocks):
-            for array in arrays:
-                array[start:stop]
-
-    seconds = median_seconds({"ours": ours} | ({"zarr": plain_zarr} if zarr_too else {}), 3, lambda: evict(path))
+    setups = {"ours": lambda: stream_pass(store, fields)}
+    if zarr_too:
+        setups["zarr"] = lambda: zarr_pass(store, fields)
+    seconds = median_seconds(setups, 3, lambda: evict(path))
     return {"block size": block, "chunks/block": chunks, "codec": codec,
             "reader samples/s": round(samples / seconds["ours"]),
             "plain zarr samples/s": round(samples / seconds["zarr"]) if zarr_too else "-",

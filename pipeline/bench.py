@@ -149,13 +149,27 @@ def bytes_under(root: Path) -> int:
 # -- stage two's reader -------------------------------------------------------------------------
 
 
+def stream_pass(store: TeacherStore, fields: list[str]) -> None:
+    """One epoch of stage two's reader over every block (a new stream: nothing is held from before)."""
+    for _ in BlockStream(str(store.path), fields, list(range(store.num_blocks)), 256, seed=1):
+        pass
+
+
+def zarr_pass(store: TeacherStore, fields: list[str]) -> None:
+    """The peer: zarr's own reads of the same arrays, a block of each at a time."""
+    group = zarr.open_group(store.path, mode="r")
+    arrays = [group[f] for f in ["valid", *fields]]
+    for start, stop in map(store.block_rows, range(store.num_blocks)):
+        for array in arrays:
+            array[start:stop]
+
+
 def reader_figures(folder: Path, scale: Scale) -> list[Figure]:
     """Samples/s of the explain-kd fields of 3 teachers from an ImageNet-shaped store (top-10 logits,
     7x7 maps) whose files are evicted from the page cache before every pass."""
     store = synthetic_store(folder / "reader.zarr", scale.reader_samples, 1000, 7, scale.reader_block,
                             logits={"mode": "topk", "k": 10})
     fields = ["labels", *teacher_fields("explain-kd", list(TEACHERS), store.logit_fields)]
-    blocks = list(range(store.num_blocks))
     files = folder / "per-sample"
     files.mkdir()
     rows = store.read_rows(0, scale.per_sample_files, fields)
@@ -163,15 +177,10 @@ def reader_figures(folder: Path, scale: Scale) -> list[Figure]:
         torch.save({f: torch.from_numpy(rows[f][i:i + 1]) for f in fields}, files / f"{i}.pt")
 
     def ours():
-        for _ in BlockStream(str(store.path), fields, blocks, 256, seed=1):
-            pass
+        stream_pass(store, fields)
 
-    def plain_zarr():  # zarr's own reads, a block of each array at a time
-        group = zarr.open_group(store.path, mode="r")
-        arrays = [group[f] for f in ["valid", *fields]]
-        for start, stop in map(store.block_rows, blocks):
-            for array in arrays:
-                array[start:stop]
+    def plain_zarr():
+        zarr_pass(store, fields)
 
     def per_sample():
         for i in range(scale.per_sample_files):

@@ -90,7 +90,6 @@ class TeacherStore:
 
     def __init__(self, group: zarr.Group, path: Path):
         self.group, self.path = group, path
-        self._arrays: dict[str, zarr.Array] = {}
         self._layouts: dict[str, ShardLayout] = {}
 
     # -- opening -----------------------------------------------------------------------
@@ -191,7 +190,7 @@ class TeacherStore:
                 if not self.shard_file(name, block).is_file():
                     print(f"restoring {name} block {block} of {self.path} from the data set")
                     start, stop = self.block_rows(block)
-                    self.writable(name)[start:stop] = data[start:stop].astype(self.array(name).dtype)
+                    self.writable(name)[start:stop] = data[start:stop].astype(self.layout(name).dtype)
 
     def check_made_from(self, record: dict) -> None:
         """Fail with the first difference between this store and what the caller expects."""
@@ -321,7 +320,7 @@ class TeacherStore:
         self.group.attrs["teachers"] = [t for t in self.teachers if t != name]
         if name in self.group["teachers"].group_keys():
             del self.group["teachers"][name]
-        self._arrays, self._layouts = {}, {}
+        self._layouts = {}
 
     def writable(self, array: str) -> zarr.Array:
         return self.group[array].with_config(WRITE_EVERY_CHUNK)
@@ -406,12 +405,6 @@ class TeacherStore:
                                                "{}, {} and {}".format(*found, *expected))
             self._layouts[path] = layout
         return self._layouts[path]
-
-    def array(self, path: str) -> zarr.Array:
-        """The array at `path`, its metadata read once per store handle."""
-        if path not in self._arrays:
-            self._arrays[path] = self.group[path]
-        return self._arrays[path]
 
     def shard_file(self, array: str, block: int) -> Path:
         """The file that holds `block` of `array`."""

@@ -49,13 +49,14 @@ def shard_damage(store: TeacherStore, array: str, block: int, quick: bool) -> st
 
 
 def sound_layout(store: TeacherStore, array: str) -> bool:
-    """The array is there with N rows in shards of one block and the store's chunk rows; only then do
-    its shard files have the names and index sizes that the checks below assume."""
-    if array not in store.group:
+    """The array is there, laid out as the store's (N rows in shards of one block and the store's chunk
+    rows: `TeacherStore.layout`); only then do its shard files have the names and index sizes that the
+    checks below assume."""
+    try:
+        store.layout(array)
+    except PipelineError:
         return False
-    found = store.array(array)
-    return (found.shape[0] == store.num_samples and found.shards is not None and found.shards[0] == store.block_size
-            and found.chunks[0] == store.attrs["chunk_rows"])
+    return True
 
 
 def finished_marks(store: TeacherStore, name: str) -> tuple[np.ndarray, list[Damage]]:
