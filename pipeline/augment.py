@@ -60,18 +60,6 @@ def apply(x: torch.Tensor, moves: Moves) -> torch.Tensor:
     return torch.where(flips[:, None, None, None], x.flip(-1), x) if flips.any() else x
 
 
-def centre_crop_maps(maps: torch.Tensor, fraction: float) -> torch.Tensor:
-    """(B, h, w) maps over one view -> the same size over its centred sub-square of side `fraction`
-    (0 < fraction <= 1), each cell the average of the region it covers (RoIAlign, as ReLabel crops
-    its label maps). A centre crop of a larger resize covers exactly this part of the image."""
-    from torchvision.ops import roi_align
-
-    h, w = maps.shape[-2:]
-    box = [w * (1 - fraction) / 2, h * (1 - fraction) / 2, w * (1 + fraction) / 2, h * (1 + fraction) / 2]
-    boxes = torch.tensor([[i, *box] for i in range(len(maps))], dtype=torch.float32, device=maps.device)
-    return roi_align(maps[:, None].float(), boxes, (h, w), spatial_scale=1.0, sampling_ratio=4, aligned=True)[:, 0]
-
-
 def model_input(batch: dict, augmentation: Augmentation | None, mean, std):
     """A store or loader batch -> (standardised (B, C, H, W) input, int64 labels, the moves drawn)."""
     images = to_unit(batch["images"])

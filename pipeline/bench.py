@@ -118,15 +118,17 @@ def synthetic_store(path: Path, samples: int, classes: int, map_side: int, block
     for block in range(store.num_blocks):
         start, stop = store.block_rows(block)
         n = stop - start
-        store.write_valid(block, np.ones(n, bool))
+        store.write_samples(block, {"valid": np.ones(n, bool), "view_boxes": np.tile([0, 0, 224, 224], (n, 1, 1)),
+                                    "view_flips": np.zeros((n, 1), bool)})
         for name in teachers:
             logit_values = torch.from_numpy(rng.normal(0, 3, (n, classes)).astype(np.float32))
             y = rng.uniform(0.01, 1, n).astype(np.float32)
-            store.write_block(name, block, {
+            arrays = {
                 **(topk_logit_fields(logit_values, logits["k"]) if logits else {"logits": logit_values.half().numpy()}),
                 "cam": smooth_maps(rng, n, map_side), "cam_max": rng.uniform(0, 2, n).astype(np.float32),
                 "cam_class": labels[start:stop], "y_prob": y, "o_prob": y * rng.uniform(0, 1, n).astype(np.float32),
-                "attention": smooth_maps(rng, n, map_side), "attention_max": rng.uniform(0, 2, n).astype(np.float32)})
+                "attention": smooth_maps(rng, n, map_side), "attention_max": rng.uniform(0, 2, n).astype(np.float32)}
+            store.write_block(name, block, {key: value[:, None] for key, value in arrays.items()})  # one view
     return store
 
 

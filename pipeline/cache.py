@@ -1,8 +1,10 @@
-"""The teacher cache: one Zarr v3 group per data set split (format v4, see README).
+"""The teacher cache: one Zarr v3 group per data set split (format v5, see README).
 
-Rows are sharded along N; a *block* is exactly one shard, the unit of writing, so no
-two writers ever touch one shard and a block is marked done in `progress` only after
-its data is written (a killed run resumes with the unmarked blocks).
+Rows are sharded along N; a *block* is the unit of writing, so no two writers ever touch
+one shard and a block is marked done in `progress` only after its data is written (a
+killed run resumes with the unmarked blocks). Every teacher array, and the views' boxes
+and flips, have a view axis after the row axis (pipeline.views), with one shard file per
+block and view, so that a student reads only the view it uses.
 
 Every chunk ends in a crc32c checksum (and so does every shard's index), and every chunk
 is written even when it holds only zeros, so a damaged chunk fails to decode and an
@@ -28,13 +30,18 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from pipeline import __version__
 from pipeline.errors import PipelineError
 from pipeline.shards import ShardDamage, ShardLayout, read_shard_rows
+from pipeline.views import ViewPolicy
 
-FORMAT, VERSION = "teacher-cache", 4  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
-# 4: a crc32c checksum on every chunk, every chunk written
+FORMAT, VERSION = "teacher-cache", 5  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
+# 4: a crc32c checksum on every chunk, every chunk written; 5: K views per sample
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
-SHARED_ARRAYS = ("labels", "images", "valid")  # one per store; "images" only for small images
+SHARED_ARRAYS = ("labels", "images", "valid", "view_boxes", "view_flips")  # one per store; "images" only for small images
+SAMPLE_ARRAYS = ("valid", "view_boxes", "view_flips")  # written by extraction with each block, before its teachers'
+VIEWED_SHARED = ("view_boxes", "view_flips")  # shared arrays with a view axis (as every teacher array has)
 SCORE_FIELDS = ("cam", "cam_max", "cam_class", "y_prob", "o_prob", "attention", "attention_max")
 TOPK_FIELDS = ("logits", "logit_classes", "tail_logsumexp")  # `--logits topk:K` stores these instead of all C logits
+# what makes two stores the same (the root fingerprint covers these attributes)
+STORE_IDENTITY = ("dataset", "target", "block_size", "logits", "views")
 # what makes two teachers the same, the code that computed their values included
 TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform", "code_sha256")
 
@@ -60,6 +67,15 @@ def compressors() -> tuple:
 
 # zarr leaves out chunks equal to the fill value; here every chunk is written, so a missing one is damage
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
+def create_sharded(group: zarr.Group, name: str, shape: tuple, dtype, block_size: int, chunk: int,
+                   viewed: bool) -> zarr.Array:
+    """An array of one shard file per block (and per view, when `viewed`: axis 1 is the view), chunks of
+    `chunk` rows, every chunk checksummed and written."""
+    inner = (1, *shape[2:]) if viewed else tuple(shape[1:])
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *inner), shards=(block_size, *inner),
+                              compressors=compressors(), fill_value=0, config=WRITE_EVERY_CHUNK)
 
 
 def fingerprint(record: dict) -> str:
@@ -128,7 +144,7 @@ class TeacherStore:
     def create(
         cls, path: str | Path, identity: dict, labels: np.ndarray, images: np.ndarray | None,
         target: str, block_size: int, logits: dict | None = None, chunks_per_block: int = 4,
-        replace: bool = False,
+        replace: bool = False, views: ViewPolicy = ViewPolicy(),
     ) -> "TeacherStore":
         """Open the store at `path` if it was made from the same data, else create it (with
         `replace`, a store made from other data or settings is deleted and created anew).
@@ -137,7 +153,7 @@ class TeacherStore:
         way is recognisable as ours and is simply redone; call inside `locked(path)`.
         """
         path = Path(path)
-        record = {"dataset": identity, "target": target, "block_size": block_size, "logits": logits or {"mode": "full"}}
+        record = dict(zip(STORE_IDENTITY, (identity, target, block_size, logits or {"mode": "full"}, views.as_dict())))
         if (path / "zarr.json").exists():
             found = zarr.open_group(path, mode="r").attrs
             if not (found.get("format") == FORMAT and "fingerprint" not in found):
@@ -160,6 +176,8 @@ class TeacherStore:
         if stores_images(images):
             cls._create_rows(group, "images", images.astype(np.uint8), block_size, chunk)
         cls._create_rows(group, "valid", np.ones(n, dtype=bool), block_size, chunk)
+        cls._create_rows(group, "view_boxes", np.zeros((n, views.count, 4), np.int32), block_size, chunk, viewed=True)
+        cls._create_rows(group, "view_flips", np.zeros((n, views.count), bool), block_size, chunk, viewed=True)
         group.create_group("teachers")
         group.attrs.update({
             **record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,
@@ -169,11 +187,9 @@ class TeacherStore:
         return cls(group, path)
 
     @staticmethod
-    def _create_rows(group: zarr.Group, name: str, data: np.ndarray, block_size: int, chunk: int) -> None:
-        rows = group.create_array(
-            name, shape=data.shape, dtype=data.dtype, chunks=(chunk, *data.shape[1:]),
-            shards=(block_size, *data.shape[1:]), compressors=compressors(), fill_value=0, config=WRITE_EVERY_CHUNK,
-        )
+    def _create_rows(group: zarr.Group, name: str, data: np.ndarray, block_size: int, chunk: int,
+                     viewed: bool = False) -> None:
+        rows = create_sharded(group, name, data.shape, data.dtype, block_size, chunk, viewed)
         rows[...] = data
 
     def restore_missing_rows(self, labels: np.ndarray, images: np.ndarray | None) -> None:
@@ -231,6 +247,15 @@ class TeacherStore:
     def num_blocks(self) -> int:
         return self.attrs["num_blocks"]
 
+    @cached_property  # fixed when the store is created
+    def num_views(self) -> int:
+        return self.attrs["views"]["count"]
+
+    @staticmethod
+    def is_viewed(array: str) -> bool:
+        """Whether `array` has a view axis: every teacher array but its progress marks, and the views' own."""
+        return array in VIEWED_SHARED or (array.startswith("teachers/") and not array.endswith("/progress"))
+
     def block_rows(self, block: int) -> tuple[int, int]:
         start = block * self.block_size
         return start, min(start + self.block_size, self.num_samples)
@@ -268,17 +293,17 @@ class TeacherStore:
 
     def teacher_shapes(self, map_shape) -> dict[str, tuple[tuple[int, ...], str]]:
         """Shape and dtype of each array of a teacher whose maps are `map_shape`."""
-        n, classes = self.num_samples, self.attrs["dataset"]["num_classes"]
+        n, classes = (self.num_samples, self.num_views), self.attrs["dataset"]["num_classes"]
         mode = self.logits_mode
         class_dtype = "int16" if classes <= 2**15 else "int32"
-        logits = {"logits": ((n, classes), "float16")} if mode["mode"] == "full" else {
-            "logits": ((n, mode["k"]), "float16"),
-            "logit_classes": ((n, mode["k"]), class_dtype),
-            "tail_logsumexp": ((n,), "float32"),
+        logits = {"logits": ((*n, classes), "float16")} if mode["mode"] == "full" else {
+            "logits": ((*n, mode["k"]), "float16"),
+            "logit_classes": ((*n, mode["k"]), class_dtype),
+            "tail_logsumexp": (n, "float32"),
         }
-        return logits | {"cam": ((n, *map_shape), "uint8"), "cam_max": ((n,), "float32"), "cam_class": ((n,), class_dtype),
-                         "y_prob": ((n,), "float32"), "o_prob": ((n,), "float32"),
-                         "attention": ((n, *map_shape), "uint8"), "attention_max": ((n,), "float32")}
+        return logits | {"cam": ((*n, *map_shape), "uint8"), "cam_max": (n, "float32"), "cam_class": (n, class_dtype),
+                         "y_prob": (n, "float32"), "o_prob": (n, "float32"),
+                         "attention": ((*n, *map_shape), "uint8"), "attention_max": (n, "float32")}
 
     # -- writing -------------------------------------------------------------------------
 
@@ -304,10 +329,7 @@ class TeacherStore:
         group = self.group["teachers"].create_group(name)
         chunk, block = self.attrs["chunk_rows"], self.block_size
         for field, (shape, dtype) in self.teacher_shapes(map_shape).items():
-            group.create_array(
-                field, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), shards=(block, *shape[1:]),
-                compressors=compressors(), fill_value=0, config=WRITE_EVERY_CHUNK,
-            )
+            create_sharded(group, field, shape, dtype, block, chunk, viewed=True)
         group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False,
                            compressors=compressors())  # an absent mark is "not finished": the block is recomputed
         group.attrs.update(identity)
@@ -338,7 +360,7 @@ class TeacherStore:
         return [int(b) for b in np.flatnonzero(~self.progress(name))]
 
     def write_block(self, name: str, block: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write one whole shard of every teacher field, then mark the block finished."""
+        """Write one whole block (rows, views, ...) of every teacher field, then mark the block finished."""
         group = self.teacher_group(name)
         start, stop = self.block_rows(block)
         for field in self.teacher_fields:
@@ -349,19 +371,26 @@ class TeacherStore:
             self.writable(f"teachers/{name}/{field}")[start:stop] = data.astype(group[field].dtype, copy=False)
         group["progress"][block] = True
 
-    def write_valid(self, block: int, valid: np.ndarray) -> None:
-        """Which rows of a block hold a readable image; written before the first teacher marks the
-        block, and only checked afterwards (teachers added later must see the same images)."""
+    def write_samples(self, block: int, arrays: dict[str, np.ndarray]) -> None:
+        """A block's `valid` (which rows hold a readable image) and its views' boxes and flips (SAMPLE_ARRAYS);
+        written before the first teacher marks the block, and only checked afterwards (teachers added
+        later must see the same images and views)."""
         start, stop = self.block_rows(block)
         if not any(self.progress(name, block) for name in self.teachers):
-            self.writable("valid")[start:stop] = valid
+            for name in SAMPLE_ARRAYS:
+                self.writable(name)[start:stop] = arrays[name]
             return
-        changed = np.flatnonzero(self.read_rows(start, stop, ["valid"])["valid"] != valid)
-        if len(changed):
-            raise PipelineError(
-                f"row {start + changed[0]} of {self.path} was {'un' if valid[changed[0]] else ''}readable when "
-                "other teachers were extracted and is not now; restore the image file as it was, or write a new --store"
-            )
+        for view in range(self.num_views):
+            have = self.read_rows(start, stop, list(SAMPLE_ARRAYS), view)
+            for name in SAMPLE_ARRAYS:
+                now = arrays[name] if name == "valid" else arrays[name][:, view]
+                changed = np.flatnonzero((have[name] != now).reshape(len(now), -1).any(1))
+                if len(changed):
+                    row = start + changed[0]
+                    what = (f"was {'un' if now[changed[0]] else ''}readable" if name == "valid" else
+                            f"had another view {view} ({name}; has the image changed size?)")
+                    raise PipelineError(f"row {row} of {self.path} {what} when other teachers were extracted; "
+                                        "restore the image file as it was, or write a new --store")
 
     # -- reading -------------------------------------------------------------------------
 
@@ -372,21 +401,26 @@ class TeacherStore:
             done &= self.progress(name)
         return [int(b) for b in np.flatnonzero(done)]
 
-    def read_rows(self, start: int, stop: int, fields: list[str]) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of each array path, e.g. "labels" or "teachers/resnet20/cam"; a missing
-        shard file or a chunk that fails its checksum stops with the repair command."""
+    def read_rows(self, start: int, stop: int, fields: list[str], view: int = 0) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of each array path, e.g. "labels" or "teachers/resnet20/cam", arrays with a
+        view axis at `view` (view 0: the eval view); a missing shard file or a chunk that fails its
+        checksum stops with the repair command."""
+        if not 0 <= view < self.num_views:
+            raise ValueError(f"view {view} asked of store {self.path}, which has {self.num_views} view(s)")
         spans = [(block, max(start, first), min(stop, last)) for block in range(start // self.block_size,
                                                                                 -(-stop // self.block_size))
                  for first, last in [self.block_rows(block)]]
-        return {field: np.concatenate([self.read_block_rows(field, *span) for span in spans]) for field in fields}
+        return {field: np.concatenate([self.read_block_rows(field, *span, view) for span in spans]) for field in fields}
 
-    def read_block_rows(self, field: str, block: int, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of `field`, all in `block`, read straight from its shard file (pipeline.shards)."""
+    def read_block_rows(self, field: str, block: int, start: int, stop: int, view: int = 0) -> np.ndarray:
+        """Rows [start, stop) of `field` (at `view`), all in `block`, read straight from its shard file
+        (pipeline.shards)."""
         first = block * self.block_size
         try:
-            return read_shard_rows(self.shard_file(field, block), self.layout(field), start - first, stop - first)
+            return read_shard_rows(self.shard_file(field, block, view), self.layout(field), start - first, stop - first)
         except ShardDamage as damage:
-            raise self.damaged(field, block, str(damage)) from None
+            where = f" (view {view})" if self.is_viewed(field) and self.num_views > 1 else ""
+            raise self.damaged(field, block, f"{damage}{where}") from None
 
     def layout(self, path: str) -> ShardLayout:
         """How `path`'s shard files are laid out, checked against the store's rows, blocks and chunks."""
@@ -397,18 +431,22 @@ class TeacherStore:
                 raise self.damaged(path, None, "its array metadata (zarr.json) is missing") from None
             except ValueError:
                 raise self.damaged(path, None, "its array metadata (zarr.json) is not JSON") from None
-            layout = ShardLayout.of(metadata, path)
-            found, expected = (layout.rows, layout.shard_rows, layout.chunk_rows), \
-                (self.num_samples, self.block_size, self.attrs["chunk_rows"])
+            layout = ShardLayout.of(metadata, path, self.is_viewed(path))
+            found, expected = (layout.rows, layout.shard_rows, layout.chunk_rows, layout.views), \
+                (self.num_samples, self.block_size, self.attrs["chunk_rows"], self.num_views if self.is_viewed(path) else 0)
             if found != expected:
-                raise self.damaged(path, None, "its zarr.json describes {} rows in shards of {} and chunks of {}, not "
-                                               "{}, {} and {}".format(*found, *expected))
+                raise self.damaged(path, None, "its zarr.json describes {} rows in shards of {}, chunks of {} and {} "
+                                               "views, not {}, {}, {} and {}".format(*found, *expected))
             self._layouts[path] = layout
         return self._layouts[path]
 
-    def shard_file(self, array: str, block: int) -> Path:
-        """The file that holds `block` of `array`."""
-        return self.path / array / self.layout(array).shard_key(block)
+    def shard_file(self, array: str, block: int, view: int = 0) -> Path:
+        """The file that holds `block` (at `view`, for an array with a view axis) of `array`."""
+        return self.path / array / self.layout(array).shard_key(block, view)
+
+    def shard_files(self, array: str, block: int) -> list[Path]:
+        """Every file that holds part of `block` of `array`: one per view for an array with a view axis."""
+        return [self.shard_file(array, block, view) for view in range(max(1, self.layout(array).views))]
 
     def damaged(self, array: str, block: int | None, what: str | Exception) -> PipelineError:
         """The one-line error for damage found while reading (`what`: a text or the decoding error)."""

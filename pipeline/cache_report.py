@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.cache import TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint
+from pipeline.cache import STORE_IDENTITY, TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint
 from pipeline.errors import PipelineError
 from pipeline.integrity import Damage, finished_marks, sound_layout
 from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
@@ -59,6 +59,14 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
+def views_text(views: dict) -> str:
+    if views["count"] == 1:
+        return "1 (the eval view)"
+    kind = "resized crops" if views["eval_crop"] else f"crops padded by {views['shift']} px"
+    return (f"{views['count']}: the eval view and {views['count'] - 1} random {kind}"
+            f"{', flipped at random' if views['flip'] else ''} (seed {views['seed']})")
+
+
 def logits_text(mode: dict) -> str:
     return "all classes" if mode["mode"] == "full" else f"top {mode['k']} (with class indices and the log-sum-exp of the rest)"
 
@@ -74,6 +82,7 @@ def describe(store: TeacherStore) -> str:
         f"{dataset['num_classes']} classes, images {'x'.join(map(str, dataset['image_shape']))}",
         f"target     {attrs['target']}; blocks of {attrs['block_size']} rows: {store.num_blocks}",
         f"logits     {logits_text(store.logits_mode)}",
+        f"views      {views_text(attrs['views'])}",
         f"skipped    {int((~store.read_rows(0, store.num_samples, ['valid'])['valid']).sum())} unreadable "
         "image(s) (valid = False)",
         f"complete   {'yes' if complete else 'no'}",
@@ -97,9 +106,9 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
     `integrity.find_damage`, and (unless `quick`) values out of range in the blocks not damaged."""
     attrs, problems, bad_shapes, finished = store.attrs, [], [], {}
     n = store.num_samples
-    record = {key: attrs[key] for key in ("dataset", "target", "block_size", "logits")}
+    record = {key: attrs.get(key) for key in STORE_IDENTITY}
     if attrs.get("fingerprint") != fingerprint(record):
-        problems.append("root fingerprint does not match the dataset/target/block_size attributes")
+        problems.append(f"root fingerprint does not match the {'/'.join(STORE_IDENTITY)} attributes")
     for array in store.shared_arrays:
         if not sound_layout(store, array):
             bad_shapes.append(f"{array}: missing, or not {n} rows in shards of {store.block_size}")
@@ -127,27 +136,30 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
         return problems + bad_shapes  # values cannot be read block-wise from arrays of the wrong shape
     damaged = {(item.teacher, item.block) for item in damage}
     for name in [] if quick else finished:
-        for block in map(int, finished[name]):
+        for block, view in ((int(b), v) for b in finished[name] for v in range(store.num_views)):
             if {(name, block), (None, block)} & damaged:
                 continue
-            fields = ["valid", "labels", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
-            rows = store.read_rows(*store.block_rows(block), fields)
+            at = f"block {block}" + (f" view {view}" if store.num_views > 1 else "")
+            fields = ["valid", "labels", "view_boxes", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
+            rows = store.read_rows(*store.block_rows(block), fields, view)
             for field in ("logits", "tail_logsumexp", "cam_max", "y_prob", "o_prob", "attention_max"):
                 if f"teachers/{name}/{field}" in rows:
                     values = rows[f"teachers/{name}/{field}"].astype(np.float64)
                     if not np.isfinite(values).all():
-                        problems.append(f"{name}/{field}: NaN or infinite values in block {block}")
+                        problems.append(f"{name}/{field}: NaN or infinite values in {at}")
             valid = rows["valid"]  # skipped unreadable images hold zeros
+            boxes = rows["view_boxes"][valid]
+            if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+                problems.append(f"view_boxes: an empty box of a readable image in {at}")
             y, o = rows[f"teachers/{name}/y_prob"][valid], rows[f"teachers/{name}/o_prob"][valid]
             if (y <= 0).any() or (y > 1).any() or (o < 0).any() or (o > 1).any():
-                problems.append(f"{name}: y_prob/o_prob outside (0, 1] / [0, 1] in block {block}")
+                problems.append(f"{name}: y_prob/o_prob outside (0, 1] / [0, 1] in {at}")
             for field in ("cam_max", "attention_max"):
                 if (rows[f"teachers/{name}/{field}"] < 0).any():
-                    problems.append(f"{name}/{field}: negative scale in block {block}")
+                    problems.append(f"{name}/{field}: negative scale in {at}")
             explained = rows[f"teachers/{name}/cam_class"][valid]
             if attrs["target"] == "label" and (explained != rows["labels"][valid]).any():
-                problems.append(f"{name}/cam_class: a map of a class other than the label in block {block}")
+                problems.append(f"{name}/cam_class: a map of a class other than the label in {at}")
             if ((explained < 0) | (explained >= attrs["dataset"]["num_classes"])).any():
-                problems.append(f"{name}/cam_class: a class outside 0..{attrs['dataset']['num_classes'] - 1} "
-                                f"in block {block}")
+                problems.append(f"{name}/cam_class: a class outside 0..{attrs['dataset']['num_classes'] - 1} in {at}")
     return problems

@@ -87,6 +87,12 @@ class ExtractConfig(DataConfig):
                              "of the same name with other weights or code: error (stop and say what differs) | "
                              "replace (recompute what differs and drop teachers not listed; DVC stages use it)")
     target: str = setting("label", "class whose Grad-CAM is cached: label (ground truth) | predicted")
+    views: int = setting(1, "views cached per sample: view 0 is the eval view, the others random crops "
+                         "(RandomResizedCrop geometry for image files, padded crops for in-memory sets) and flips "
+                         "where the classes are mirror-symmetric; students cycle through them")
+    view_seed: int = setting(0, "seed of the random views (view v of a sample depends on it, the sample's id and v)")
+    view_shift: int = setting(4, "in-memory data sets: random views are crops of the image padded by this many "
+                              "pixels (ignored for image files)")
     block_size: int | None = setting(None, "samples per shard: the unit of writing, resuming and reading (default: "
                                      "the largest of 256, 1024, 4096, 16384 that makes at least 32 blocks)")
     batch_size: int = setting(128, "teacher batch size")
@@ -168,7 +174,12 @@ class TrainStudentConfig(DataConfig):
     seed: int = setting(0, "seed for initialisation and batch order")
     num_workers: int = setting(0, "DataLoader worker processes streaming store blocks")
     mix_blocks: int = setting(2, "store blocks shuffled together, so batches mix shards")
+    views: str = setting("all", "which of the store's views students see: all (each epoch one per sample, every "
+                         "view once in K epochs) | eval (view 0 only, as a one-view store)")
     allow_partial: bool = setting(False, "train on the finished blocks of an incomplete store (says so)")
+    resume: bool = setting(False, "continue the run from the training state it saved (<out-dir>/<run-name>/resume.pt, "
+                           "written at the end of every epoch) to the weights an uninterrupted run reaches")
+    save_every: int = setting(0, "also save the training state every this many steps (0: at epochs' ends only)")
     device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
 
     def __post_init__(self):
@@ -185,6 +196,7 @@ class TrainStudentConfig(DataConfig):
         check_choice("student map", self.student_map, ("gradcam", "attention"))
         check_choice("kd source", self.kd_source, ("selected", "best"))
         check_choice("map norm", self.map_norm, MAP_NORMS)
+        check_choice("views", self.views, ("all", "eval"))
         if self.map_size < 0:
             raise PipelineError(f"--map-size must be 0 (the student's map size) or a side length >= 1; got {self.map_size}")
         if self.kd_source == "best" and (self.method != "explain-kd" or self.policy == "global"):

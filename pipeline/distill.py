@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.augment import Augmentation, Moves, apply, centre_crop_maps, model_input
+from pipeline.augment import Augmentation, Moves, apply, model_input
 from pipeline.cache import dequantize_cam, full_logits
 from pipeline.explain import CamLayer, attention_map, captured, grad_cam
 from pipeline.scoring import selection_weights
@@ -74,8 +74,8 @@ class DistillationLoss:
     `map_size` x `map_size` grid (0: the student's map size) after `map_norm` (config.MAP_NORMS).
     `target` is the store's: with `predicted` the student's Grad-CAM explains the class the
     chosen teacher's map explains. `random_choice` (N,) holds the teacher of every store row for
-    the `random` policy; `view_fractions` the part of each teacher's view the student sees (1: the
-    same crop), so that teacher maps are cut to the student's view (see augment.centre_crop_maps).
+    the `random` policy. Cached maps cover the student's image exactly: teachers and student saw
+    one view (pipeline.views), each at its own resolution.
     """
 
     def __init__(self, method: str, teachers: list[str], student_layer: CamLayer | None, mean, std,
@@ -83,8 +83,7 @@ class DistillationLoss:
                  policy: str = "per-sample", policy_temperature: float = 0.1, detach_head: bool = False,
                  beta_warmup: int = 0, augmentation: Augmentation | None = None, map_follows: bool = True,
                  student_map: str = "gradcam", kd_teacher: str | None = None, map_norm: str = "l2",
-                 map_size: int = 0, target: str = "label", random_choice: torch.Tensor | None = None,
-                 view_fractions: dict[str, float] | None = None):
+                 map_size: int = 0, target: str = "label", random_choice: torch.Tensor | None = None):
         self.method, self.teachers, self.layer = method, teachers, student_layer
         self.num_classes = num_classes
         self.mean, self.std = mean, std
@@ -94,7 +93,6 @@ class DistillationLoss:
         self.student_map, self.kd_teacher = student_map, kd_teacher
         self.map_norm, self.map_size = map_norm, map_size
         self.target, self.random_choice = target, random_choice
-        self.view_fractions = view_fractions or {}
         self.epoch = 0
 
     def beta_now(self) -> float:
@@ -160,11 +158,9 @@ class DistillationLoss:
         return logits, box["activation"]
 
     def teacher_maps(self, maps: list[torch.Tensor], image_size, map_size, moves: Moves | None) -> torch.Tensor:
-        """Cached (B, h, w) maps, one per teacher -> (B, M, *map_size): cut to the student's view, moved
-        like their images, resized, each normalised (so that mixing teachers weighs their maps alike).
-        Teachers whose maps share a size are computed on together (a step's fixed cost is per op)."""
-        maps = [centre_crop_maps(cam, self.view_fractions[name]) if self.view_fractions.get(name, 1.0) != 1.0 else cam.float()
-                for name, cam in zip(self.teachers, maps)]
+        """Cached (B, h, w) maps, one per teacher -> (B, M, *map_size): moved like their images, resized,
+        each normalised (so that mixing teachers weighs their maps alike). Teachers whose maps share a
+        size are computed on together (a step's fixed cost is per op)."""
         sizes = {}
         for m, cam in enumerate(maps):
             sizes.setdefault(tuple(cam.shape[-2:]), []).append(m)

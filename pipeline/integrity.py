@@ -6,7 +6,7 @@ its last bytes are no longer the index) and every chunk lies inside the file. Th
 check also decodes every chunk, which checks each chunk's own crc32c checksum.
 
 Repair deletes the damaged files and marks their blocks unfinished, for the teacher whose
-array broke (for `valid`, every teacher), so that the `pipeline extract-teachers` command
+array broke (for `valid` and the views' boxes and flips, every teacher), so that the `pipeline extract-teachers` command
 that wrote the store recomputes exactly those blocks; it rewrites `labels` and `images`
 from the data set when it opens the store.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import TeacherStore
+from pipeline.cache import SAMPLE_ARRAYS, TeacherStore
 from pipeline.errors import PipelineError
 from pipeline.shards import ShardDamage, check_index, decode_chunks
 
@@ -37,14 +37,15 @@ class Damage:
 
 
 def shard_damage(store: TeacherStore, array: str, block: int, quick: bool) -> str | None:
-    """What is wrong with `block` of `array`, or None."""
+    """What is wrong with `block` of `array` (the first damaged view's, for an array with views), or None."""
     start, stop = store.block_rows(block)
     layout = store.layout(array)
     chunks = range(math.ceil((stop - start) / layout.chunk_rows))
-    try:
-        (check_index if quick else decode_chunks)(store.shard_file(array, block), layout, chunks)
-    except ShardDamage as damage:
-        return str(damage)
+    for view, path in enumerate(store.shard_files(array, block)):
+        try:
+            (check_index if quick else decode_chunks)(path, layout, chunks)
+        except ShardDamage as damage:
+            return f"{damage} (view {view})" if layout.views > 1 else str(damage)
     return None
 
 
@@ -100,7 +101,8 @@ def repair_damage(store: TeacherStore, damage: list[Damage]) -> None:
     """Delete the damaged files and unmark their blocks (see the module's docstring)."""
     for item in damage:
         if not item.array.endswith("/progress"):  # a mark is not sharded: unmarking below rewrites it
-            store.shard_file(item.array, item.block).unlink(missing_ok=True)
-        teachers = [item.teacher] if item.teacher else store.teachers if item.array == "valid" else []
+            for path in store.shard_files(item.array, item.block):
+                path.unlink(missing_ok=True)
+        teachers = [item.teacher] if item.teacher else store.teachers if item.array in SAMPLE_ARRAYS else []
         for name in teachers:
             store.group["teachers"][name]["progress"][item.block] = False

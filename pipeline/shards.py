@@ -2,8 +2,9 @@
 
 zarr's read path costs about a millisecond of fixed overhead per chunk (its asyncio codec
 pipeline), which caps stage two near 50,000 samples/s at 25 arrays a block however the reads
-are batched (docs/reader.md). Every sharded array of a format v4 store has one layout, which
-`ShardLayout.of` checks: a shard is one block of rows in chunks of `chunk_rows` rows, each
+are batched (docs/reader.md). Every sharded array of a format v5 store has one layout, which
+`ShardLayout.of` checks: a shard is one block of rows (of one view, for arrays with a view
+axis after the row axis) in chunks of `chunk_rows` rows, each
 chunk blosc-compressed and followed by its crc32c; the file ends in the index, an (offset,
 length) pair of little-endian uint64 per chunk, and the index's own crc32c (the zarr v3
 sharding codec with index_location "end"). Writing stays with zarr.
@@ -30,26 +31,28 @@ class ShardDamage(Exception):
 @dataclass(frozen=True)
 class ShardLayout:
     dtype: np.dtype  # little-endian, as stored
-    row_shape: tuple[int, ...]
+    row_shape: tuple[int, ...]  # of one row of one view
     rows: int  # of the whole array
     shard_rows: int
     chunk_rows: int
+    views: int = 0  # the length of the view axis; 0: the array has none
 
     @classmethod
-    def of(cls, metadata: dict, name: str) -> "ShardLayout":
-        """The layout that an array's zarr.json describes, or a one-line error if it is not format v4's
-        (read as JSON: opening the array with zarr costs milliseconds, at every reader's start)."""
+    def of(cls, metadata: dict, name: str, viewed: bool) -> "ShardLayout":
+        """The layout that an array's zarr.json describes (`viewed`: with a view axis, each view of a
+        block in its own shard), or a one-line error if it is not format v5's (read as JSON: opening
+        the array with zarr costs milliseconds, at every reader's start)."""
         try:
-            layout = cls.parse(metadata)
+            layout = cls.parse(metadata, viewed)
         except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
             layout = None
         if layout is None:
-            raise PipelineError(f"array {name} is not laid out as a teacher-cache v4 array; rewrite the store with "
+            raise PipelineError(f"array {name} is not laid out as a teacher-cache v5 array; rewrite the store with "
                                 "this version's `pipeline extract-teachers`")
         return layout
 
     @classmethod
-    def parse(cls, metadata: dict) -> "ShardLayout | None":
+    def parse(cls, metadata: dict, viewed: bool) -> "ShardLayout | None":
         (sharding,) = metadata["codecs"]
         config, dtype = sharding["configuration"], np.dtype(metadata["data_type"])
         inner, index = config["codecs"], config["index_codecs"]
@@ -59,17 +62,20 @@ class ShardLayout:
         sound = (sharding["name"] == "sharding_indexed" and config.get("index_location") == "end"
                  and [c["name"] for c in inner] == ["bytes", "blosc", "crc32c"] and (dtype.itemsize == 1 or little(inner[0]))
                  and [c["name"] for c in index] == ["bytes", "crc32c"] and little(index[0])
-                 and shard[1:] == chunk[1:] == shape[1:] and shard[0] % chunk[0] == 0
+                 and shard[1 + viewed:] == chunk[1 + viewed:] == shape[1 + viewed:] and shard[0] % chunk[0] == 0
+                 and (not viewed or shard[1] == chunk[1] == 1)
                  and metadata["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}})
-        return cls(dtype.newbyteorder("<"), tuple(shape[1:]), shape[0], shard[0], chunk[0]) if sound else None
+        views = shape[1] if viewed else 0
+        return cls(dtype.newbyteorder("<"), tuple(shape[1 + viewed:]), shape[0], shard[0], chunk[0], views) \
+            if sound else None
 
     @property
     def chunks_per_shard(self) -> int:
         return self.shard_rows // self.chunk_rows
 
-    def shard_key(self, block: int) -> str:
-        """The shard file of `block`, under the array's folder (zarr's default chunk key encoding)."""
-        return "/".join(["c", str(block), *["0"] * len(self.row_shape)])
+    def shard_key(self, block: int, view: int = 0) -> str:
+        """The shard file of `block` (and `view`), under the array's folder (zarr's default chunk key encoding)."""
+        return "/".join(["c", str(block), *([str(view)] if self.views else []), *["0"] * len(self.row_shape)])
 
     @property
     def index_bytes(self) -> int:

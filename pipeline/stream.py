@@ -5,7 +5,9 @@ thread, which must not be inherited through fork), take every n-th block of a sh
 shuffled order, and shuffle rows within a window of `mix_blocks` blocks. The plan of an
 epoch (which worker reads which windows) is a pure function of (seed, epoch), so the
 number of batches is known exactly before the epoch runs (the learning-rate schedule
-depends on it).
+depends on it). In each epoch a block's rows are read at one of the store's views
+(views.epoch_view: every view once in K epochs), and "images" are that view of each
+sample, rendered at the data set's size from the stored image or the image file.
 
 In one process (no workers), a stream whose arrays decode to at most `hold_bytes` keeps the
 blocks it has read, checked, and reads each from disk once per run (a file damaged after that
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import TeacherStore
+from pipeline.views import epoch_view, render
 
 HOLD_BYTES = 2**30
 
@@ -29,30 +32,39 @@ class BlockStream(torch.utils.data.IterableDataset):
 
     Rows whose image was unreadable at extraction (`valid` False) are left out. With
     `dataset`, "images" come from the data set's files (stores of large images hold none).
+    With `eval_view`, every epoch reads view 0 (the eval view) only.
     """
 
     def __init__(self, path: str, fields: list[str], blocks: list[int], batch_size: int,
                  seed: int = 0, mix_blocks: int = 2, shuffle: bool = True, dataset=None, workers: int = 0,
-                 hold_bytes: int = HOLD_BYTES):
+                 hold_bytes: int = HOLD_BYTES, eval_view: bool = False):
         super().__init__()
         self.path, self.fields, self.blocks = str(path), list(fields), list(blocks)
         self.batch_size, self.seed, self.mix_blocks, self.shuffle = batch_size, seed, max(1, mix_blocks), shuffle
         self.dataset, self.workers = dataset, max(1, workers)
         self.epoch = 0
-        self.stored = [f for f in self.fields if not (f == "images" and dataset is not None)] + ["valid"]
         store = TeacherStore.open(self.path)
+        self.views = 1 if eval_view else store.num_views
+        self.size = tuple(store.attrs["dataset"]["image_shape"][:2])  # the student's images
+        self.interpolation = dataset.info.geometry.interpolation if dataset is not None else "bilinear"
+        wanted = [f for f in self.fields if not (f == "images" and dataset is not None)]
+        self.stored = wanted + ["valid"] + (["view_boxes", "view_flips"] if "images" in self.fields else [])
         self.valid_rows = {b: int(store.read_rows(*store.block_rows(b), ["valid"])["valid"].sum()) for b in self.blocks}
         decoded = len(self.blocks) * store.block_size * sum(
-            math.prod(store.layout(f).row_shape) * store.layout(f).dtype.itemsize for f in self.stored)
-        self.held: dict[int, dict] | None = {} if workers == 0 and decoded <= hold_bytes else None
+            math.prod(store.layout(f).row_shape) * store.layout(f).dtype.itemsize * (self.views if store.is_viewed(f) else 1)
+            for f in self.stored)
+        self.held: dict[tuple[int, int], dict] | None = {} if workers == 0 and decoded <= hold_bytes else None
 
-    def read_block(self, store: TeacherStore, block: int) -> dict:
-        """The stored arrays' rows of `block`: from memory if held, else from the store (and held)."""
-        if self.held is not None and block in self.held:
-            return self.held[block]
-        rows = store.read_rows(*store.block_rows(block), self.stored)
+    def view(self, epoch: int, block: int) -> int:
+        return epoch_view(self.seed, epoch, block, self.views)
+
+    def read_block(self, store: TeacherStore, block: int, view: int) -> dict:
+        """The stored arrays' rows of `block` at `view`: from memory if held, else from the store (and held)."""
+        if self.held is not None and (block, view) in self.held:
+            return self.held[block, view]
+        rows = store.read_rows(*store.block_rows(block), self.stored, view)
         if self.held is not None:
-            self.held[block] = rows
+            self.held[block, view] = rows
         return rows
 
     def set_epoch(self, epoch: int) -> None:
@@ -78,10 +90,10 @@ class BlockStream(torch.utils.data.IterableDataset):
                              "pass the DataLoader's num_workers as `workers`")
         rng = np.random.default_rng([self.seed, self.epoch, worker + 1])
         store = TeacherStore.open(self.path)
-        stored = self.stored[:-1]  # all but "valid"
+        stored = [f for f in self.stored if f != "valid"]
         for window in self.windows(self.epoch, worker):
             spans = [store.block_rows(b) for b in window]
-            parts = [self.read_block(store, b) for b in window]
+            parts = [self.read_block(store, b, self.view(self.epoch, b)) for b in window]
             kept = np.flatnonzero(np.concatenate([p["valid"] for p in parts]))
             order = kept[rng.permutation(len(kept))] if self.shuffle else kept  # one take per array and window:
             rows = {f: np.concatenate([p[f] for p in parts])[order] for f in stored}  # batches are slices of it
@@ -89,6 +101,14 @@ class BlockStream(torch.utils.data.IterableDataset):
             for s in range(0, len(index), self.batch_size):
                 batch = {f: torch.from_numpy(rows[f][s:s + self.batch_size]) for f in stored}
                 batch["index"] = torch.from_numpy(index[s:s + self.batch_size])
-                if len(stored) < len(self.fields):
-                    batch["images"] = torch.from_numpy(np.stack([self.dataset.image(int(r)) for r in batch["index"]]))
+                if "images" in self.fields:
+                    batch["images"] = self.view_images(batch)
                 yield batch
+
+    def view_images(self, batch: dict) -> torch.Tensor:
+        """uint8 (B, H, W, C): each row's view (its box and flip) of its stored image or image file."""
+        sources = (self.dataset.source_image(int(r)) for r in batch["index"]) if self.dataset is not None else \
+            batch["images"].permute(0, 3, 1, 2)
+        return torch.from_numpy(np.stack([
+            render(source, box, bool(flip), self.size, self.interpolation)
+            for source, box, flip in zip(sources, batch.pop("view_boxes").tolist(), batch.pop("view_flips"))]))

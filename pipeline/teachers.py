@@ -30,7 +30,7 @@ from pipeline.models.checkpoint import load_checkpoint, weights_sha256
 
 SOURCES = ("checkpoint", "torchvision", "timm")
 # under pipeline/: what computes a teacher's cached values, besides its data set's own module
-EXTRACTION_CODE = ("explain.py", "teachers.py", "cache.py", "devices.py", "data/base.py", "data/files.py", "models")
+EXTRACTION_CODE = ("explain.py", "teachers.py", "cache.py", "views.py", "devices.py", "data/base.py", "data/files.py", "models")
 
 
 def extraction_code_sha256(dataset: str) -> str:

@@ -1,12 +1,60 @@
 """The one training loop, used by teachers (cross-entropy) and students (distillation)."""
 
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from pipeline.devices import autocast, prepare_model
+from pipeline.errors import PipelineError
+
+
+class Resume:
+    """Where a run saves its training state (the file `path`), so that a killed run continues exactly:
+    model, optimizer and schedule, the epoch and step reached, the epoch's running sums, and the states
+    of `generators` and torch's own generator. `every` > 0 also saves every that many steps. `config`
+    identifies the run: state saved under another config is refused, never mixed in."""
+
+    def __init__(self, path: Path, config: dict, every: int = 0, generators: tuple[torch.Generator, ...] = ()):
+        self.path, self.config, self.every, self.generators = Path(path), config, every, generators
+
+    def save(self, state: dict) -> None:
+        state = {**state, "config": self.config, "torch_rng": torch.get_rng_state(),
+                 "generators": [g.get_state() for g in self.generators]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.path)  # a kill while saving leaves the previous state whole
+
+    def load(self) -> dict | None:
+        """The saved state, or None when there is none (`restore_generators` puts the generators back)."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise PipelineError(f"cannot read the saved training state {self.path} ({type(error).__name__}); "
+                                "delete it to start the run again") from None
+        changed = sorted(k for k in set(self.config) | set(state["config"])
+                         if self.config.get(k) != state["config"].get(k))
+        if changed:
+            k = changed[0]
+            raise PipelineError(f"{self.path} was saved by a run with {k}={state['config'].get(k)!r}, not "
+                                f"{self.config.get(k)!r}; resume with the same settings, or delete it to start again")
+        return state
+
+    def restore_generators(self, state: dict) -> None:
+        torch.set_rng_state(state["torch_rng"])
+        for generator, saved in zip(self.generators, state["generators"], strict=True):
+            generator.set_state(saved)
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def fit(
@@ -14,7 +62,7 @@ def fit(
     batches: Callable[[int], Iterable[dict]],
     loss_fn: Callable[[nn.Module, dict], dict[str, torch.Tensor]],
     *, epochs: int, steps_per_epoch: Callable[[int], int], lr: float, weight_decay: float, desc: str,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = torch.device("cpu"), resume: Resume | None = None,
 ) -> list[dict]:
     """Train `model` and return one row per epoch with the mean of every loss component.
 
@@ -22,22 +70,52 @@ def fit(
     minimised and whose other entries (components, per-teacher terms) are only logged.
     `steps_per_epoch(epoch)` must be exactly the number of batches `batches(epoch)` yields: the
     cosine schedule reaches 0 after the last of them (a row's `lr` is that of its epoch's last step).
-    The model and each batch are moved to `device`; the model is left there.
+    The model and each batch are moved to `device`; the model is left there (on CUDA in channels_last,
+    its losses computed under bf16 autocast). With `resume`, the state is saved at the end of every
+    epoch (and every `resume.every` steps) and a saved state is continued from: `batches(epoch)` must
+    yield the same batches again, so the steps already taken are skipped.
     """
-    model.to(device)
+    model = prepare_model(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     total_steps = max(1, sum(steps_per_epoch(epoch) for epoch in range(epochs)))
     schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine decay from lr to 0, per step
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
-    history = []
-    for epoch in range(epochs):
+    history, start = [], {"epoch": 0, "step": 0, "sums": {}, "seen": 0}
+    saved = resume.load() if resume else None
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        history, start = saved["history"], saved["position"]
+        print(f"{desc}: resuming at epoch {start['epoch'] + 1}, step {start['step']} ({resume.path})")
+
+    def save(epoch: int, step: int, sums: dict, seen: int) -> None:
+        resume.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "history": history,
+                     "position": {"epoch": epoch, "step": step, "sums": dict(sums), "seen": seen}})
+
+    for epoch in range(start["epoch"], epochs):
         model.train()
-        sums, seen, last_lr = defaultdict(float), 0, optimizer.param_groups[0]["lr"]
-        progress = tqdm(batches(epoch), total=steps_per_epoch(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None)
-        for batch in progress:
+        resumed = saved is not None and epoch == start["epoch"]
+        sums = defaultdict(float, start["sums"] if resumed else {})
+        seen, skip = (start["seen"], start["step"]) if resumed else (0, 0)
+        last_lr = optimizer.param_groups[0]["lr"]
+        # generators as they were when the state was saved: before this epoch's loader drew its seeds
+        # (a state saved at an epoch's end), or after (one saved within the epoch)
+        if resumed and skip == 0:
+            resume.restore_generators(saved)
+        epoch_batches = iter(batches(epoch))
+        if resumed and skip > 0:
+            resume.restore_generators(saved)
+        progress = tqdm(epoch_batches, total=steps_per_epoch(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                        leave=False, disable=None)
+        for step, batch in enumerate(progress, 1):
+            if step <= skip:  # taken before the run was stopped
+                continue
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            losses = loss_fn(model, batch)
+            with autocast(device):
+                losses = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             last_lr = optimizer.param_groups[0]["lr"]
@@ -48,9 +126,13 @@ def fit(
                 sums[key] += float(value.detach()) * n
             seen += n
             progress.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
+            if resume and resume.every and step % resume.every == 0 and step < steps_per_epoch(epoch):
+                save(epoch, step, sums, seen)
         row = {"epoch": epoch + 1, **{key: total / max(seen, 1) for key, total in sums.items()}, "lr": last_lr}
         history.append(row)
         print(f"{desc} epoch {epoch + 1}/{epochs}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
+        if resume:
+            save(epoch + 1, 0, {}, 0)
     return history
 
 

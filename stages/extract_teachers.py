@@ -1,9 +1,10 @@
 """Stage one: run every teacher once over a split and cache its artefacts in a Zarr store.
 
-The work is done block by block (one block = one shard). One DataLoader streams the
-pending blocks' images, decoded once per distinct teacher geometry; every teacher that
-has not finished a block runs on its batches, and the block is marked finished per
-teacher only after its arrays are written. Nothing larger than a block is held.
+The work is done block by block (one block = one shard per view). One DataLoader streams
+the pending blocks' images, each decoded once and rendered in each of its K views
+(pipeline.views) at every distinct teacher input size; every teacher that has not finished
+a block runs on every view of its batches, and the block is marked finished per teacher
+only after its arrays are written. Nothing larger than a block is held.
 """
 
 import numpy as np
@@ -17,13 +18,17 @@ from pipeline.devices import autocast, prepare_model, resolve_device, to_device
 from pipeline.errors import PipelineError
 from pipeline.explain import explain
 from pipeline.teachers import Teacher, load_teacher, parse_target_layers
+from pipeline.views import ViewPolicy, render
 
 
 class ExtractionImages(torch.utils.data.Dataset):
-    """Sample i -> (one uint8 image per geometry, label, error text or "" when readable)."""
+    """Sample i -> (per geometry, its K views as uint8 (K, h, w, C); the views' (K, 4) boxes and (K,)
+    flips; label; error text, or "" when the image is readable)."""
 
-    def __init__(self, dataset: Dataset, geometries: list[Geometry | None], skip_corrupt: bool):
-        self.dataset, self.geometries, self.skip_corrupt = dataset, geometries, skip_corrupt
+    def __init__(self, dataset: Dataset, geometries: list[Geometry | None], views: ViewPolicy, skip_corrupt: bool):
+        self.dataset, self.geometries, self.views, self.skip_corrupt = dataset, geometries, views, skip_corrupt
+        height, width, self.channels = dataset.info.image_shape
+        self.sizes = [((g.crop, g.crop), g.interpolation) if g else ((height, width), "bilinear") for g in geometries]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -31,11 +36,14 @@ class ExtractionImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         label = int(self.dataset.labels[index])
         try:
-            return tuple(self.dataset.image(index, g) for g in self.geometries), label, ""
+            source = self.dataset.source_image(index)
         except UnreadableImage as error:  # reported by the main process, one line, never a worker traceback
-            blank = tuple(np.zeros((g.crop, g.crop, self.dataset.info.image_shape[2]), np.uint8)
-                          if g else np.zeros(self.dataset.info.image_shape, np.uint8) for g in self.geometries)
-            return blank, label, str(error)
+            blank = tuple(np.zeros((self.views.count, *size, self.channels), np.uint8) for size, _ in self.sizes)
+            return blank, np.zeros((self.views.count, 4), np.int32), np.zeros(self.views.count, bool), label, str(error)
+        boxes, flips = self.views.boxes(self.dataset.sample_id(index), *source.shape[1:])
+        images = tuple(np.stack([render(source, box, flip, size, interpolation) for box, flip in zip(boxes, flips)])
+                       for size, interpolation in self.sizes)
+        return images, boxes, flips, label, ""
 
 
 def block_batches(store: TeacherStore, blocks: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
@@ -59,6 +67,7 @@ def run(cfg: ExtractConfig) -> TeacherStore:
         raise PipelineError(f"--target-layer names unknown teacher(s) {', '.join(sorted(set(layers) - set(names)))}; "
                             f"teachers are: {', '.join(names)}")
     logits = cfg.logits_mode()
+    views = ViewPolicy.of(info, cfg.views, cfg.view_seed, cfg.view_shift)
     if logits["mode"] == "topk" and logits["k"] >= info.num_classes:
         raise PipelineError(f"--logits topk:{logits['k']} keeps every one of the {info.num_classes} classes; "
                             "use --logits full or a smaller K")
@@ -68,6 +77,7 @@ def run(cfg: ExtractConfig) -> TeacherStore:
         store = TeacherStore.create(
             cfg.store, dataset.identity(), dataset.labels, getattr(dataset, "images", None), target=cfg.target,
             block_size=cfg.block_size or default_block_size(len(dataset)), logits=logits, replace=replace,
+            views=views,
         )
         for name in set(store.teachers) - set(names) if replace else ():
             print(f"dropping teacher {name} from {store.path}: not among --teachers (--on-change replace)")
@@ -82,31 +92,37 @@ def run(cfg: ExtractConfig) -> TeacherStore:
     geometries = list(dict.fromkeys(t.geometry for t in teachers))
     batches = block_batches(store, blocks, cfg.batch_size)
     loader = torch.utils.data.DataLoader(
-        ExtractionImages(dataset, geometries, cfg.skip_corrupt), batch_sampler=[rows for _, rows in batches],
+        ExtractionImages(dataset, geometries, views, cfg.skip_corrupt), batch_sampler=[rows for _, rows in batches],
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
     )
     for t in teachers:
         t.model = prepare_model(t.model, device)
     parts_of: dict[str, list] = {t.name: [] for t in teachers}
-    valid_parts: list[np.ndarray] = []
-    with tqdm(total=len(blocks), desc=f"extract {cfg.split} ({len(teachers)} teachers)", unit="block") as progress:
-        for (block, rows), (images, labels, errors) in zip(batches, loader):
-            valid_parts.append(check_readable(dataset, rows, errors, cfg.skip_corrupt))
+    sample_parts: list[dict] = []
+    with tqdm(total=len(blocks), desc=f"extract {cfg.split} ({len(teachers)} teachers, {views.count} "
+              f"view{'s' * (views.count > 1)})", unit="block") as progress:
+        for (block, rows), (images, boxes, flips, labels, errors) in zip(batches, loader):
+            sample_parts.append({"valid": check_readable(dataset, rows, errors, cfg.skip_corrupt),
+                                 "view_boxes": boxes.numpy(), "view_flips": flips.numpy()})
             for t in teachers:
                 if block in pending[t.name]:
-                    parts_of[t.name].append(explain_batch(t, images[geometries.index(t.geometry)], labels,
-                                                          cfg.target, device))
+                    seen = images[geometries.index(t.geometry)]  # (B, K, h, w, C)
+                    each = [explain_batch(t, seen[:, v], labels, cfg.target, device) for v in range(views.count)]
+                    parts_of[t.name].append({key: np.stack([e[key] for e in each], 1) for key in each[0]})
             if rows[-1] + 1 == store.block_rows(block)[1]:  # the block's last batch: write it
-                write_block(store, block, np.concatenate(valid_parts), parts_of, logits)
-                parts_of, valid_parts = {t.name: [] for t in teachers}, []
+                samples = {key: np.concatenate([p[key] for p in sample_parts]) for key in sample_parts[0]}
+                write_block(store, block, samples, parts_of, logits)
+                parts_of, sample_parts = {t.name: [] for t in teachers}, []
                 progress.update()
     return store
 
 
-def write_block(store: TeacherStore, block: int, valid: np.ndarray, parts_of: dict[str, list], logits: dict) -> None:
-    """The valid mask first, then each teacher's rows (which marks the block finished for it);
-    rows of unreadable images hold zeros."""
-    store.write_valid(block, valid)
+def write_block(store: TeacherStore, block: int, samples: dict[str, np.ndarray], parts_of: dict[str, list],
+                logits: dict) -> None:
+    """The valid mask and the views first, then each teacher's rows (which marks the block finished
+    for it); rows of unreadable images hold zeros."""
+    store.write_samples(block, samples)
+    valid = samples["valid"]
     for name, parts in parts_of.items():
         if parts:
             arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -141,8 +157,9 @@ def explain_batch(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, 
 
 
 def as_logit_fields(logits: np.ndarray, mode: dict) -> dict[str, np.ndarray]:
-    """float32 logits (B, C) -> the store's logit arrays for its mode (float16 values)."""
+    """float32 logits (B, K, C) -> the store's logit arrays for its mode (float16 values)."""
     logits = torch.from_numpy(logits)
     if mode["mode"] == "full":
         return {"logits": logits.half().numpy()}
-    return topk_logit_fields(logits, mode["k"])
+    fields = topk_logit_fields(logits.flatten(0, 1), mode["k"])
+    return {key: values.reshape(*logits.shape[:2], *values.shape[1:]) for key, values in fields.items()}

@@ -24,8 +24,10 @@ from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.stream import BlockStream
-from pipeline.train import fit
+from pipeline.train import Resume, fit
 
+RESUME_FILE = "resume.pt"  # in the run's folder: the training state saved at every epoch's end
+RESUME_FREE = ("resume", "save_every")  # settings a resumed run may change
 
 def choose_teachers(store: TeacherStore, method: str, teacher: str | None, policy: str = "per-sample") -> list[str]:
     """The store teachers a method learns from: `kd` and `at` take the named or the best held-out
@@ -61,32 +63,6 @@ def named_or_best_teacher(store: TeacherStore, teacher: str | None, method: str)
     return best
 
 
-def view_fractions(store: TeacherStore, teachers: list[str], info) -> dict[str, float]:
-    """Per teacher, the side of the student's view as a fraction of the teacher's (1 on in-memory data).
-
-    Both views are centre crops of one image (crop / resize of its shorter side), so the student
-    sees the centred `fraction` of what the teacher saw; a teacher that saw less cannot cover it.
-    """
-    if info.geometry is None:
-        return {}
-    student = info.geometry.crop / info.geometry.resize
-    fractions = {}
-    for name in teachers:
-        view = store.teacher_attrs(name)["transform"]
-        fraction = student / (view["crop"] / view["resize"])
-        if fraction > 1 + 1e-9:
-            raise PipelineError(
-                f"teacher {name} saw a tighter crop (crop {view['crop']} of resize {view['resize']}) than the student "
-                f"(crop {info.geometry.crop} of resize {info.geometry.resize}), so its maps do not cover the "
-                "student's view; extract that teacher with a crop fraction of at least the student's "
-                f"({info.geometry.crop}/{info.geometry.resize}), or train with --method kd or kd-avg (no maps)")
-        if fraction < 1 - 1e-9:
-            fractions[name] = fraction
-            print(f"{name}: maps cut to the student's view, the centred {fraction:.4f} of the teacher's "
-                  f"(crop {view['crop']}/{view['resize']} vs {info.geometry.crop}/{info.geometry.resize})")
-    return fractions
-
-
 def random_teachers(store: TeacherStore, teachers: list[str], seed: int) -> torch.Tensor:
     """The `random` policy's teacher of every store row: uniform, fixed by the seed alone."""
     return torch.from_numpy(np.random.default_rng([seed, 0x5E1EC7]).integers(0, len(teachers), store.num_samples))
@@ -116,7 +92,9 @@ def run(cfg: TrainStudentConfig) -> dict:
     fields = ["images", "labels", *teacher_fields(cfg.method, teachers, store.logit_fields)]
     stream = BlockStream(cfg.store, fields, blocks, cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks,
                          dataset=None if store.attrs["stores_images"] else dataset,  # large images come from files
-                         workers=cfg.num_workers)
+                         workers=cfg.num_workers, eval_view=cfg.views == "eval")
+    if store.num_views > 1:
+        print(f"views: {'view 0 (eval) only' if cfg.views == 'eval' else f'cycling through {store.num_views} per sample'}")
     device = resolve_device(cfg.device)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",  # copies overlap compute
@@ -139,14 +117,16 @@ def run(cfg: TrainStudentConfig) -> dict:
                                map_follows=cfg.map_follows, student_map=cfg.student_map, kd_teacher=kd_teacher,
                                map_norm=cfg.map_norm, map_size=cfg.map_size, target=target,
                                random_choice=random_teachers(store, teachers, cfg.seed)
-                               if cfg.method == "explain-kd" and cfg.policy == "random" else None,
-                               view_fractions=view_fractions(store, teachers, info)
-                               if cfg.method in ("at", "explain-kd") else None)
+                               if cfg.method == "explain-kd" and cfg.policy == "random" else None)
     run_name = cfg.run_name or cfg.method
+    run_dir = Path(cfg.out_dir) / run_name
+    resume = Resume(run_dir / RESUME_FILE, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE},
+                    cfg.save_every, (loss_fn.augmentation.generator,))
+    if not cfg.resume:
+        resume.done()  # a new run: state another run left here is not continued
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.num_batches,
                   lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",
-                  device=device)
-    run_dir = Path(cfg.out_dir) / run_name
+                  device=device, resume=resume)
     val = get_val_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     val_top1 = top1(model.cpu(), val) if val else None
     if val:
@@ -158,5 +138,6 @@ def run(cfg: TrainStudentConfig) -> dict:
         "history": history, "val_top1": val_top1,
     })
     pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    resume.done()
     return {"run_dir": str(run_dir), "teachers": teachers, "history": history, "val_top1": val_top1}
 

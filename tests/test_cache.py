@@ -10,6 +10,7 @@ import zarr
 
 from pipeline.cache import TeacherStore, default_block_size, dequantize_cam, full_logits, quantize_cam, topk_logit_fields
 from pipeline.errors import PipelineError
+from pipeline.views import ViewPolicy
 
 N, C, MAP = 10, 5, (3, 3)
 
@@ -24,15 +25,16 @@ TEACHER = {"arch": "resnet8", "source": "checkpoint:x.pt", "weights_sha256": "w1
            "map_shape": list(MAP), "code_sha256": "c1"}
 
 
-def block_arrays(rng, rows):
-    return {"logits": rng.normal(size=(rows, C)).astype(np.float16),
-            "cam": rng.integers(0, 256, size=(rows, *MAP), dtype=np.uint8),
-            "cam_max": rng.random(rows).astype(np.float32),
-            "cam_class": rng.integers(0, C, size=rows).astype(np.int16),
-            "y_prob": rng.random(rows).astype(np.float32),
-            "o_prob": rng.random(rows).astype(np.float32),
-            "attention": rng.integers(0, 256, size=(rows, *MAP), dtype=np.uint8),
-            "attention_max": rng.random(rows).astype(np.float32)}
+def block_arrays(rng, rows, views=1):
+    n = (rows, views)
+    return {"logits": rng.normal(size=(*n, C)).astype(np.float16),
+            "cam": rng.integers(0, 256, size=(*n, *MAP), dtype=np.uint8),
+            "cam_max": rng.random(n).astype(np.float32),
+            "cam_class": rng.integers(0, C, size=n).astype(np.int16),
+            "y_prob": rng.random(n).astype(np.float32),
+            "o_prob": rng.random(n).astype(np.float32),
+            "attention": rng.integers(0, 256, size=(*n, *MAP), dtype=np.uint8),
+            "attention_max": rng.random(n).astype(np.float32)}
 
 
 def make_store(path, block_size=4):
@@ -55,10 +57,10 @@ def test_round_trip_and_plain_zarr(tmp_path):
     assert store.pending_blocks("t1") == []
 
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")  # plain zarr, no project code
-    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 4
+    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 5
     np.testing.assert_array_equal(group["labels"][:], np.arange(N) % C)
     assert group["images"].shape == (N, 4, 4, 1)
-    assert group["teachers/t1/cam"].shards == (4, *MAP) and group["teachers/t1/cam"].chunks == (2, *MAP)
+    assert group["teachers/t1/cam"].shards == (4, 1, *MAP) and group["teachers/t1/cam"].chunks == (2, 1, *MAP)
     for field in ("logits", "cam", "cam_max", "cam_class", "y_prob", "o_prob", "attention", "attention_max"):
         expected = np.concatenate([written[b][field] for b in range(3)])
         np.testing.assert_array_equal(group[f"teachers/t1/{field}"][:], expected)
@@ -66,39 +68,50 @@ def test_round_trip_and_plain_zarr(tmp_path):
     assert group["teachers/t1"].attrs["map_shape"] == list(MAP)
 
     rows = TeacherStore.open(tmp_path / "s.zarr").read_rows(4, 8, ["labels", "teachers/t1/y_prob"])
-    np.testing.assert_array_equal(rows["teachers/t1/y_prob"], written[1]["y_prob"])
+    np.testing.assert_array_equal(rows["teachers/t1/y_prob"], written[1]["y_prob"][:, 0])
 
 
-def written_store(path, block_size=4, logits=None, n=N, chunks_per_block=2):
+def written_store(path, block_size=4, logits=None, n=N, chunks_per_block=2, views=1):
     store = TeacherStore.create(path, identity(num_samples=n), np.arange(n) % C,
                                 np.arange(n * 16, dtype=np.uint8).reshape(n, 4, 4, 1), target="label",
-                                block_size=block_size, chunks_per_block=chunks_per_block, logits=logits)
+                                block_size=block_size, chunks_per_block=chunks_per_block, logits=logits,
+                                views=ViewPolicy(count=views, shift=1))
     store.add_teacher("t1", TEACHER)
     rng = np.random.default_rng(1)
     for block in range(store.num_blocks):
         start, stop = store.block_rows(block)
-        arrays = block_arrays(rng, stop - start)
+        store.write_samples(block, {"valid": rng.random(stop - start) < 0.8,
+                                    "view_boxes": rng.integers(-9, 9, (stop - start, views, 4)).astype(np.int32),
+                                    "view_flips": rng.random((stop - start, views)) < 0.5})
+        arrays = block_arrays(rng, stop - start, views)
         if logits:
-            arrays |= topk_logit_fields(torch.from_numpy(arrays["logits"]).float(), logits["k"])
+            fields = topk_logit_fields(torch.from_numpy(arrays["logits"]).float().flatten(0, 1), logits["k"])
+            arrays |= {key: value.reshape(stop - start, views, *value.shape[1:]) for key, value in fields.items()}
         store.write_block("t1", block, arrays)
     return store
 
 
-@pytest.mark.parametrize("logits,n,block_size,chunks_per_block", [
-    (None, N, 4, 2), ({"mode": "topk", "k": 2}, N, 4, 2),
-    (None, 9, 8, 4),  # the last chunk (rows 8-9) reaches past the array's end; 4 chunks per block as by default
+@pytest.mark.parametrize("logits,n,block_size,chunks_per_block,views", [
+    (None, N, 4, 2, 1), ({"mode": "topk", "k": 2}, N, 4, 2, 1),
+    (None, 9, 8, 4, 1),  # the last chunk (rows 8-9) reaches past the array's end; 4 chunks per block as by default
+    ({"mode": "topk", "k": 2}, 9, 4, 2, 3),  # three views, each its own shard file
 ])
-def test_direct_shard_reads_equal_zarrs_for_every_row_range(tmp_path, logits, n, block_size, chunks_per_block):
+def test_direct_shard_reads_equal_zarrs_for_every_row_range(tmp_path, logits, n, block_size, chunks_per_block, views):
     """The reader decodes shard files itself (pipeline.shards); zarr's own read path is the reference."""
-    store = written_store(tmp_path / "s.zarr", block_size, logits, n, chunks_per_block)
+    store = written_store(tmp_path / "s.zarr", block_size, logits, n, chunks_per_block, views)
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")
     arrays = [*store.shared_arrays, *(f"teachers/t1/{f}" for f in store.teacher_fields)]
-    for start in range(n):
-        for stop in range(start + 1, n + 1):  # within a chunk, across chunks and blocks, the partial last block
-            rows = store.read_rows(start, stop, arrays)
-            for array in arrays:
-                assert rows[array].dtype == group[array].dtype
-                np.testing.assert_array_equal(rows[array], group[array][start:stop], err_msg=f"{array} {start}:{stop}")
+    for view in range(views):
+        for start in range(n):
+            for stop in range(start + 1, n + 1):  # within a chunk, across chunks and blocks, the partial last block
+                rows = store.read_rows(start, stop, arrays, view)
+                for array in arrays:
+                    expected = group[array][start:stop, view] if store.is_viewed(array) else group[array][start:stop]
+                    assert rows[array].dtype == group[array].dtype
+                    np.testing.assert_array_equal(rows[array], expected, err_msg=f"{array} {start}:{stop} view {view}")
+    assert len(list((tmp_path / "s.zarr" / "teachers" / "t1" / "cam").rglob("c/0/*/0/0"))) == views
+    with pytest.raises(ValueError, match=f"view {views} asked of store .* which has {views} view"):
+        store.read_rows(0, 1, arrays, views)
 
 
 def edit_metadata(path, edit):
@@ -108,11 +121,13 @@ def edit_metadata(path, edit):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[8]),  # shards of 8 rows in a store of blocks of 4
-     "y_prob: its zarr.json describes 10 rows in shards of 8 and chunks of 2, not 10, 4 and 2"),
+    (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[8, 1]),  # shards of 8 rows, blocks of 4
+     "y_prob: its zarr.json describes 10 rows in shards of 8, chunks of 2 and 1 views, not 10, 4, 2 and 1"),
+    (lambda m: m.update(shape=[10, 2]),  # two views in a store of one
+     "y_prob: its zarr.json describes 10 rows in shards of 4, chunks of 2 and 2 views, not 10, 4, 2 and 1"),
     (lambda m: m["codecs"][0]["configuration"]["codecs"][0].update(configuration={"endian": "big"}),
-     "array teachers/t1/y_prob is not laid out as a teacher-cache v4 array"),
-    (lambda m: m.pop("data_type"), "array teachers/t1/y_prob is not laid out as a teacher-cache v4 array"),
+     "array teachers/t1/y_prob is not laid out as a teacher-cache v5 array"),
+    (lambda m: m.pop("data_type"), "array teachers/t1/y_prob is not laid out as a teacher-cache v5 array"),
 ])
 def test_an_array_laid_out_otherwise_than_the_store_is_refused_not_misread(tmp_path, edit, message):
     """Rows are placed by the store's block size: an array whose shards differ would be read at wrong offsets."""
@@ -167,7 +182,7 @@ def test_unknown_format_or_version_is_refused(tmp_path):
     make_store(tmp_path / "s.zarr")
     group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
     group.attrs["version"] = 99
-    with pytest.raises(PipelineError, match="is not a teacher-cache v4 store \\(format='teacher-cache', version=99\\)"):
+    with pytest.raises(PipelineError, match="is not a teacher-cache v5 store \\(format='teacher-cache', version=99\\)"):
         TeacherStore.open(tmp_path / "s.zarr")
     with pytest.raises(PipelineError, match="no teacher store at"):
         TeacherStore.open(tmp_path / "missing.zarr")

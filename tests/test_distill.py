@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import Augmentation, Moves, apply, centre_crop_maps, check_flip, shift
+from pipeline.augment import Augmentation, Moves, apply, check_flip, shift
 from pipeline.data import get_dataset, normalize
 from pipeline.distill import DistillationLoss, kd_loss, map_loss, resize_maps, teacher_fields
 from pipeline.scoring import best_explainer, decided_by_tie, selection_weights
@@ -284,40 +284,6 @@ def test_a_predicted_store_explains_the_teachers_class_in_the_student_map():
     assert not torch.allclose(loss("predicted", batch), loss("label", batch))
 
 
-def test_teacher_maps_are_cut_to_the_student_view():
-    ramp = torch.arange(8.0).repeat(8, 1)[None]  # value j at column j: linear, so averaging keeps it exact
-    cut = centre_crop_maps(ramp, 0.5)
-    # student column j covers the teacher's columns 2 + 0.5 j .. 2 + 0.5 (j + 1); its centre's value (pixel centres at +0.5)
-    expected = torch.tensor([2 + 0.5 * (j + 0.5) - 0.5 for j in range(8)])
-    torch.testing.assert_close(cut[0], expected.repeat(8, 1))
-    student = create_model("resnet8_slim", 1, 10)
-    loss_fn = DistillationLoss("explain-kd", ["t1"], CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 1.0, 10,
-                               view_fractions={"t1": 0.5})
-    got = loss_fn.teacher_maps([ramp], (32, 32), (8, 8), None)[:, 0]
-    torch.testing.assert_close(got[0], F.normalize(expected.repeat(8, 1).flatten(), dim=0).view(8, 8))
-
-
-class FakeStore:
-    def __init__(self, views):
-        self.views = views
-
-    def teacher_attrs(self, name):
-        return {"transform": self.views[name]}
-
-
-def test_view_fractions_follow_each_teachers_resize_and_crop():
-    from pipeline.data import DatasetInfo, Geometry
-    from stages.train_student import view_fractions
-
-    info = DatasetInfo("toy", 3, (224, 224, 3), (0.5,) * 3, (0.5,) * 3, ("train",), geometry=Geometry(256, 224))
-    store = FakeStore({"v2": {"resize": 232, "crop": 224}, "full": {"resize": 224, "crop": 224},
-                       "same": {"resize": 256, "crop": 224}, "tight": {"resize": 288, "crop": 224}})
-    assert view_fractions(store, ["v2", "full", "same"], info) == {"v2": 232 / 256, "full": 224 / 256}
-    with pytest.raises(PipelineError, match="teacher tight saw a tighter crop \\(crop 224 of resize 288\\)"):
-        view_fractions(store, ["tight"], info)
-    assert view_fractions(store, ["tight"], DatasetInfo("toy", 3, (32, 32, 3), (0.5,), (0.5,), ("train",))) == {}
-
-
 def test_teachers_with_maps_of_different_sizes_are_each_resized_to_the_student_map():
     """t1's maps are 2x2 and t2's 4x4 (teachers of other depths); each is enlarged to the student's 8x8."""
     batch, teachers = make_student_batch("explain-kd")
@@ -334,20 +300,17 @@ def test_teachers_with_maps_of_different_sizes_are_each_resized_to_the_student_m
 
 
 def test_teachers_computed_together_equal_each_teacher_computed_alone():
-    """Three teachers (two map sizes, one cut to the student's view), four samples each shifted or flipped
-    its own way: the maps the loss computes together equal each teacher's map computed on its own."""
+    """Three teachers (two map sizes), four samples each shifted or flipped its own way: the maps the loss
+    computes together equal each teacher's map computed on its own."""
     torch.manual_seed(0)
     student = create_model("resnet8_slim", 1, 10)
     names, sides = ["a", "b", "c"], [4, 8, 4]
-    fractions = {"b": 0.75}
-    loss_fn = DistillationLoss("explain-kd", names, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 1.0, 10,
-                               view_fractions=fractions)
+    loss_fn = DistillationLoss("explain-kd", names, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 1.0, 10)
     maps = [torch.rand(4, side, side) for side in sides]
     moves = Moves(torch.tensor([[3, -2], [0, 0], [-5, 4], [1, 1]]), torch.tensor([False, True, True, False]))
     together = loss_fn.teacher_maps(maps, (32, 32), (6, 6), moves)
     for m, name in enumerate(names):
-        alone = centre_crop_maps(maps[m], fractions[name]) if name in fractions else maps[m]
-        alone = torch.stack([apply(resize_maps(alone[i:i + 1], (32, 32))[:, None],  # one sample, one map at a time
+        alone = torch.stack([apply(resize_maps(maps[m][i:i + 1], (32, 32))[:, None],  # one sample, one map at a time
                                    Moves(moves.shifts[i:i + 1], moves.flips[i:i + 1]))[0, 0] for i in range(4)])
         alone = resize_maps(alone, (6, 6)).flatten(1)
         expected = (alone / alone.pow(2).sum(1, keepdim=True).sqrt()).view(4, 6, 6)

@@ -193,11 +193,11 @@ def test_three_torchvision_teachers_keep_their_own_map_resolution(imagenet):
     assert group["labels"].shape == (10,) and "images" not in group  # 224 px images stay in the files
     assert group["valid"][...].tolist() == [True] * 3 + [False] + [True] * 6  # the corrupt file sorts last
     assert not group["teachers/vgg11/logits"][3].any() and group["teachers/vgg11/cam_max"][3] == 0
-    shapes = {name: group[f"teachers/{name}/cam"].shape[1:] for name in ("resnet18", "vgg11", "densenet121")}
+    shapes = {name: group[f"teachers/{name}/cam"].shape[2:] for name in ("resnet18", "vgg11", "densenet121")}
     assert shapes == {"resnet18": (7, 7), "vgg11": (14, 14), "densenet121": (7, 7)}
     paths = {name: group[f"teachers/{name}"].attrs["cam_path"] for name in shapes}
     assert paths == {"resnet18": "closed-form", "vgg11": "autograd", "densenet121": "closed-form"}
-    assert group["teachers/resnet18/logits"].shape == (10, 5)
+    assert group["teachers/resnet18/logits"].shape == (10, 1, 5)
     assert invoke("cache", "verify", store).output.startswith("OK")
     assert "skipped    1 unreadable image(s)" in invoke("cache", "info", store).output
 
@@ -216,16 +216,16 @@ def test_target_layer_option_and_topk_logits(imagenet, tmp_path):
            "--block-size", 4, "--skip-corrupt")
     group = zarr.open_group(store, mode="r")
     assert group.attrs["logits"] == {"mode": "topk", "k": 2}
-    assert group["teachers/resnet18/cam"].shape == (10, 14, 14)
+    assert group["teachers/resnet18/cam"].shape == (10, 1, 14, 14)
     assert group["teachers/resnet18"].attrs["cam_path"] == "autograd"  # layer3 does not feed the GAP head
-    assert group["teachers/resnet18/logits"].shape == (10, 2)
+    assert group["teachers/resnet18/logits"].shape == (10, 1, 2)
     assert group["teachers/resnet18/logit_classes"].dtype == np.int16
     full = tmp_path / "full.zarr"
     invoke("extract-teachers", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", full,
            "--teachers", teachers[0], "--target-layer", "resnet18=layer3", "--block-size", 4, "--skip-corrupt")
-    all_logits = zarr.open_group(full, mode="r")["teachers/resnet18/logits"][...].astype(np.float32)
+    all_logits = zarr.open_group(full, mode="r")["teachers/resnet18/logits"][:, 0].astype(np.float32)
     top = np.sort(all_logits, axis=1)[:, ::-1][:, :2]
-    np.testing.assert_allclose(group["teachers/resnet18/logits"][...].astype(np.float32), top, atol=1e-2)
+    np.testing.assert_allclose(group["teachers/resnet18/logits"][:, 0].astype(np.float32), top, atol=1e-2)
     invoke("train-student", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
            "--method", "kd", "--arch", "torchvision:resnet18", "--epochs", 1, "--batch-size", 4,
            "--out-dir", tmp_path / "students")
@@ -250,7 +250,7 @@ def test_cifar_end_to_end_with_a_small_teacher(tmp_path):
     invoke("extract-teachers", "--dataset", "cifar10", "--data-root", tmp_path / "data",
            "--teachers", tmp_path / "teachers" / "resnet8.pt", "--store", tmp_path / "c.zarr", "--block-size", 16)
     group = zarr.open_group(tmp_path / "c.zarr", mode="r")
-    assert group["images"].shape == (36, 32, 32, 3) and group["teachers/resnet8/cam"].shape == (36, 8, 8)
+    assert group["images"].shape == (36, 32, 32, 3) and group["teachers/resnet8/cam"].shape == (36, 1, 8, 8)
     invoke("train-student", "--dataset", "cifar10", "--data-root", tmp_path / "data", "--store", tmp_path / "c.zarr",
            "--method", "explain-kd", "--epochs", 1, "--out-dir", tmp_path / "students")
     assert TeacherStore.open(tmp_path / "c.zarr").attrs["dataset"]["name"] == "cifar10"

@@ -43,9 +43,11 @@ def test_teacher_drops_are_the_cached_scores_of_readable_rows(tmp_path):
     for block in range(store.num_blocks):
         start, stop = store.block_rows(block)
         written[block] = block_arrays(rng, stop - start)
-        written[block]["y_prob"] = np.full(stop - start, 0.8, np.float32)
-        written[block]["o_prob"] = np.full(stop - start, 0.2, np.float32)
-        store.write_valid(block, np.arange(start, stop) != 1)  # row 1 was unreadable
+        written[block]["y_prob"] = np.full((stop - start, 1), 0.8, np.float32)
+        written[block]["o_prob"] = np.full((stop - start, 1), 0.2, np.float32)
+        store.write_samples(block, {"valid": np.arange(start, stop) != 1,  # row 1 was unreadable
+                                    "view_boxes": np.tile([0, 0, 4, 4], (stop - start, 1, 1)),
+                                    "view_flips": np.zeros((stop - start, 1), bool)})
         store.write_block("t1", block, written[block])
     drops = teacher_drops(store)
     assert drops["t1"].shape == (store.num_samples - 1,)

@@ -1,7 +1,6 @@
 """A store that notices damage: every kind of broken shard file is found, reported one line per
 block, refused by stage two, and repaired by recomputing only the broken blocks."""
 
-import re
 import shutil
 
 import numpy as np
@@ -10,12 +9,12 @@ import zarr
 
 from conftest import assert_same_store, invoke
 
-BLOCK_ROWS, CHUNK_ROWS = 128, 32  # the test store: 9 blocks of 128 rows, 4 chunks per shard
+BLOCK_ROWS, CHUNK_ROWS = 128, 32  # the test store: 9 blocks of 128 rows, 4 chunks per shard, two views
 
 
 def extract_args(teachers, store):
     return ["extract-teachers", "--teachers", ",".join(map(str, teachers)), "--store", store,
-            "--block-size", BLOCK_ROWS]
+            "--block-size", BLOCK_ROWS, "--views", 2]
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +24,19 @@ def clean_store(teachers, tmp_path_factory):
     return store
 
 
+VIEWED = ("view_boxes", "view_flips", "teachers/vgg8_bn/y_prob", "teachers/vgg8_bn/logits", "teachers/resnet8_slim/cam")
+
+
 def shard(store, array, block):
-    trailing = {"labels": "", "valid": "", "images": "/0/0/0", "teachers/vgg8_bn/y_prob": "",
-                "teachers/vgg8_bn/logits": "/0", "teachers/resnet8_slim/cam": "/0/0"}[array]
+    """The shard file of `block` (of view 1, for arrays with a view axis)."""
+    trailing = {"labels": "", "valid": "", "images": "/0/0/0", "view_boxes": "/1/0", "view_flips": "/1",
+                "teachers/vgg8_bn/y_prob": "/1", "teachers/vgg8_bn/logits": "/1/0",
+                "teachers/resnet8_slim/cam": "/1/0/0"}[array]
     return store / array / "c" / f"{block}{trailing}"
+
+
+def said(array, what):
+    return f"{what} (view 1)" if array in VIEWED else what
 
 
 def first_chunk(path):
@@ -73,7 +81,8 @@ CASES = [  # every kind of damage, and every array kind (shared, teacher; 1-, 2-
     ("flipped byte in chunk data", "teachers/vgg8_bn/logits"), ("flipped byte in chunk data", "labels"),
     ("flipped byte in shard index", "teachers/resnet8_slim/cam"), ("deleted shard", "valid"),
     ("deleted shard", "images"), ("truncated shard", "teachers/vgg8_bn/y_prob"),
-    ("zero-length file", "teachers/vgg8_bn/logits"),
+    ("zero-length file", "teachers/vgg8_bn/logits"), ("flipped byte in chunk data", "view_boxes"),
+    ("deleted shard", "view_flips"),
 ]
 
 
@@ -86,11 +95,11 @@ def test_every_kind_of_damage_is_found_and_repaired_by_recomputing_only_its_bloc
     damage(shard(store, array, 5))
 
     result = invoke("cache", "verify", store, exit_code=1)
-    assert f"FAIL damaged: {array} block 5: {what}\n" in result.output
+    assert f"FAIL damaged: {array} block 5: {said(array, what)}\n" in result.output
     assert result.output.count("FAIL damaged:") == 1
     if kind != "flipped byte in chunk data":  # the quick check reads indexes only, not chunk data
         result = invoke("cache", "verify", "--quick", store, exit_code=1)
-        assert f"FAIL damaged: {array} block 5: {what}\n" in result.output
+        assert f"FAIL damaged: {array} block 5: {said(array, what)}\n" in result.output
 
     result = invoke("cache", "verify", "--repair", store, exit_code=1)
     assert "repaired" in result.output and not shard(store, array, 5).exists()
@@ -110,11 +119,12 @@ def test_a_student_stops_on_damage_with_one_line_naming_it_and_the_repair(kind, 
     store = tmp_path / "store.zarr"
     shutil.copytree(clean_store, store)
     DAMAGE[kind][0](shard(store, array, 3))
-    result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 1, "--num-workers", workers,
-                    "--out-dir", tmp_path / "s", exit_code=1)
-    assert result.output == (f"Error: store {store} is damaged: {array} block 3: {DAMAGE[kind][1]}; run "
-                             f"`pipeline cache verify --repair {store}`, then the `pipeline extract-teachers` command "
-                             "that wrote it\n")
+    result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 2, "--num-workers", workers,
+                    "--out-dir", tmp_path / "s", exit_code=1)  # two epochs read both views of every block
+    assert (f"Error: store {store} is damaged: {array} block 3: {said(array, DAMAGE[kind][1])}; run `pipeline cache "
+            f"verify --repair {store}`, then the `pipeline extract-teachers` command that wrote it") \
+        in result.output.splitlines()
+    assert "Traceback" not in result.output and result.output.count("Error") == 1
 
 
 def test_two_damaged_blocks_are_listed_and_repaired_by_the_quick_check(teachers, clean_store, tmp_path):
@@ -125,7 +135,7 @@ def test_two_damaged_blocks_are_listed_and_repaired_by_the_quick_check(teachers,
     result = invoke("cache", "verify", "--quick", "--repair", store, exit_code=1)
     assert result.output.count("FAIL damaged:") == 2
     assert "FAIL damaged: teachers/resnet8_slim/cam block 8: its shard index fails its checksum" in result.output
-    assert "FAIL damaged: teachers/vgg8_bn/y_prob block 2: its shard file is missing" in result.output
+    assert "FAIL damaged: teachers/vgg8_bn/y_prob block 2: its shard file is missing (view 1)" in result.output
     assert ": 2 of 9 blocks to extract" in invoke(*extract_args(teachers, store)).output
     assert "OK" in invoke("cache", "verify", store).output
     assert_same_store(store, clean_store)
@@ -161,7 +171,8 @@ def test_a_block_mixing_zero_and_other_chunks_keeps_every_chunk(tmp_path):
                             "code_sha256": "c", "map_shape": [2, 2]})
     arrays = {field: np.zeros((8, *shape[1:]), dtype) for field, (shape, dtype) in store.teacher_shapes([2, 2]).items()}
     arrays["cam"][4:] = 7  # chunk 0 all zeros, chunk 1 not
-    store.write_valid(0, np.arange(8) >= 4)
+    store.write_samples(0, {"valid": np.arange(8) >= 4, "view_boxes": np.zeros((8, 1, 4), np.int32),
+                            "view_flips": np.zeros((8, 1), bool)})
     store.write_block("t", 0, arrays)
     for array in ["labels", "valid", *(f"teachers/t/{field}" for field in arrays)]:
         path = next((tmp_path / "s.zarr" / array / "c").rglob("*"))
@@ -190,6 +201,6 @@ def test_every_chunk_holds_a_checksum(clean_store):
     group = zarr.open_group(clean_store, mode="r")
     arrays = [array for _, array in group.arrays()] + [
         array for _, teacher in group["teachers"].groups() for _, array in teacher.arrays()]
-    assert len(arrays) == 3 + 2 * 9
+    assert len(arrays) == 5 + 2 * 9
     for array in arrays:
         assert [c.to_dict()["name"] for c in array.compressors][-1] == "crc32c", array.path

@@ -14,7 +14,12 @@ def make_store(path):
     identity = {"name": "toy", "split": "train", "num_samples": N, "num_classes": N,
                 "image_shape": [2, 2, 1], "ids_sha256": "x"}
     images = np.zeros((N, 2, 2, 1), dtype=np.uint8)
-    return TeacherStore.create(path, identity, np.arange(N), images, "label", block_size=4, chunks_per_block=2)
+    store = TeacherStore.create(path, identity, np.arange(N), images, "label", block_size=4, chunks_per_block=2)
+    for block in range(store.num_blocks):  # every view the whole image, as extraction writes a one-view store
+        rows = np.arange(*store.block_rows(block))
+        store.write_samples(block, {"valid": np.ones(len(rows), bool), "view_boxes": np.tile([0, 0, 2, 2], (len(rows), 1, 1)),
+                                    "view_flips": np.zeros((len(rows), 1), bool)})
+    return store
 
 
 def epoch_rows(stream):
@@ -27,7 +32,7 @@ def test_every_row_once_per_epoch_reading_whole_blocks(tmp_path, monkeypatch):
     reads = []  # of the epoch (the constructor counts each block's valid rows)
     original = TeacherStore.read_rows
     monkeypatch.setattr(TeacherStore, "read_rows",
-                        lambda self, start, stop, fields: reads.append((start, stop)) or original(self, start, stop, fields))
+                        lambda self, start, stop, fields, view=0: reads.append((start, stop)) or original(self, start, stop, fields, view))
     batches = epoch_rows(stream)
     assert sorted(sum(batches, [])) == list(range(N))
     assert max(len(b) for b in batches) == 5
@@ -42,7 +47,7 @@ def test_a_small_store_is_read_from_disk_once_in_one_process(tmp_path, monkeypat
     reads = []
     original = TeacherStore.read_rows
     monkeypatch.setattr(TeacherStore, "read_rows",
-                        lambda self, start, stop, fields: reads.append(start) or original(self, start, stop, fields))
+                        lambda self, start, stop, fields, view=0: reads.append(start) or original(self, start, stop, fields, view))
     for epoch in range(3):
         held.set_epoch(epoch)
         unheld.set_epoch(epoch)
@@ -89,11 +94,12 @@ def make_aligned_store(path, invalid=(2, 9, 10, 11, 17)):
         start, stop = store.block_rows(block)
         rows = r[start:stop]
         valid = ~np.isin(rows, invalid)
-        store.write_valid(block, valid)
-        store.write_block("t", block, {
+        store.write_samples(block, {"valid": valid, "view_boxes": np.tile([0, 0, 2, 2], (len(rows), 1, 1)),
+                                    "view_flips": np.zeros((len(rows), 1), bool)})
+        store.write_block("t", block, {key: value[:, None] for key, value in {
             "logits": np.repeat(rows[:, None], N, 1).astype(np.float16), "cam": np.repeat(rows, 4).reshape(-1, 2, 2).astype(np.uint8),
             "cam_max": rows.astype(np.float32), "cam_class": rows.astype(np.int16), "y_prob": rows / 100,
-            "o_prob": rows / 200, "attention": np.zeros((len(rows), 2, 2), np.uint8), "attention_max": np.zeros(len(rows))})
+            "o_prob": rows / 200, "attention": np.zeros((len(rows), 2, 2), np.uint8), "attention_max": np.zeros(len(rows))}.items()})
     return store
 
 
@@ -153,3 +159,48 @@ def test_learning_rate_schedule_spans_exactly_the_batches_workers_yield(tmp_path
     assert total > 3 * (-(-(N - 5) // 3))  # more than the naive count: partial batches per window and worker
     # the last step ran at the cosine schedule's last non-zero value, none at lr 0
     assert history[-1]["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)))
+
+
+def test_each_epoch_reads_one_view_per_block_cycling_and_renders_its_box(tmp_path):
+    """Three views: view v of row r has logits 100 v + r and a box shifted by v pixels (flipped for v = 2);
+    the student's image must be that box of the stored image, and its values that view's."""
+    from pipeline.views import ViewPolicy, epoch_view
+
+    identity = {"name": "toy", "split": "train", "num_samples": N, "num_classes": 1, "image_shape": [3, 4, 1],
+                "ids_sha256": "x"}
+    images = (np.arange(N)[:, None, None, None] * 12 + np.arange(12).reshape(1, 3, 4, 1)).astype(np.uint8)
+    store = TeacherStore.create(tmp_path / "s.zarr", identity, np.zeros(N), images, "label", block_size=4,
+                                chunks_per_block=2, views=ViewPolicy(count=3, shift=1))
+    store.add_teacher("t", {**TEACHER, "map_shape": [1, 1]})
+    for block in range(store.num_blocks):
+        start, stop = store.block_rows(block)
+        r = np.arange(start, stop)
+        boxes = np.array([[v, 0, v + 4, 3] for v in range(3)], np.int32)  # x0, y0, x1, y1: v pixels right
+        store.write_samples(block, {"valid": np.ones(len(r), bool), "view_boxes": np.tile(boxes, (len(r), 1, 1)),
+                                    "view_flips": np.tile([False, False, True], (len(r), 1))})
+        per_view = lambda f: np.stack([f(v) for v in range(3)], 1)  # noqa: E731
+        zeros = np.zeros((len(r), 3, 1, 1), np.uint8)
+        store.write_block("t", block, {"logits": per_view(lambda v: (100 * v + r)[:, None]).astype(np.float16),
+                                       "cam": zeros, "cam_max": per_view(lambda v: r * 0.0 + v), "cam_class": per_view(lambda v: r * 0),
+                                       "y_prob": per_view(lambda v: r / 100), "o_prob": per_view(lambda v: r / 100),
+                                       "attention": zeros, "attention_max": per_view(lambda v: r * 0.0)})
+    blocks = list(range(store.num_blocks))
+    stream = BlockStream(str(store.path), ["images", "labels", "teachers/t/logits"], blocks, batch_size=5, seed=7)
+    used = {b: [] for b in blocks}
+    for epoch in range(6):
+        stream.set_epoch(epoch)
+        for batch in stream:
+            for row, image, logit in zip(batch["index"].tolist(), batch["images"], batch["teachers/t/logits"]):
+                view = int(logit[0]) // 100
+                assert int(logit[0]) == 100 * view + row
+                assert view == epoch_view(7, epoch, row // 4, 3)
+                used[row // 4].append((epoch, view)) if row % 4 == 0 else None
+                source = np.pad(images[row, :, :, 0], ((0, 0), (0, 2)))  # black right of the image
+                expected = source[:, view:view + 4][:, ::-1 if view == 2 else 1]
+                np.testing.assert_array_equal(image[:, :, 0].numpy(), expected, err_msg=f"row {row} view {view}")
+    for block, seen in used.items():  # each view once in every 3 epochs, in an order of the block's own
+        assert sorted(v for _, v in seen[:3]) == [0, 1, 2] and [v for _, v in seen[3:]] == [v for _, v in seen[:3]]
+    assert len({tuple(v for _, v in seen[:3]) for seen in used.values()}) > 1
+    eval_only = BlockStream(str(store.path), ["teachers/t/logits"], blocks, batch_size=5, seed=7, eval_view=True)
+    eval_only.set_epoch(4)
+    assert all((batch["teachers/t/logits"][:, 0] < 100).all() for batch in eval_only)

@@ -34,8 +34,10 @@ class DatasetInfo:
 
 
 class SampleSet(torch.utils.data.Dataset):
-    """What every data set split provides: `info`, `split`, `labels` (N,), stable `ids`, and
-    `image(i, geometry)` -> uint8 (H, W, C); items are (image, label)."""
+    """What every data set split provides: `info`, `split`, `labels` (N,), stable `ids`,
+    `image(i, geometry)` -> uint8 (H, W, C) (the eval transform's image), `sample_id(i)` (sample i's
+    id, which its views are drawn from) and `source_image(i)` -> the whole uint8 (C, H, W) image that
+    views are cut from (pipeline.views); items are (image, label)."""
 
     info: DatasetInfo
     split: str
@@ -77,6 +79,12 @@ class ArrayDataset(SampleSet):
 
     def describe(self, index: int) -> str:
         return str(self.ids[index])
+
+    def sample_id(self, index: int) -> str:
+        return str(self.ids[index])
+
+    def source_image(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1)
 
 
 class UnknownSplit(PipelineError):

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -38,18 +39,24 @@ class ImageFileDataset(SampleSet):
     def describe(self, index: int) -> str:
         return str(self.root / self.files[index].decode())
 
-    def image(self, index: int, geometry: Geometry | None = None) -> np.ndarray:
-        """uint8 (H, W, 3): resized so the shorter side is `geometry.resize`, centre-cropped."""
-        geometry = geometry or self.info.geometry
+    def sample_id(self, index: int) -> str:
+        return self.files[index].decode()
+
+    def source_image(self, index: int) -> torch.Tensor:
+        """The decoded file, uint8 (3, H, W)."""
         path = self.root / self.files[index].decode()
         try:
             with Image.open(path) as image:
-                pixels = TF.pil_to_tensor(image.convert("RGB"))
+                return TF.pil_to_tensor(image.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); "
                                   "replace the file, or pass --skip-corrupt to skip and record it") from None
-        pixels = TF.resize(pixels, [geometry.resize], interpolation=InterpolationMode(geometry.interpolation),
-                           antialias=True)
+
+    def image(self, index: int, geometry: Geometry | None = None) -> np.ndarray:
+        """uint8 (H, W, 3): resized so the shorter side is `geometry.resize`, centre-cropped."""
+        geometry = geometry or self.info.geometry
+        pixels = TF.resize(self.source_image(index), [geometry.resize],
+                           interpolation=InterpolationMode(geometry.interpolation), antialias=True)
         return TF.center_crop(pixels, [geometry.crop]).permute(1, 2, 0).numpy()
 
 

@@ -1,0 +1,138 @@
+"""Views: the exact crop a teacher saw at extraction and a student sees in stage two.
+
+A view is a box (x0, y0, x1, y1) in the source image's pixels, which may reach past the
+image (the outside is black), and a horizontal flip. Rendering it for a model crops the
+box, resizes it to the model's input size and flips it, so every teacher and the student
+see one view alike, each at its own resolution, and every cached map covers exactly the
+student's image.
+
+View 0 is the eval view: the data set's centre crop (crop / resize of the shorter side)
+for image files, the whole image for in-memory sets. Views 1..K-1 are random: torchvision's
+RandomResizedCrop geometry (area 8-100 %, aspect 3/4-4/3) for image files, crops of the
+image padded by `shift` pixels for in-memory sets, each flipped with probability 1/2 where
+the data set's classes are mirror-symmetric. They are a pure function of (seed, sample id,
+view), so extraction is deterministic, resumable and block-parallel.
+"""
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from pipeline.data.base import DatasetInfo
+from pipeline.errors import PipelineError
+
+RESIZED_CROP_SCALE, RESIZED_CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
+
+
+@dataclass(frozen=True)
+class ViewPolicy:
+    count: int = 1  # K views per sample, view 0 the eval view
+    seed: int = 0
+    flip: bool = False  # random views are flipped at random (mirror-symmetric classes only)
+    shift: int = 0  # in-memory sets: random views are crops of the image padded by this many pixels
+    eval_crop: float | None = None  # image files: the eval view's side over the shorter side (crop / resize)
+
+    @classmethod
+    def of(cls, info: DatasetInfo, count: int = 1, seed: int = 0, shift: int = 4) -> "ViewPolicy":
+        """The policy of data set `info`: resized crops of image files, padded crops of in-memory images."""
+        if count < 1:
+            raise PipelineError(f"--views must be at least 1 (1: the eval view only); got {count}")
+        files = info.geometry is not None
+        policy = cls(count, seed, info.mirror_symmetric and count > 1, 0 if files or count == 1 else shift,
+                     info.geometry.crop / info.geometry.resize if files else None)
+        if count > 1 and not (files or policy.shift or policy.flip):
+            raise PipelineError(f"--views {count}: random views of {info.name} need --view-shift above 0 (its "
+                                "classes are not mirror-symmetric, so views are not flipped)")
+        return policy
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def boxes(self, sample_id: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(K, 4) int32 boxes (x0, y0, x1, y1) and (K,) flips of one sample whose source is height x width."""
+        boxes, flips = np.zeros((self.count, 4), np.int32), np.zeros(self.count, bool)
+        boxes[0] = self.eval_box(height, width)
+        rng = np.random.default_rng([self.seed, sample_key(sample_id)])
+        for v in range(1, self.count):
+            boxes[v] = resized_crop_box(rng, height, width) if self.eval_crop else padded_crop_box(
+                rng, height, width, self.shift)
+            flips[v] = self.flip and rng.random() < 0.5
+        return boxes, flips
+
+    def eval_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        if self.eval_crop is None:
+            return 0, 0, width, height
+        side = min(round(min(height, width) * self.eval_crop), height, width)
+        top, left = round((height - side) / 2), round((width - side) / 2)
+        return left, top, left + side, top + side
+
+
+def sample_key(sample_id: str) -> int:
+    """A sample's id as a 64-bit seed: views follow the sample, not its position in a list."""
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little")
+
+
+def resized_crop_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (ten tries, then a centre crop of bounded aspect),
+    drawn from `rng` instead of torch's global generator."""
+    area, (low, high) = height * width, np.log(RESIZED_CROP_RATIO)
+    for _ in range(10):
+        target = area * rng.uniform(*RESIZED_CROP_SCALE)
+        aspect = math.exp(rng.uniform(low, high))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    ratio = width / height
+    if ratio < RESIZED_CROP_RATIO[0]:
+        w, h = width, round(width / RESIZED_CROP_RATIO[0])
+    elif ratio > RESIZED_CROP_RATIO[1]:
+        w, h = round(height * RESIZED_CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def padded_crop_box(rng: np.random.Generator, height: int, width: int, shift: int) -> tuple[int, int, int, int]:
+    """A crop of the image's size from the image padded by `shift` on every side."""
+    dx, dy = (int(d) for d in rng.integers(-shift, shift + 1, 2))
+    return dx, dy, dx + width, dy + height
+
+
+def crop(source: torch.Tensor, box) -> torch.Tensor:
+    """(C, H, W) -> the box's (C, y1 - y0, x1 - x0) pixels, zeros where the box reaches past the image."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    channels, height, width = source.shape
+    if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height:
+        return source[:, y0:y1, x0:x1]
+    out = source.new_zeros((channels, y1 - y0, x1 - x0))
+    top, bottom, left, right = max(y0, 0), min(y1, height), max(x0, 0), min(x1, width)
+    if top < bottom and left < right:
+        out[:, top - y0:bottom - y0, left - x0:right - x0] = source[:, top:bottom, left:right]
+    return out
+
+
+def render(source: torch.Tensor, box, flip: bool, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    """A view of a uint8 (C, H, W) source image -> uint8 (h, w, C) at `size`: the box cropped, resized
+    (antialiased, as torchvision's transforms resize uint8 images) when its size differs, then flipped."""
+    pixels = crop(source, box)
+    if tuple(pixels.shape[-2:]) != tuple(size):
+        pixels = TF.resize(pixels, list(size), interpolation=InterpolationMode(interpolation), antialias=True)
+    if flip:
+        pixels = pixels.flip(-1)
+    return pixels.permute(1, 2, 0).contiguous().numpy()
+
+
+def epoch_view(seed: int, epoch: int, block: int, count: int) -> int:
+    """The view every sample of `block` uses in `epoch`: a seeded order of the K views per block, cycled,
+    so each view is used once in every K epochs (the views of a block's samples are drawn independently,
+    so sharing a view number within a block shares no crop)."""
+    if count == 1:
+        return 0
+    return int(np.random.default_rng([seed, block, 0x71E35]).permutation(count)[epoch % count])

@@ -1,0 +1,73 @@
+"""Long student runs survive: a killed run resumed from its saved state ends with the weights of an
+uninterrupted one (on the CPU, bit for bit)."""
+
+import pytest
+import torch
+
+from conftest import invoke
+from pipeline.train import Resume
+
+
+class Killed(BaseException):
+    """What the test raises where a real run would be killed: right after a state was saved."""
+
+
+@pytest.fixture(scope="module")
+def store(teachers, tmp_path_factory):
+    path = tmp_path_factory.mktemp("resume") / "views.zarr"
+    invoke("extract-teachers", "--split", "test", "--teachers", ",".join(map(str, teachers)), "--store", path,
+           "--views", 2, "--view-shift", 2, "--block-size", 128)
+    return path
+
+
+def student(store, out, *extra, exit_code=0):
+    return invoke("train-student", "--split", "test", "--store", store, "--method", "explain-kd", "--epochs", 2,
+                  "--batch-size", 32, "--shift", 2, "--out-dir", out, *extra, exit_code=exit_code)
+
+
+def weights(out):
+    return torch.load(out / "explain-kd" / "checkpoint.pt", weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("save_every,kill_at_save", [(0, 1), (3, 3)])  # after epoch 1; within epoch 1 (step 9)
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(store, tmp_path, monkeypatch, save_every,
+                                                                    kill_at_save):
+    student(store, tmp_path / "whole")
+    original, saves = Resume.save, []
+
+    def save_then_die(self, state):
+        original(self, state)
+        saves.append(state["position"])
+        if len(saves) == kill_at_save:
+            raise Killed
+
+    monkeypatch.setattr(Resume, "save", save_then_die)
+    with pytest.raises(Killed):
+        student(store, tmp_path / "split", "--save-every", save_every)
+    monkeypatch.setattr(Resume, "save", original)
+    assert not (tmp_path / "split" / "explain-kd" / "checkpoint.pt").exists()
+    killed_at = saves[-1]
+    assert (killed_at["epoch"], killed_at["step"]) == ((1, 0) if save_every == 0 else (0, 9))
+    resumed = student(store, tmp_path / "split", "--save-every", save_every, "--resume")
+    assert f"resuming at epoch {killed_at['epoch'] + 1}, step {killed_at['step']}" in resumed.output
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert whole.keys() == split.keys()
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+    assert not (tmp_path / "split" / "explain-kd" / "resume.pt").exists()  # finished: nothing left to resume
+    history = lambda out: (out / "explain-kd" / "history.csv").read_text()  # noqa: E731
+    assert history(tmp_path / "whole") == history(tmp_path / "split")
+
+
+def test_a_state_saved_under_other_settings_is_refused(store, tmp_path, monkeypatch):
+    def die(self, state):
+        raise Killed
+
+    original = Resume.save
+    monkeypatch.setattr(Resume, "save", lambda self, state: (original(self, state), die(self, state)))
+    with pytest.raises(Killed):
+        student(store, tmp_path)
+    monkeypatch.setattr(Resume, "save", original)
+    result = student(store, tmp_path, "--lr", 0.1, "--resume", exit_code=1)
+    assert f"{tmp_path / 'explain-kd' / 'resume.pt'} was saved by a run with lr=0.05, not 0.1; resume with the " \
+           "same settings, or delete it to start again" in result.output
