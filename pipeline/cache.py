@@ -69,6 +69,11 @@ def compressors() -> tuple:
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
+def view_shapes(samples: int, views: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of the views' arrays: each view's box (x0, y0, x1, y1) and flip."""
+    return {"view_boxes": ((samples, views, 4), "int32"), "view_flips": ((samples, views), "bool")}
+
+
 def create_sharded(group: zarr.Group, name: str, shape: tuple, dtype, block_size: int, chunk: int,
                    viewed: bool) -> zarr.Array:
     """An array of one shard file per block (and per view, when `viewed`: axis 1 is the view), chunks of
@@ -176,8 +181,8 @@ class TeacherStore:
         if stores_images(images):
             cls._create_rows(group, "images", images.astype(np.uint8), block_size, chunk)
         cls._create_rows(group, "valid", np.ones(n, dtype=bool), block_size, chunk)
-        cls._create_rows(group, "view_boxes", np.zeros((n, views.count, 4), np.int32), block_size, chunk, viewed=True)
-        cls._create_rows(group, "view_flips", np.zeros((n, views.count), bool), block_size, chunk, viewed=True)
+        for name, (shape, dtype) in view_shapes(n, views.count).items():
+            cls._create_rows(group, name, np.zeros(shape, dtype), block_size, chunk, viewed=True)
         group.create_group("teachers")
         group.attrs.update({
             **record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.cache import STORE_IDENTITY, TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint
+from pipeline.cache import STORE_IDENTITY, TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint, view_shapes
 from pipeline.errors import PipelineError
 from pipeline.integrity import Damage, finished_marks, sound_layout
 from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
@@ -91,8 +91,8 @@ def describe(store: TeacherStore) -> str:
     table = teacher_table(store)
     body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}") if len(table) else "(no teachers)"
     lines.append(body)
-    lines.append("top1, mean_drop and best_explainer are over the blocks that every teacher has finished; "
-                 "best_by_tie: the part of best_explainer where two or more teachers had the lowest drop "
+    lines.append("top1, mean_drop and best_explainer are over the eval view (view 0) of the blocks that every "
+                 "teacher has finished; best_by_tie: the part of best_explainer where two or more teachers had the lowest drop "
                  f"(the larger Y chose){tie_total(table)}.")
     return "\n".join(lines)
 
@@ -112,6 +112,9 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
     for array in store.shared_arrays:
         if not sound_layout(store, array):
             bad_shapes.append(f"{array}: missing, or not {n} rows in shards of {store.block_size}")
+    for array, (shape, dtype) in view_shapes(n, store.num_views).items():
+        if sound_layout(store, array) and (store.group[array].shape, str(store.group[array].dtype)) != (shape, dtype):
+            bad_shapes.append(f"{array}: {store.group[array].dtype} {store.group[array].shape}, expected {dtype} {shape}")
     if not store.teachers:
         problems.append("the store holds no teachers")
     for name in store.teachers:

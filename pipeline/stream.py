@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from pipeline.cache import TeacherStore
-from pipeline.views import epoch_view, render
+from pipeline.errors import PipelineError
+from pipeline.views import ViewPolicy, epoch_view, render
 
 HOLD_BYTES = 2**30
 
@@ -46,7 +47,9 @@ class BlockStream(torch.utils.data.IterableDataset):
         store = TeacherStore.open(self.path)
         self.views = 1 if eval_view else store.num_views
         self.size = tuple(store.attrs["dataset"]["image_shape"][:2])  # the student's images
-        self.interpolation = dataset.info.geometry.interpolation if dataset is not None else "bilinear"
+        geometry = dataset.info.geometry if dataset is not None else None
+        self.interpolation = geometry.interpolation if geometry else "bilinear"
+        self.policy, self.block_size = ViewPolicy(**store.attrs["views"]), store.block_size
         wanted = [f for f in self.fields if not (f == "images" and dataset is not None)]
         self.stored = wanted + ["valid"] + (["view_boxes", "view_flips"] if "images" in self.fields else [])
         self.valid_rows = {b: int(store.read_rows(*store.block_rows(b), ["valid"])["valid"].sum()) for b in self.blocks}
@@ -107,8 +110,23 @@ class BlockStream(torch.utils.data.IterableDataset):
 
     def view_images(self, batch: dict) -> torch.Tensor:
         """uint8 (B, H, W, C): each row's view (its box and flip) of its stored image or image file."""
-        sources = (self.dataset.source_image(int(r)) for r in batch["index"]) if self.dataset is not None else \
-            batch["images"].permute(0, 3, 1, 2)
-        return torch.from_numpy(np.stack([
-            render(source, box, bool(flip), self.size, self.interpolation)
-            for source, box, flip in zip(sources, batch.pop("view_boxes").tolist(), batch.pop("view_flips"))]))
+        boxes, flips = batch.pop("view_boxes").tolist(), batch.pop("view_flips").tolist()
+        if self.dataset is None:
+            sources = batch["images"].permute(0, 3, 1, 2)
+        else:
+            sources = [self.file_source(int(r), box, flip) for r, box, flip in zip(batch["index"], boxes, flips)]
+        return torch.from_numpy(np.stack([render(source, box, flip, self.size, self.interpolation)
+                                          for source, box, flip in zip(sources, boxes, flips)]))
+
+    def file_source(self, row: int, box: list[int], flip: bool) -> torch.Tensor:
+        """The decoded image file of `row`, checked to be the image its stored view was drawn for (a file
+        replaced since extraction, say resized, would be cut where the teacher never looked)."""
+        source = self.dataset.source_image(row)
+        view = self.view(self.epoch, row // self.block_size)
+        boxes, flips = self.policy.boxes(self.dataset.sample_id(row), *source.shape[1:])
+        if boxes[view].tolist() != box or bool(flips[view]) != flip:
+            raise PipelineError(
+                f"image {self.dataset.describe(row)} is not the image store {self.path} cut its views from (it is "
+                f"{source.shape[2]}x{source.shape[1]} now, and view {view} was {box}); restore the file as it was "
+                "at extraction, or extract a new store")
+        return source

@@ -25,6 +25,7 @@ class Resume:
 
     def save(self, state: dict) -> None:
         state = {**state, "config": self.config, "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                  "generators": [g.get_state() for g in self.generators]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
@@ -34,6 +35,7 @@ class Resume:
     def load(self) -> dict | None:
         """The saved state, or None when there is none (`restore_generators` puts the generators back)."""
         if not self.path.is_file():
+            print(f"no saved training state at {self.path}: the run starts from its beginning")
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=False)
@@ -44,12 +46,16 @@ class Resume:
                          if self.config.get(k) != state["config"].get(k))
         if changed:
             k = changed[0]
-            raise PipelineError(f"{self.path} was saved by a run with {k}={state['config'].get(k)!r}, not "
-                                f"{self.config.get(k)!r}; resume with the same settings, or delete it to start again")
+            have, want = (str(c.get(k)) for c in (state["config"], self.config))
+            shorten = lambda text: text if len(text) <= 60 else text[:57] + "..."  # noqa: E731
+            raise PipelineError(f"{self.path} was saved by a run with {k}={shorten(have)}, not {shorten(want)}; "
+                                "resume with the same settings, store and code, or delete it to start again")
         return state
 
     def restore_generators(self, state: dict) -> None:
         torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         for generator, saved in zip(self.generators, state["generators"], strict=True):
             generator.set_state(saved)
 

@@ -10,8 +10,11 @@ View 0 is the eval view: the data set's centre crop (crop / resize of the shorte
 for image files, the whole image for in-memory sets. Views 1..K-1 are random: torchvision's
 RandomResizedCrop geometry (area 8-100 %, aspect 3/4-4/3) for image files, crops of the
 image padded by `shift` pixels for in-memory sets, each flipped with probability 1/2 where
-the data set's classes are mirror-symmetric. They are a pure function of (seed, sample id,
-view), so extraction is deterministic, resumable and block-parallel.
+the data set's classes are mirror-symmetric. They are a pure function of the policy (its
+seed and settings), the sample's id, its source image's size and the view number (drawn in
+order, so more views keep the first ones): extraction is deterministic, resumable and
+block-parallel, and stage two can check that an image file is still the one the views were
+cut from.
 """
 
 import hashlib

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import __version__
 from pipeline.augment import Augmentation, check_flip
 from pipeline.cache import TeacherStore
 from pipeline.cache_report import teacher_table
@@ -120,8 +121,12 @@ def run(cfg: TrainStudentConfig) -> dict:
                                if cfg.method == "explain-kd" and cfg.policy == "random" else None)
     run_name = cfg.run_name or cfg.method
     run_dir = Path(cfg.out_dir) / run_name
-    resume = Resume(run_dir / RESUME_FILE, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE},
-                    cfg.save_every, (loss_fn.augmentation.generator,))
+    # what a saved state must have been saved under: the settings, and the store, teachers, blocks,
+    # device and code it trained on (a store finished or re-extracted since changes the batches)
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE} | {
+        "store_fingerprint": store.attrs["fingerprint"], "blocks": blocks, "device_type": device.type,
+        "teachers": {t: store.teacher_attrs(t)["fingerprint"] for t in teachers}, "code_version": __version__}
+    resume = Resume(run_dir / RESUME_FILE, identity, cfg.save_every, (loss_fn.augmentation.generator,))
     if not cfg.resume:
         resume.done()  # a new run: state another run left here is not continued
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.num_batches,

@@ -255,3 +255,13 @@ def test_topk_logits_restore_the_distribution_within_a_bound():
 ])
 def test_default_block_size_is_the_largest_that_leaves_32_blocks(samples, expected):
     assert default_block_size(samples) == expected
+
+
+def test_verify_refuses_view_arrays_of_another_dtype(tmp_path):
+    """view_flips read as uint8 would still decode (one byte a value): verify names the wrong dtype."""
+    from pipeline.cache_report import verify
+
+    written_store(tmp_path / "s.zarr", views=2)
+    edit_metadata(tmp_path / "s.zarr" / "view_flips" / "zarr.json", lambda m: m.update(data_type="uint8"))
+    problems = verify(TeacherStore.open(tmp_path / "s.zarr"), [])
+    assert "view_flips: uint8 (10, 2), expected bool (10, 2)" in problems

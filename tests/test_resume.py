@@ -1,8 +1,11 @@
 """Long student runs survive: a killed run resumed from its saved state ends with the weights of an
 uninterrupted one (on the CPU, bit for bit)."""
 
+import shutil
+
 import pytest
 import torch
+import zarr
 
 from conftest import invoke
 from pipeline.train import Resume
@@ -70,4 +73,18 @@ def test_a_state_saved_under_other_settings_is_refused(store, tmp_path, monkeypa
     monkeypatch.setattr(Resume, "save", original)
     result = student(store, tmp_path, "--lr", 0.1, "--resume", exit_code=1)
     assert f"{tmp_path / 'explain-kd' / 'resume.pt'} was saved by a run with lr=0.05, not 0.1; resume with the " \
-           "same settings, or delete it to start again" in result.output
+           "same settings, store and code, or delete it to start again" in result.output
+    # the same settings on a store that has changed since (here: a block no longer finished)
+    changed = tmp_path / "changed.zarr"
+    shutil.copytree(store, changed)
+    shutil.copy(tmp_path / "explain-kd" / "resume.pt", tmp_path / "saved.pt")
+    for teacher in zarr.open_group(changed, mode="r")["teachers"].group_keys():
+        zarr.open_group(changed, mode="r+")[f"teachers/{teacher}/progress"][1] = False
+    result = student(changed, tmp_path, "--resume", "--allow-partial", exit_code=1)
+    assert "was saved by a run with allow_partial=False, not True" in result.output
+    with pytest.raises(Killed):  # a state saved with --allow-partial on the whole store ...
+        monkeypatch.setattr(Resume, "save", lambda self, state: (original(self, state), die(self, state)))
+        student(store, tmp_path, "--allow-partial")
+    monkeypatch.setattr(Resume, "save", original)
+    result = student(changed, tmp_path, "--resume", "--allow-partial", exit_code=1)  # ... is not resumed on a part
+    assert "was saved by a run with blocks=[0, 1, 2], not [0, 2]" in result.output

@@ -162,8 +162,9 @@ def test_learning_rate_schedule_spans_exactly_the_batches_workers_yield(tmp_path
 
 
 def test_each_epoch_reads_one_view_per_block_cycling_and_renders_its_box(tmp_path):
-    """Three views: view v of row r has logits 100 v + r and a box shifted by v pixels (flipped for v = 2);
-    the student's image must be that box of the stored image, and its values that view's."""
+    """Three views: view v of row r has logits 100 v + r and a box shifted right by v + r % 2 pixels,
+    flipped for v = 2 xor r % 3 = 0; the student's image must be that row's box of its stored image,
+    and its values that view's."""
     from pipeline.views import ViewPolicy, epoch_view
 
     identity = {"name": "toy", "split": "train", "num_samples": N, "num_classes": 1, "image_shape": [3, 4, 1],
@@ -175,9 +176,10 @@ def test_each_epoch_reads_one_view_per_block_cycling_and_renders_its_box(tmp_pat
     for block in range(store.num_blocks):
         start, stop = store.block_rows(block)
         r = np.arange(start, stop)
-        boxes = np.array([[v, 0, v + 4, 3] for v in range(3)], np.int32)  # x0, y0, x1, y1: v pixels right
-        store.write_samples(block, {"valid": np.ones(len(r), bool), "view_boxes": np.tile(boxes, (len(r), 1, 1)),
-                                    "view_flips": np.tile([False, False, True], (len(r), 1))})
+        shift = np.arange(3)[None, :] + (r % 2)[:, None]  # x0, y0, x1, y1: v + r % 2 pixels right
+        boxes = np.stack([shift, 0 * shift, shift + 4, 0 * shift + 3], 2).astype(np.int32)
+        flips = (np.arange(3)[None, :] == 2) ^ (r % 3 == 0)[:, None]
+        store.write_samples(block, {"valid": np.ones(len(r), bool), "view_boxes": boxes, "view_flips": flips})
         per_view = lambda f: np.stack([f(v) for v in range(3)], 1)  # noqa: E731
         zeros = np.zeros((len(r), 3, 1, 1), np.uint8)
         store.write_block("t", block, {"logits": per_view(lambda v: (100 * v + r)[:, None]).astype(np.float16),
@@ -195,8 +197,9 @@ def test_each_epoch_reads_one_view_per_block_cycling_and_renders_its_box(tmp_pat
                 assert int(logit[0]) == 100 * view + row
                 assert view == epoch_view(7, epoch, row // 4, 3)
                 used[row // 4].append((epoch, view)) if row % 4 == 0 else None
-                source = np.pad(images[row, :, :, 0], ((0, 0), (0, 2)))  # black right of the image
-                expected = source[:, view:view + 4][:, ::-1 if view == 2 else 1]
+                source = np.pad(images[row, :, :, 0], ((0, 0), (0, 3)))  # black right of the image
+                right = view + row % 2
+                expected = source[:, right:right + 4][:, ::-1 if (view == 2) != (row % 3 == 0) else 1]
                 np.testing.assert_array_equal(image[:, :, 0].numpy(), expected, err_msg=f"row {row} view {view}")
     for block, seen in used.items():  # each view once in every 3 epochs, in an order of the block's own
         assert sorted(v for _, v in seen[:3]) == [0, 1, 2] and [v for _, v in seen[3:]] == [v for _, v in seen[:3]]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
@@ -13,7 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.explain import explain
 from pipeline.stream import BlockStream
 from pipeline.teachers import load_teacher
-from pipeline.views import ViewPolicy, epoch_view, render
+from pipeline.views import ViewPolicy, render
 
 PHOTOS = DatasetInfo("photos", 5, (224, 224, 3), (0.5,) * 3, (0.5,) * 3, ("train",), geometry=Geometry(256, 224),
                      mirror_symmetric=True)
@@ -98,11 +99,14 @@ def compare_with_live_teachers(store_path, dataset, teachers, rows_per_epoch=4, 
     stream = BlockStream(str(store_path), fields, list(range(store.num_blocks)), batch_size=rows_per_epoch, seed=5,
                          dataset=None if store.attrs["stores_images"] else dataset)
     models = {t.name: t for t in (load_teacher(str(path), dataset.info) for path in teachers)}
-    views_seen = set()
+    other_than_eval = 0  # rows whose image is not their eval view: the comparison covers random views
     for epoch in range(epochs):
         stream.set_epoch(epoch)
         batch = next(iter(stream))
-        views_seen |= {epoch_view(5, epoch, int(r) // store.block_size, store.num_views) for r in batch["index"]}
+        for row, image in zip(batch["index"].tolist(), batch["images"]):
+            eval_box = store.read_rows(row, row + 1, ["view_boxes"], 0)["view_boxes"][0]
+            source = dataset.source_image(row)
+            other_than_eval += not np.array_equal(render(source, eval_box, False, image.shape[:2]), image.numpy())
         for name in names:
             teacher = models[name]
             mean, std = teacher.transform.mean, teacher.transform.std
@@ -115,7 +119,7 @@ def compare_with_live_teachers(store_path, dataset, teachers, rows_per_epoch=4, 
             assert ((cam - live.cam).abs() <= scale / 255 * 0.51 + 1e-6).all(), name
             torch.testing.assert_close(batch[f"teachers/{name}/y_prob"], live.y_prob.float(), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(batch[f"teachers/{name}/o_prob"], live.o_prob.float(), rtol=1e-4, atol=1e-5)
-    assert views_seen - {0}, "only the eval view was compared"
+    assert other_than_eval >= 2, "the random views were not compared"
 
 
 def test_cached_signals_of_each_view_equal_live_teachers_on_the_students_image(teachers, tmp_path):
@@ -133,8 +137,15 @@ def test_cached_signals_of_each_view_of_image_files_equal_a_live_teacher(tmp_pat
            "--teachers", teacher, "--views", 3, "--block-size", 4)
     group = TeacherStore.open(store)
     assert group.attrs["views"] == {"count": 3, "seed": 0, "flip": True, "shift": 0, "eval_crop": 224 / 256}
-    compare_with_live_teachers(store, get_dataset("ilsvrc2012", "train", str(tmp_path / "data")), [teacher],
-                               rows_per_epoch=2)
+    dataset = get_dataset("ilsvrc2012", "train", str(tmp_path / "data"))
+    compare_with_live_teachers(store, dataset, [teacher], rows_per_epoch=2)
+    # an image file replaced after extraction (here resized) is not cut where the teacher looked: refused
+    path = dataset.root / dataset.files[0].decode()
+    Image.open(path).resize((150, 120)).save(path)
+    stream = BlockStream(str(store), ["images", "labels"], [0], batch_size=4, dataset=dataset)
+    with pytest.raises(PipelineError, match=f"image {path} is not the image store .* cut its views from \\(it is "
+                                            "150x120 now, and view . was"):
+        list(stream)
 
 
 @pytest.mark.slow
