@@ -385,17 +385,15 @@ class TeacherStore:
             for name in SAMPLE_ARRAYS:
                 self.writable(name)[start:stop] = arrays[name]
             return
-        for view in range(self.num_views):
-            have = self.read_rows(start, stop, list(SAMPLE_ARRAYS), view)
-            for name in SAMPLE_ARRAYS:
-                now = arrays[name] if name == "valid" else arrays[name][:, view]
-                changed = np.flatnonzero((have[name] != now).reshape(len(now), -1).any(1))
-                if len(changed):
-                    row = start + changed[0]
-                    what = (f"was {'un' if now[changed[0]] else ''}readable" if name == "valid" else
-                            f"had another view {view} ({name}; has the image changed size?)")
-                    raise PipelineError(f"row {row} of {self.path} {what} when other teachers were extracted; "
-                                        "restore the image file as it was, or write a new --store")
+        for name, view in [("valid", None), *((name, v) for v in range(self.num_views) for name in VIEWED_SHARED)]:
+            have = self.read_rows(start, stop, [name], view or 0)[name]  # each array (and view) read once
+            now = arrays[name] if view is None else arrays[name][:, view]
+            changed = np.flatnonzero((have != now).reshape(len(now), -1).any(1))
+            if len(changed):
+                what = (f"was {'un' if now[changed[0]] else ''}readable" if view is None else
+                        f"had another view {view} ({name}; has the image changed size?)")
+                raise PipelineError(f"row {start + changed[0]} of {self.path} {what} when other teachers were "
+                                    "extracted; restore the image file as it was, or write a new --store")
 
     # -- reading -------------------------------------------------------------------------
 

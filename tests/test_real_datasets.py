@@ -268,6 +268,14 @@ def test_a_teacher_added_later_must_see_the_same_images(imagenet, tmp_path):
     result = invoke(*args, "--teachers", f"{teachers[0]},{teachers[1]}", exit_code=1)
     assert "row 3 of" in result.output and "was unreadable when other teachers were extracted" in result.output
     assert zarr.open_group(tmp_path / "s.zarr", mode="r")["valid"][3] == False  # noqa: E712
+    # a file resized in between: its views (boxes in its own pixels) are not the ones the first teacher saw
+    again = [a if a != tmp_path / "s.zarr" else tmp_path / "t.zarr" for a in args]
+    invoke(*again, "--teachers", teachers[0])
+    first = sorted((data / "train" / IMAGENET_WNIDS[1]).iterdir())[0]
+    Image.open(first).resize((150, 120)).save(first)
+    result = invoke(*again, "--teachers", f"{teachers[0]},{teachers[1]}", exit_code=1)
+    assert "row 0 of" in result.output and "had another view 0 (view_boxes; has the image changed size?)" \
+        in result.output
 
 
 def test_a_teacher_trained_on_another_split_of_the_same_data_is_refused(tmp_path):
