@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_torchvision_teacher  # noqa: E402
 
 
-def fabricate_imagenet(root: Path, images: int, classes_present: int = 8) -> None:
+def fabricate_imagenet(root: Path, images: int, classes_present: int = 8, width: int = 500) -> None:
+    """`images` JPEGs `width` px wide and 2/3 to 1 times that high (500: as most of ILSVRC2012's)."""
     rng = np.random.default_rng(0)
     wnids = [f"n{i:08d}" for i in range(1000)]
     for i in range(images):
         folder = root / "train" / wnids[i % classes_present]
         folder.mkdir(parents=True, exist_ok=True)
-        h, w = int(rng.integers(333, 500)), 500
+        h, w = int(rng.integers(width * 2 // 3, width)), width
         pixels = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)  # smooth-ish, like photos
         Image.fromarray(pixels).resize((w, h), Image.BILINEAR).save(folder / f"img_{i:06d}.JPEG", quality=90)
     (root / "val" / wnids[0]).mkdir(parents=True)

@@ -19,6 +19,7 @@ pipeline's data_cache/teachers/resnet20.pt on digits).
 
 import argparse
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -26,7 +27,7 @@ from torchvision.ops import roi_align
 from pipeline.data import get_dataset, normalize
 from pipeline.explain import captured
 from pipeline.teachers import load_teacher
-from pipeline.views import ViewPolicy, render
+from pipeline.views import ViewPolicy
 
 
 def kl(exact: torch.Tensor, other: torch.Tensor, temperature: float) -> float:
@@ -55,10 +56,9 @@ def main() -> None:
     mean, std = teacher.transform.mean, teacher.transform.std
     with torch.no_grad():
         for i in range(min(args.images, len(dataset))):
-            source = dataset.source_image(i)
-            boxes, flips = policy.boxes(dataset.sample_id(i), *source.shape[1:])
-            views = torch.from_numpy(
-                __import__("numpy").stack([render(source, b, f, size) for b, f in zip(boxes, flips)]))
+            source = dataset.view_source(i)
+            boxes, flips = policy.boxes(dataset.sample_id(i), source.height, source.width)
+            views = torch.from_numpy(np.stack([source.view(b, f, size) for b, f in zip(boxes, flips)]))
             logits = teacher.model(normalize(views, mean, std))
             with captured(teacher.model, teacher.layer.target_layer) as box:
                 teacher.model(normalize(views[:1], mean, std))  # the eval view

@@ -1,4 +1,4 @@
-"""The teacher cache: one Zarr v3 group per data set split (format v5, see README).
+"""The teacher cache: one Zarr v3 group per data set split (format v6, see README).
 
 Rows are sharded along N; a *block* is the unit of writing, so no two writers ever touch
 one shard and a block is marked done in `progress` only after its data is written (a
@@ -29,11 +29,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
-from pipeline.shards import ShardDamage, ShardLayout, read_shard_rows
+from pipeline.shards import FORMAT, VERSION, ShardDamage, ShardLayout, read_shard_rows
 from pipeline.views import ViewPolicy
 
-FORMAT, VERSION = "teacher-cache", 5  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
-# 4: a crc32c checksum on every chunk, every chunk written; 5: K views per sample
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
 SHARED_ARRAYS = ("labels", "images", "valid", "view_boxes", "view_flips")  # one per store; "images" only for small images
 SAMPLE_ARRAYS = ("valid", "view_boxes", "view_flips")  # written by extraction with each block, before its teachers'
@@ -158,7 +156,7 @@ class TeacherStore:
         way is recognisable as ours and is simply redone; call inside `locked(path)`.
         """
         path = Path(path)
-        record = dict(zip(STORE_IDENTITY, (identity, target, block_size, logits or {"mode": "full"}, views.as_dict())))
+        record = cls.record(identity, target, block_size, logits, views)
         if (path / "zarr.json").exists():
             found = zarr.open_group(path, mode="r").attrs
             if not (found.get("format") == FORMAT and "fingerprint" not in found):
@@ -190,6 +188,11 @@ class TeacherStore:
             "fingerprint": fingerprint(record),
         })
         return cls(group, path)
+
+    @staticmethod
+    def record(identity: dict, target: str, block_size: int, logits: dict | None, views: ViewPolicy) -> dict:
+        """What a store is made from (STORE_IDENTITY): its fingerprint's input, checked on every reopening."""
+        return dict(zip(STORE_IDENTITY, (identity, target, block_size, logits or {"mode": "full"}, views.as_dict())))
 
     @staticmethod
     def _create_rows(group: zarr.Group, name: str, data: np.ndarray, block_size: int, chunk: int,

@@ -93,6 +93,9 @@ class ExtractConfig(DataConfig):
     view_seed: int = setting(0, "seed of the random views (view v of a sample depends on it, the sample's id and v)")
     view_shift: int = setting(4, "in-memory data sets: random views are crops of the image padded by this many "
                               "pixels (ignored for image files)")
+    jpeg_draft: bool = setting(True, "image files: decode a JPEG view at 1/2, 1/4 or 1/8 scale where its box is "
+                               "at least that many times the input size (faster; off: every view from the full "
+                               "decode); recorded in the store, students decode alike")
     block_size: int | None = setting(None, "samples per shard: the unit of writing, resuming and reading (default: "
                                      "the largest of 256, 1024, 4096, 16384 that makes at least 32 blocks)")
     batch_size: int = setting(128, "teacher batch size")
@@ -101,11 +104,17 @@ class ExtractConfig(DataConfig):
         None, "extract only part i of n of the blocks, as i/n (1-based); n processes with 1/n ... n/n "
         "together write the same store as one"
     )
+    scheduler: str | None = setting(
+        None, "run one dask task per block: local:N (a cluster of N worker processes on this machine; on a GPU "
+        "machine worker i uses GPU i mod the GPUs) | tcp://host:port (a running dask scheduler whose workers "
+        "have this package, the data and the store's path); default: this process alone"
+    )
 
     def __post_init__(self):
         check_choice("target", self.target, TARGETS)
         check_choice("on-change mode", self.on_change, ("error", "replace"))
         self.block_part()
+        self.check_scheduler()
         self.logits_mode()
 
     def logits_mode(self) -> dict:
@@ -116,6 +125,14 @@ class ExtractConfig(DataConfig):
         if kind != "topk" or not k.isdigit() or int(k) < 1:
             raise PipelineError(f"--logits takes full or topk:K with K >= 1, e.g. topk:10; got {self.logits!r}")
         return {"mode": "topk", "k": int(k)}
+
+    def check_scheduler(self) -> None:
+        local = (self.scheduler or "").removeprefix("local:")
+        if self.scheduler is None or (self.scheduler.startswith("local:") and local.isdigit() and int(local) >= 1) \
+                or self.scheduler.startswith(("tcp://", "tls://")):
+            return
+        raise PipelineError(f"unknown --scheduler {self.scheduler!r}; choose local:N (N >= 1 worker processes on this "
+                            "machine) or tcp://host:port (a running dask scheduler)")
 
     def block_part(self) -> tuple[int, int]:
         """(i, n) with 0 <= i < n: this process takes the blocks b with b % n == i."""
@@ -168,7 +185,8 @@ class TrainStudentConfig(DataConfig):
     alpha: float = setting(1.0, "weight of the KD term (cross-entropy has weight 1)")
     beta: float | None = setting(None, "weight of the map term: explain-kd (default: per --recipe) or at (default: 1)")
     epochs: int = setting(15, "training epochs")
-    batch_size: int = setting(64, "training batch size")
+    batch_size: int = setting(64, "training batch size (under torchrun per process: the global batch is that "
+                              "times the processes)")
     lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, cosine decay)")
     weight_decay: float = setting(5e-4, "L2 weight decay")
     seed: int = setting(0, "seed for initialisation and batch order")

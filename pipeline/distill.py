@@ -102,7 +102,7 @@ class DistillationLoss:
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         x, labels, moves = model_input(batch, self.augmentation, self.mean, self.std)
         if self.method == "ce":
-            losses = {"ce": F.cross_entropy(model(x), labels)}
+            losses = {"ce": F.cross_entropy(model(x).float(), labels)}
             return losses | {"loss": losses["ce"]}
         field = lambda key: torch.stack([batch[f"teachers/{t}/{key}"] for t in self.teachers], 1)  # noqa: E731
         # every teacher's values are stacked (B, M, ...) and computed on at once: a step's fixed cost per op
@@ -125,6 +125,8 @@ class DistillationLoss:
         else:
             logits, activation = self.forward(model, x, need_activation=use_cam or self.method == "at")
             student_map = attention_map(activation) if activation is not None else None
+        logits = logits.float()  # losses in float32 (under bf16 autocast the KL of bf16 logits is 4 % off)
+        student_map = student_map.float() if student_map is not None else None
         losses["ce"] = F.cross_entropy(logits, labels)
         kd_weights = weights if self.kd_teacher is None else F.one_hot(
             torch.full(weights.shape[:1], self.teachers.index(self.kd_teacher), device=weights.device),

@@ -118,6 +118,8 @@ def check_not_modified_in_place(model: nn.Module, layer: str, probe: torch.Tenso
 
 
 def module_path(model: nn.Module, path: str) -> nn.Module:
+    """The module at `path` of `model` (of the model inside a DistributedDataParallel wrapper)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     modules = dict(model.named_modules())
     if path not in modules:
         names = [name for name in modules if name]

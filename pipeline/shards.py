@@ -20,6 +20,10 @@ from numcodecs import blosc
 
 from pipeline.errors import PipelineError
 
+FORMAT, VERSION = "teacher-cache", 6  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
+# 4: a crc32c checksum on every chunk, every chunk written; 5: K views per sample; 6: views rendered by PIL from a
+# decode at the policy's JPEG draft scale (a v5 store's file views were resized from the full decode by torch)
+
 INDEX_ENTRY_BYTES, CHECKSUM_BYTES, BLOSC_HEADER_BYTES = 16, 4, 16
 EMPTY = np.uint64(2**64 - 1)  # the index entry of a chunk that was never written
 
@@ -47,7 +51,7 @@ class ShardLayout:
         except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
             layout = None
         if layout is None:
-            raise PipelineError(f"array {name} is not laid out as a teacher-cache v5 array; rewrite the store with "
+            raise PipelineError(f"array {name} is not laid out as a {FORMAT} v{VERSION} array; rewrite the store with "
                                 "this version's `pipeline extract-teachers`")
         return layout
 

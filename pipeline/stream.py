@@ -22,7 +22,7 @@ import torch
 
 from pipeline.cache import TeacherStore
 from pipeline.errors import PipelineError
-from pipeline.views import ViewPolicy, epoch_view, render
+from pipeline.views import PixelSource, ViewPolicy, epoch_view, image_decoder
 
 HOLD_BYTES = 2**30
 
@@ -38,11 +38,12 @@ class BlockStream(torch.utils.data.IterableDataset):
 
     def __init__(self, path: str, fields: list[str], blocks: list[int], batch_size: int,
                  seed: int = 0, mix_blocks: int = 2, shuffle: bool = True, dataset=None, workers: int = 0,
-                 hold_bytes: int = HOLD_BYTES, eval_view: bool = False):
+                 hold_bytes: int = HOLD_BYTES, eval_view: bool = False, rank: int = 0, ranks: int = 1):
         super().__init__()
         self.path, self.fields, self.blocks = str(path), list(fields), list(blocks)
         self.batch_size, self.seed, self.mix_blocks, self.shuffle = batch_size, seed, max(1, mix_blocks), shuffle
         self.dataset, self.workers = dataset, max(1, workers)
+        self.rank, self.ranks = rank, ranks
         self.epoch = 0
         store = TeacherStore.open(self.path)
         self.views = 1 if eval_view else store.num_views
@@ -50,6 +51,10 @@ class BlockStream(torch.utils.data.IterableDataset):
         geometry = dataset.info.geometry if dataset is not None else None
         self.interpolation = geometry.interpolation if geometry else "bilinear"
         self.policy, self.block_size = ViewPolicy(**store.attrs["views"]), store.block_size
+        if dataset is not None and "images" in self.fields and self.policy.decoder != image_decoder():
+            raise PipelineError(f"store {self.path} cut its views with {self.policy.decoder}, and this machine has "
+                                f"{image_decoder()}, whose pixels may differ; install that Pillow, or extract a new "
+                                "store here")
         wanted = [f for f in self.fields if not (f == "images" and dataset is not None)]
         self.stored = wanted + ["valid"] + (["view_boxes", "view_flips"] if "images" in self.fields else [])
         self.valid_rows = {b: int(store.read_rows(*store.block_rows(b), ["valid"])["valid"].sum()) for b in self.blocks}
@@ -73,17 +78,24 @@ class BlockStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def windows(self, epoch: int, worker: int) -> list[list[int]]:
-        """The blocks `worker` reads in `epoch`, grouped into the windows whose rows are shuffled together."""
+    def windows(self, epoch: int, worker: int, rank: int | None = None) -> list[list[int]]:
+        """The blocks `worker` of `rank` (default: this stream's) reads in `epoch`, grouped into the windows
+        whose rows are shuffled together: the epoch's block order dealt to the ranks, then to their workers."""
         order = np.random.default_rng([self.seed, epoch]).permutation(self.blocks) if self.shuffle \
             else np.asarray(self.blocks)
-        mine = [int(b) for b in order[worker::self.workers]]
+        rank = self.rank if rank is None else rank
+        mine = [int(b) for b in order[rank::self.ranks][worker::self.workers]]
         return [mine[i:i + self.mix_blocks] for i in range(0, len(mine), self.mix_blocks)]
 
-    def num_batches(self, epoch: int) -> int:
-        """Exactly the batches all workers together yield in `epoch` (each window ends in a partial batch)."""
+    def num_batches(self, epoch: int, rank: int | None = None) -> int:
+        """Exactly the batches all workers of `rank` together yield in `epoch` (each window ends in a
+        partial batch)."""
         return sum(-(-sum(self.valid_rows[b] for b in window) // self.batch_size)
-                   for worker in range(self.workers) for window in self.windows(epoch, worker))
+                   for worker in range(self.workers) for window in self.windows(epoch, worker, rank))
+
+    def steps(self, epoch: int) -> int:
+        """The optimizer steps of `epoch` on every rank: the most batches any rank has."""
+        return max(self.num_batches(epoch, rank) for rank in range(self.ranks))
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -112,21 +124,22 @@ class BlockStream(torch.utils.data.IterableDataset):
         """uint8 (B, H, W, C): each row's view (its box and flip) of its stored image or image file."""
         boxes, flips = batch.pop("view_boxes").tolist(), batch.pop("view_flips").tolist()
         if self.dataset is None:
-            sources = batch["images"].permute(0, 3, 1, 2)
+            sources = [PixelSource(image) for image in batch["images"].numpy()]
         else:
             sources = [self.file_source(int(r), box, flip) for r, box, flip in zip(batch["index"], boxes, flips)]
-        return torch.from_numpy(np.stack([render(source, box, flip, self.size, self.interpolation)
+        return torch.from_numpy(np.stack([source.view(box, flip, self.size, self.interpolation)
                                           for source, box, flip in zip(sources, boxes, flips)]))
 
-    def file_source(self, row: int, box: list[int], flip: bool) -> torch.Tensor:
-        """The decoded image file of `row`, checked to be the image its stored view was drawn for (a file
-        replaced since extraction, say resized, would be cut where the teacher never looked)."""
-        source = self.dataset.source_image(row)
+    def file_source(self, row: int, box: list[int], flip: bool):
+        """The image file of `row` (decoded as stage one decoded it), checked to be the image its stored
+        view was drawn for (a file replaced since extraction, say resized, would be cut where the teacher
+        never looked)."""
+        source = self.dataset.view_source(row, self.policy.draft)
         view = self.view(self.epoch, row // self.block_size)
-        boxes, flips = self.policy.boxes(self.dataset.sample_id(row), *source.shape[1:])
+        boxes, flips = self.policy.boxes(self.dataset.sample_id(row), source.height, source.width)
         if boxes[view].tolist() != box or bool(flips[view]) != flip:
             raise PipelineError(
                 f"image {self.dataset.describe(row)} is not the image store {self.path} cut its views from (it is "
-                f"{source.shape[2]}x{source.shape[1]} now, and view {view} was {box}); restore the file as it was "
+                f"{source.width}x{source.height} now, and view {view} was {box}); restore the file as it was "
                 "at extraction, or extract a new store")
         return source

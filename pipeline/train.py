@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.ddp import Ranks
 from pipeline.devices import autocast, prepare_model
 from pipeline.errors import PipelineError
 
@@ -68,7 +69,7 @@ def fit(
     batches: Callable[[int], Iterable[dict]],
     loss_fn: Callable[[nn.Module, dict], dict[str, torch.Tensor]],
     *, epochs: int, steps_per_epoch: Callable[[int], int], lr: float, weight_decay: float, desc: str,
-    device: torch.device = torch.device("cpu"), resume: Resume | None = None,
+    device: torch.device = torch.device("cpu"), resume: Resume | None = None, ranks: Ranks = Ranks(),
 ) -> list[dict]:
     """Train `model` and return one row per epoch with the mean of every loss component.
 
@@ -79,9 +80,11 @@ def fit(
     The model and each batch are moved to `device`; the model is left there (on CUDA in channels_last,
     its losses computed under bf16 autocast). With `resume`, the state is saved at the end of every
     epoch (and every `resume.every` steps) and a saved state is continued from: `batches(epoch)` must
-    yield the same batches again, so the steps already taken are skipped.
+    yield the same batches again, so the steps already taken are skipped. Under torchrun (`ranks`), each
+    rank's `batches` are its own share and `steps_per_epoch` the steps every rank takes (pipeline.ddp).
     """
     model = prepare_model(model, device)
+    trained = ranks.wrap(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     total_steps = max(1, sum(steps_per_epoch(epoch) for epoch in range(epochs)))
     schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine decay from lr to 0, per step
@@ -114,32 +117,51 @@ def fit(
         epoch_batches = iter(batches(epoch))
         if resumed and skip > 0:
             resume.restore_generators(saved)
-        progress = tqdm(epoch_batches, total=steps_per_epoch(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}",
-                        leave=False, disable=None)
-        for step, batch in enumerate(progress, 1):
+        progress = tqdm(padded(epoch_batches, steps_per_epoch(epoch), ranks.world > 1), total=steps_per_epoch(epoch),
+                        desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None if ranks.main else True)
+        for step, (batch, real) in enumerate(progress, 1):
             if step <= skip:  # taken before the run was stopped
                 continue
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            model.train(real)  # a padding step moves no batch-norm statistics
             with autocast(device):
-                losses = loss_fn(model, batch)
+                losses = loss_fn(trained, batch)
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            (losses["loss"] if real else losses["loss"] * 0).backward()
             last_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             schedule.step()
-            n = len(batch["labels"])
-            for key, value in losses.items():
-                sums[key] += float(value.detach()) * n
-            seen += n
-            progress.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
+            if real:
+                n = len(batch["labels"])
+                for key, value in losses.items():
+                    sums[key] += float(value.detach()) * n
+                seen += n
+                progress.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
             if resume and resume.every and step % resume.every == 0 and step < steps_per_epoch(epoch):
                 save(epoch, step, sums, seen)
-        row = {"epoch": epoch + 1, **{key: total / max(seen, 1) for key, total in sums.items()}, "lr": last_lr}
+        keys = sorted(sums)
+        *totals, seen = ranks.sum([sums[key] for key in keys] + [seen], device)  # every rank's samples
+        row = {"epoch": epoch + 1, **{key: total / max(seen, 1) for key, total in zip(keys, totals)}, "lr": last_lr}
         history.append(row)
-        print(f"{desc} epoch {epoch + 1}/{epochs}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
+        if ranks.main:
+            print(f"{desc} epoch {epoch + 1}/{epochs}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
         if resume:
             save(epoch + 1, 0, {}, 0)
     return history
+
+
+def padded(batches: Iterable[dict], steps: int, pad: bool) -> Iterable[tuple[dict, bool]]:
+    """(batch, True) for each batch, then with `pad` (the last batch, False) until `steps`: the zero-loss
+    steps of a rank with fewer batches than another (pipeline.ddp). Without `pad`, the batches must be
+    exactly `steps` (the schedule was planned for them)."""
+    last, taken = None, 0
+    for last in batches:
+        taken += 1
+        yield last, True
+    if taken != steps and not (pad and 0 < taken < steps):
+        raise PipelineError(f"the epoch yielded {taken} batches where {steps} were planned; report this bug")
+    for _ in range(steps - taken):
+        yield last, False
 
 
 def seeded_generator(seed: int, epoch: int = 0) -> torch.Generator:

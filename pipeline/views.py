@@ -15,19 +15,27 @@ seed and settings), the sample's id, its source image's size and the view number
 order, so more views keep the first ones): extraction is deterministic, resumable and
 block-parallel, and stage two can check that an image file is still the one the views were
 cut from.
+
+With `draft`, a JPEG view is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that still
+leaves its box at least its output size (libjpeg decodes 1/s of each side at about 1/s^2 of
+the cost), and the box is cut from that smaller image at its fractional position. The scale
+is a function of the box and the output size, so a teacher and a student of one size get
+the same pixels; the policy records it, and stage two renders as stage one did.
 """
 
 import hashlib
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+import PIL
+from PIL import Image, features
 
-from pipeline.data.base import DatasetInfo
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # the data sets build their sources from this module's renderer
+    from pipeline.data.base import DatasetInfo
 
 RESIZED_CROP_SCALE, RESIZED_CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
 
@@ -39,15 +47,19 @@ class ViewPolicy:
     flip: bool = False  # random views are flipped at random (mirror-symmetric classes only)
     shift: int = 0  # in-memory sets: random views are crops of the image padded by this many pixels
     eval_crop: float | None = None  # image files: the eval view's side over the shorter side (crop / resize)
+    draft: bool = False  # image files: JPEG views decoded at a reduced scale where the box allows it
+    decoder: str | None = None  # image files: the Pillow and libjpeg builds that render views (image_decoder)
 
     @classmethod
-    def of(cls, info: DatasetInfo, count: int = 1, seed: int = 0, shift: int = 4) -> "ViewPolicy":
+    def of(cls, info: "DatasetInfo", count: int = 1, seed: int = 0, shift: int = 4,
+           draft: bool = False) -> "ViewPolicy":
         """The policy of data set `info`: resized crops of image files, padded crops of in-memory images."""
         if count < 1:
             raise PipelineError(f"--views must be at least 1 (1: the eval view only); got {count}")
         files = info.geometry is not None
         policy = cls(count, seed, info.mirror_symmetric and count > 1, 0 if files or count == 1 else shift,
-                     info.geometry.crop / info.geometry.resize if files else None)
+                     info.geometry.crop / info.geometry.resize if files else None, draft and files,
+                     image_decoder() if files else None)
         if count > 1 and not (files or policy.shift or policy.flip):
             raise PipelineError(f"--views {count}: random views of {info.name} need --view-shift above 0 (its "
                                 "classes are not mirror-symmetric, so views are not flipped)")
@@ -108,28 +120,48 @@ def padded_crop_box(rng: np.random.Generator, height: int, width: int, shift: in
     return dx, dy, dx + width, dy + height
 
 
-def crop(source: torch.Tensor, box) -> torch.Tensor:
-    """(C, H, W) -> the box's (C, y1 - y0, x1 - x0) pixels, zeros where the box reaches past the image."""
-    x0, y0, x1, y1 = (int(v) for v in box)
-    channels, height, width = source.shape
-    if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height:
-        return source[:, y0:y1, x0:x1]
-    out = source.new_zeros((channels, y1 - y0, x1 - x0))
-    top, bottom, left, right = max(y0, 0), min(y1, height), max(x0, 0), min(x1, width)
-    if top < bottom and left < right:
-        out[:, top - y0:bottom - y0, left - x0:right - x0] = source[:, top:bottom, left:right]
-    return out
+def image_decoder() -> str:
+    """The builds that turn a file's view into pixels: JPEG decoding (libjpeg-turbo or IJG, its DCT
+    scaling) and PIL's resampling differ between them, so a store records them and stage two checks."""
+    turbo = features.version_feature("libjpeg_turbo")
+    return f"Pillow {PIL.__version__}, libjpeg {features.version('jpg')}" + (f" (libjpeg-turbo {turbo})" if turbo else "")
 
 
-def render(source: torch.Tensor, box, flip: bool, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
-    """A view of a uint8 (C, H, W) source image -> uint8 (h, w, C) at `size`: the box cropped, resized
-    (antialiased, as torchvision's transforms resize uint8 images) when its size differs, then flipped."""
-    pixels = crop(source, box)
-    if tuple(pixels.shape[-2:]) != tuple(size):
-        pixels = TF.resize(pixels, list(size), interpolation=InterpolationMode(interpolation), antialias=True)
+def draft_scale(box, size: tuple[int, int]) -> int:
+    """The largest JPEG reduction s (of 2, 4, 8) whose decode leaves the box at least `size` (h, w)
+    pixels, so the resize after it still only shrinks; 1 where there is none."""
+    width, height = box[2] - box[0], box[3] - box[1]
+    return next((s for s in (8, 4, 2) if width >= s * size[1] and height >= s * size[0]), 1)
+
+
+def render(image: Image.Image, box, flip: bool, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    """A view of a decoded image -> uint8 (h, w, C) at `size` (h, w): the box, which may be fractional,
+    resized with antialiasing (PIL's, as torchvision's RandomResizedCrop of a PIL image), then flipped.
+    A box reaching past the image is cropped first, black outside (in-memory views, never resized)."""
+    height, width = size
+    resample = Image.Resampling[interpolation.upper()]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if x0 >= 0 and y0 >= 0 and x1 <= image.width and y1 <= image.height:
+        view = image.resize((width, height), resample, box=(x0, y0, x1, y1))
+    else:
+        view = image.crop(tuple(int(v) for v in box))  # PIL fills what lies past the image with black
+        if view.size != (width, height):
+            view = view.resize((width, height), resample)
     if flip:
-        pixels = pixels.flip(-1)
-    return pixels.permute(1, 2, 0).contiguous().numpy()
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = np.asarray(view)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+class PixelSource:
+    """Views of an image held in memory, uint8 (H, W, C)."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.height, self.width = pixels.shape[:2]
+        self.image = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+
+    def view(self, box, flip: bool, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+        return render(self.image, box, flip, size, interpolation)
 
 
 def epoch_view(seed: int, epoch: int, block: int, count: int) -> int:

@@ -1,11 +1,16 @@
 """Stage one: run every teacher once over a split and cache its artefacts in a Zarr store.
 
 The work is done block by block (one block = one shard per view). One DataLoader streams
-the pending blocks' images, each decoded once and rendered in each of its K views
-(pipeline.views) at every distinct teacher input size; every teacher that has not finished
-a block runs on every view of its batches, and the block is marked finished per teacher
-only after its arrays are written. Nothing larger than a block is held.
+the pending blocks' images, each decoded once per JPEG draft scale its views need and
+rendered in each of its K views (pipeline.views) at every distinct teacher input size; every
+teacher that has not finished a block runs on every view of its batches, and the block is
+marked finished per teacher only after its arrays are written. Nothing larger than a block
+is held. With --scheduler, each block is a dask task (pipeline.cluster).
 """
+
+import dataclasses
+import multiprocessing
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +23,7 @@ from pipeline.devices import autocast, prepare_model, resolve_device, to_device
 from pipeline.errors import PipelineError
 from pipeline.explain import explain
 from pipeline.teachers import Teacher, load_teacher, parse_target_layers
-from pipeline.views import ViewPolicy, render
+from pipeline.views import ViewPolicy
 
 
 class ExtractionImages(torch.utils.data.Dataset):
@@ -36,13 +41,13 @@ class ExtractionImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         label = int(self.dataset.labels[index])
         try:
-            source = self.dataset.source_image(index)
+            source = self.dataset.view_source(index, self.views.draft)
+            boxes, flips = self.views.boxes(self.dataset.sample_id(index), source.height, source.width)
+            images = tuple(np.stack([source.view(box, flip, size, interpolation) for box, flip in zip(boxes, flips)])
+                           for size, interpolation in self.sizes)
         except UnreadableImage as error:  # reported by the main process, one line, never a worker traceback
             blank = tuple(np.zeros((self.views.count, *size, self.channels), np.uint8) for size, _ in self.sizes)
             return blank, np.zeros((self.views.count, 4), np.int32), np.zeros(self.views.count, bool), label, str(error)
-        boxes, flips = self.views.boxes(self.dataset.sample_id(index), *source.shape[1:])
-        images = tuple(np.stack([render(source, box, flip, size, interpolation) for box, flip in zip(boxes, flips)])
-                       for size, interpolation in self.sizes)
         return images, boxes, flips, label, ""
 
 
@@ -55,66 +60,137 @@ def block_batches(store: TeacherStore, blocks: list[int], batch_size: int) -> li
     return batches
 
 
-def run(cfg: ExtractConfig) -> TeacherStore:
-    dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download)
-    info = dataset.info
-    layers = parse_target_layers(cfg.target_layer)
-    teachers = [load_teacher(spec, info, layers, cfg.split_seed) for spec in cfg.teachers]
-    names = [t.name for t in teachers]
-    if len(set(names)) != len(names):
-        raise PipelineError(f"teacher names must be unique, got {', '.join(names)}")
-    if set(layers) - set(names):
-        raise PipelineError(f"--target-layer names unknown teacher(s) {', '.join(sorted(set(layers) - set(names)))}; "
-                            f"teachers are: {', '.join(names)}")
-    logits = cfg.logits_mode()
-    views = ViewPolicy.of(info, cfg.views, cfg.view_seed, cfg.view_shift)
-    if logits["mode"] == "topk" and logits["k"] >= info.num_classes:
-        raise PipelineError(f"--logits topk:{logits['k']} keeps every one of the {info.num_classes} classes; "
-                            "use --logits full or a smaller K")
-    device = resolve_device(cfg.device)
-    replace = cfg.on_change == "replace"
-    with TeacherStore.locked(cfg.store):  # parallel extractors of one store create it once
-        store = TeacherStore.create(
-            cfg.store, dataset.identity(), dataset.labels, getattr(dataset, "images", None), target=cfg.target,
-            block_size=cfg.block_size or default_block_size(len(dataset)), logits=logits, replace=replace,
-            views=views,
+@dataclass
+class Extraction:
+    """What stage one runs: the data set, its teachers (loaded and checked), the view policy and the
+    logits mode. Built by the process that owns the command and again by every dask worker."""
+
+    dataset: Dataset
+    teachers: list[Teacher]
+    views: ViewPolicy
+    logits: dict
+
+    @classmethod
+    def load(cls, cfg: ExtractConfig) -> "Extraction":
+        dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download)
+        info = dataset.info
+        layers = parse_target_layers(cfg.target_layer)
+        teachers = [load_teacher(spec, info, layers, cfg.split_seed) for spec in cfg.teachers]
+        names = [t.name for t in teachers]
+        if len(set(names)) != len(names):
+            raise PipelineError(f"teacher names must be unique, got {', '.join(names)}")
+        if set(layers) - set(names):
+            raise PipelineError(f"--target-layer names unknown teacher(s) {', '.join(sorted(set(layers) - set(names)))}; "
+                                f"teachers are: {', '.join(names)}")
+        logits = cfg.logits_mode()
+        views = ViewPolicy.of(info, cfg.views, cfg.view_seed, cfg.view_shift, cfg.jpeg_draft)
+        if logits["mode"] == "topk" and logits["k"] >= info.num_classes:
+            raise PipelineError(f"--logits topk:{logits['k']} keeps every one of the {info.num_classes} classes; "
+                                "use --logits full or a smaller K")
+        return cls(dataset, teachers, views, logits)
+
+    def open_store(self, cfg: ExtractConfig) -> TeacherStore:
+        """The store, created (or checked) and every teacher registered in it."""
+        replace = cfg.on_change == "replace"
+        with TeacherStore.locked(cfg.store):  # parallel extractors of one store create it once
+            store = TeacherStore.create(
+                cfg.store, self.dataset.identity(), self.dataset.labels, getattr(self.dataset, "images", None),
+                target=cfg.target, block_size=self.block_size(cfg), logits=self.logits, replace=replace,
+                views=self.views,
+            )
+            names = [t.name for t in self.teachers]
+            for name in set(store.teachers) - set(names) if replace else ():
+                print(f"dropping teacher {name} from {store.path}: not among --teachers (--on-change replace)")
+                store.drop_teacher(name)
+            for t in self.teachers:
+                store.add_teacher(t.name, t.identity, replace=replace)
+        return store
+
+    def block_size(self, cfg: ExtractConfig) -> int:
+        return cfg.block_size or default_block_size(len(self.dataset))
+
+    def check_store(self, cfg: ExtractConfig) -> TeacherStore:
+        """The store another process created, checked to be made from this process's data and settings
+        and to hold its teachers (a worker that mounts other files or weights stops)."""
+        store = TeacherStore.open(cfg.store, mode="r+")
+        store.check_made_from(TeacherStore.record(self.dataset.identity(), cfg.target, self.block_size(cfg),
+                                                  self.logits, self.views))
+        for t in self.teachers:
+            store.add_teacher(t.name, t.identity)  # registered already: returns, or names what differs
+        return store
+
+    def extract(self, store: TeacherStore, pending: dict[str, set[int]], cfg: ExtractConfig, device: torch.device,
+                on_block=lambda block: None, say=tqdm.write) -> None:
+        """Run every teacher over its pending blocks and write them, calling `on_block` after each."""
+        blocks = sorted(set().union(*pending.values()))
+        geometries = list(dict.fromkeys(t.geometry for t in self.teachers))
+        batches = block_batches(store, blocks, cfg.batch_size)
+        loader = torch.utils.data.DataLoader(
+            ExtractionImages(self.dataset, geometries, self.views, cfg.skip_corrupt),
+            batch_sampler=[rows for _, rows in batches], num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
         )
-        for name in set(store.teachers) - set(names) if replace else ():
-            print(f"dropping teacher {name} from {store.path}: not among --teachers (--on-change replace)")
-            store.drop_teacher(name)
-        for t in teachers:
-            store.add_teacher(t.name, t.identity, replace=replace)
-    part, parts = cfg.block_part()
-    pending = {t.name: {b for b in store.pending_blocks(t.name) if b % parts == part} for t in teachers}
-    blocks = sorted(set().union(*pending.values()))
-    print(f"store {store.path}: {len(blocks)} of {store.num_blocks} blocks to extract"
-          + (f" (part {cfg.blocks})" if cfg.blocks else "") + f" on {device}")
-    geometries = list(dict.fromkeys(t.geometry for t in teachers))
-    batches = block_batches(store, blocks, cfg.batch_size)
-    loader = torch.utils.data.DataLoader(
-        ExtractionImages(dataset, geometries, views, cfg.skip_corrupt), batch_sampler=[rows for _, rows in batches],
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-    )
-    for t in teachers:
-        t.model = prepare_model(t.model, device)
-    parts_of: dict[str, list] = {t.name: [] for t in teachers}
-    sample_parts: list[dict] = []
-    with tqdm(total=len(blocks), desc=f"extract {cfg.split} ({len(teachers)} teachers, {views.count} "
-              f"view{'s' * (views.count > 1)})", unit="block") as progress:
+        for t in self.teachers:
+            t.model = prepare_model(t.model, device)
+        parts_of: dict[str, list] = {t.name: [] for t in self.teachers}
+        sample_parts: list[dict] = []
         for (block, rows), (images, boxes, flips, labels, errors) in zip(batches, loader):
-            sample_parts.append({"valid": check_readable(dataset, rows, errors, cfg.skip_corrupt),
+            sample_parts.append({"valid": check_readable(self.dataset, rows, errors, cfg.skip_corrupt, say),
                                  "view_boxes": boxes.numpy(), "view_flips": flips.numpy()})
-            for t in teachers:
+            for t in self.teachers:
                 if block in pending[t.name]:
                     seen = images[geometries.index(t.geometry)]  # (B, K, h, w, C)
-                    each = [explain_batch(t, seen[:, v], labels, cfg.target, device) for v in range(views.count)]
+                    each = [explain_batch(t, seen[:, v], labels, cfg.target, device) for v in range(self.views.count)]
                     parts_of[t.name].append({key: np.stack([e[key] for e in each], 1) for key in each[0]})
             if rows[-1] + 1 == store.block_rows(block)[1]:  # the block's last batch: write it
                 samples = {key: np.concatenate([p[key] for p in sample_parts]) for key in sample_parts[0]}
-                write_block(store, block, samples, parts_of, logits)
-                parts_of, sample_parts = {t.name: [] for t in teachers}, []
-                progress.update()
+                write_block(store, block, samples, parts_of, self.logits)
+                parts_of, sample_parts = {t.name: [] for t in self.teachers}, []
+                on_block(block)
+
+
+def run(cfg: ExtractConfig) -> TeacherStore:
+    extraction = Extraction.load(cfg)
+    store = extraction.open_store(cfg)
+    part, parts = cfg.block_part()
+    pending = {t.name: {b for b in store.pending_blocks(t.name) if b % parts == part} for t in extraction.teachers}
+    blocks = sorted(set().union(*pending.values()))
+    where = f"on dask ({cfg.scheduler})" if cfg.scheduler else f"on {resolve_device(cfg.device)}"
+    print(f"store {store.path}: {len(blocks)} of {store.num_blocks} blocks to extract"
+          + (f" (part {cfg.blocks})" if cfg.blocks else "") + f" {where}")
+    views = extraction.views.count
+    with tqdm(total=len(blocks), desc=f"extract {cfg.split} ({len(extraction.teachers)} teachers, {views} "
+              f"view{'s' * (views > 1)})", unit="block") as progress:
+        if cfg.scheduler:
+            from pipeline.cluster import run_blocks
+
+            identity = {"store": store.attrs["fingerprint"],
+                        "teachers": {n: store.teacher_attrs(n)["fingerprint"] for n in pending}}
+            run_blocks(cfg.scheduler, extract_on_worker, cfg, pending, identity, progress)
+        else:
+            extraction.extract(store, pending, cfg, resolve_device(cfg.device), lambda block: progress.update())
     return store
+
+
+def extract_on_worker(cfg: ExtractConfig, key: str, block: int, teachers: list[str]) -> list[str]:
+    """A dask task: extract `block` for `teachers` in this worker process, with the data set, teachers and
+    store it loaded and checked for its first task of job `key` (kept for the next), writing straight
+    into the store. Returns the messages it would have printed (skipped images), for the client."""
+    from pipeline.cluster import worker_device, worker_state
+
+    if cfg.num_workers and multiprocessing.current_process().daemon:
+        raise PipelineError(f"--num-workers {cfg.num_workers}: this dask worker is a daemonic process, which cannot "
+                            "start DataLoader workers; start the workers with DASK_DISTRIBUTED__WORKER__DAEMON=False, "
+                            "or pass --num-workers 0")
+    def load() -> tuple[Extraction, TeacherStore]:
+        extraction = Extraction.load(dataclasses.replace(cfg, download=False))  # the client downloaded it
+        return extraction, extraction.check_store(cfg)
+
+    extraction, store = worker_state(key, load)
+    said: list[str] = []
+    extraction.extract(store, {t.name: {block} if t.name in teachers else set() for t in extraction.teachers},
+                       cfg, worker_device(cfg.device), say=said.append)
+    return said
 
 
 def write_block(store: TeacherStore, block: int, samples: dict[str, np.ndarray], parts_of: dict[str, list],
@@ -132,13 +208,14 @@ def write_block(store: TeacherStore, block: int, samples: dict[str, np.ndarray],
             store.write_block(name, block, arrays)
 
 
-def check_readable(dataset: Dataset, rows: list[int], errors: tuple[str, ...], skip_corrupt: bool) -> np.ndarray:
+def check_readable(dataset: Dataset, rows: list[int], errors: tuple[str, ...], skip_corrupt: bool,
+                   say=tqdm.write) -> np.ndarray:
     """The batch's valid mask; the first unreadable image stops the run unless --skip-corrupt."""
     bad = [(row, error) for row, error in zip(rows, errors) if error]
     if bad and not skip_corrupt:
         raise PipelineError(bad[0][1])
     for row, _ in bad:
-        tqdm.write(f"skipped unreadable image {dataset.describe(row)} (row {row}, recorded as valid = False)")
+        say(f"skipped unreadable image {dataset.describe(row)} (row {row}, recorded as valid = False)")
     return np.array([not error for error in errors], dtype=bool)
 
 

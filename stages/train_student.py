@@ -17,7 +17,7 @@ from pipeline.cache import TeacherStore
 from pipeline.cache_report import teacher_table
 from pipeline.config import TrainStudentConfig
 from pipeline.data import get_dataset, get_val_split
-from pipeline.devices import resolve_device
+from pipeline.ddp import Ranks
 from pipeline.distill import DistillationLoss, teacher_fields
 from pipeline.errors import PipelineError
 from pipeline.evaluation import top1
@@ -69,15 +69,8 @@ def random_teachers(store: TeacherStore, teachers: list[str], seed: int) -> torc
     return torch.from_numpy(np.random.default_rng([seed, 0x5E1EC7]).integers(0, len(teachers), store.num_samples))
 
 
-def run(cfg: TrainStudentConfig) -> dict:
-    store = TeacherStore.open(cfg.store)
-    dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download)
-    store.check_made_from({"dataset": dataset.identity()})
-    teachers = choose_teachers(store, cfg.method, cfg.teacher, cfg.policy)
-    target = store.attrs["target"]
-    if target == "predicted" and cfg.method == "explain-kd" and cfg.policy == "weighted":
-        raise PipelineError(f"store {store.path} caches maps of each teacher's predicted class; --policy weighted "
-                            "would mix maps of different classes: choose per-sample, global, correct or random")
+def usable_blocks(store: TeacherStore, teachers: list[str], cfg: TrainStudentConfig) -> list[int]:
+    """The blocks finished for every teacher: all of them, or with --allow-partial those there are."""
     blocks = store.finished_blocks(teachers)
     if len(blocks) < store.num_blocks:
         state = f"{len(blocks)}/{store.num_blocks} blocks finished for {', '.join(teachers)}"
@@ -88,15 +81,36 @@ def run(cfg: TrainStudentConfig) -> dict:
             )
         rows = sum(stop - start for start, stop in map(store.block_rows, blocks))
         print(f"--allow-partial: training on {rows} of {store.num_samples} samples ({state})")
+    return blocks
+
+
+def run(cfg: TrainStudentConfig) -> dict:
+    ranks = Ranks.from_env()  # torchrun's processes, or this one alone
+    if ranks.world > 1 and (cfg.resume or cfg.save_every):
+        raise PipelineError("--resume and --save-every are not supported under torchrun yet (each rank would "
+                            "resume on its own); run without them")
+    device = ranks.start(cfg.device)
+    store = TeacherStore.open(cfg.store)
+    dataset = ranks.first(lambda: get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download))
+    store.check_made_from({"dataset": dataset.identity()})
+    teachers = choose_teachers(store, cfg.method, cfg.teacher, cfg.policy)
+    target = store.attrs["target"]
+    if target == "predicted" and cfg.method == "explain-kd" and cfg.policy == "weighted":
+        raise PipelineError(f"store {store.path} caches maps of each teacher's predicted class; --policy weighted "
+                            "would mix maps of different classes: choose per-sample, global, correct or random")
+    blocks = ranks.agree(lambda: usable_blocks(store, teachers, cfg))
     info = dataset.info
     check_flip(cfg.flip, info)
     fields = ["images", "labels", *teacher_fields(cfg.method, teachers, store.logit_fields)]
     stream = BlockStream(cfg.store, fields, blocks, cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks,
                          dataset=None if store.attrs["stores_images"] else dataset,  # large images come from files
-                         workers=cfg.num_workers, eval_view=cfg.views == "eval")
-    if store.num_views > 1:
+                         workers=cfg.num_workers, eval_view=cfg.views == "eval", rank=ranks.rank, ranks=ranks.world)
+    empty = [rank for rank in range(ranks.world) for epoch in range(cfg.epochs) if not stream.num_batches(epoch, rank)]
+    if empty:  # every rank finds the same, so all stop alike
+        raise PipelineError(f"rank {empty[0]} of {ranks.world} would get no batch in some epoch ({len(blocks)} blocks "
+                            "hold readable images); start fewer ranks, or extract with a smaller --block-size")
+    if store.num_views > 1 and ranks.main:
         print(f"views: {'view 0 (eval) only' if cfg.views == 'eval' else f'cycling through {store.num_views} per sample'}")
-    device = resolve_device(cfg.device)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",  # copies overlap compute
         multiprocessing_context="forkserver" if cfg.num_workers > 0 else None,
@@ -114,7 +128,8 @@ def run(cfg: TrainStudentConfig) -> dict:
     loss_fn = DistillationLoss(cfg.method, teachers, layer, info.mean, info.std,
                                cfg.temperature, cfg.alpha, cfg.beta, info.num_classes, policy=cfg.policy,
                                policy_temperature=cfg.policy_temperature, detach_head=cfg.detach_head,
-                               beta_warmup=cfg.beta_warmup, augmentation=Augmentation(cfg.shift, cfg.flip, cfg.seed),
+                               beta_warmup=cfg.beta_warmup, augmentation=Augmentation(
+                                   cfg.shift, cfg.flip, cfg.seed + 1_000_003 * ranks.rank),  # ranks move unlike
                                map_follows=cfg.map_follows, student_map=cfg.student_map, kd_teacher=kd_teacher,
                                map_norm=cfg.map_norm, map_size=cfg.map_size, target=target,
                                random_choice=random_teachers(store, teachers, cfg.seed)
@@ -127,11 +142,14 @@ def run(cfg: TrainStudentConfig) -> dict:
         "store_fingerprint": store.attrs["fingerprint"], "blocks": blocks, "device_type": device.type,
         "teachers": {t: store.teacher_attrs(t)["fingerprint"] for t in teachers}, "code_version": __version__}
     resume = Resume(run_dir / RESUME_FILE, identity, cfg.save_every, (loss_fn.augmentation.generator,))
-    if not cfg.resume:
+    if not cfg.resume and ranks.main:
         resume.done()  # a new run: state another run left here is not continued
-    history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.num_batches,
+    history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.steps,
                   lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",
-                  device=device, resume=resume)
+                  device=device, resume=resume if ranks.world == 1 else None, ranks=ranks)
+    ranks.stop()
+    if not ranks.main:  # rank 0 evaluates and writes
+        return {"run_dir": str(run_dir), "teachers": teachers, "history": history, "val_top1": None}
     val = get_val_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     val_top1 = top1(model.cpu(), val) if val else None
     if val:

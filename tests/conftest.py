@@ -51,9 +51,9 @@ IMAGENET_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475
 
 
 def make_imagenet(root: Path, classes=IMAGENET_WNIDS[1:4], train_per_class: int = 3, val_per_class: int = 1,
-                  meta: bool = True, corrupt: bool = False) -> Path:
-    """A tiny ImageNet tree of real JPEGs (varied sizes); `meta` writes torchvision's meta.bin for
-    all five IMAGENET_WNIDS, `corrupt` adds one unreadable train/<first class>/zz_corrupt.JPEG."""
+                  meta: bool = True, corrupt: bool = False, sides: tuple[int, int] = (180, 400)) -> Path:
+    """A tiny ImageNet tree of real JPEGs (each side drawn from `sides`); `meta` writes torchvision's
+    meta.bin for all five IMAGENET_WNIDS, `corrupt` adds one unreadable train/<first class>/zz_corrupt.JPEG."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -61,7 +61,7 @@ def make_imagenet(root: Path, classes=IMAGENET_WNIDS[1:4], train_per_class: int 
         for c, wnid in enumerate(classes):
             (root / split / wnid).mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                h, w = int(rng.integers(180, 400)), int(rng.integers(180, 400))
+                h, w = int(rng.integers(*sides)), int(rng.integers(*sides))
                 pixels = (rng.random((h, w, 3)) * 60 + np.array([60 * c, 120, 200 - 60 * c])).clip(0, 255)
                 Image.fromarray(pixels.astype(np.uint8)).save(root / split / wnid / f"{wnid}_{i:04d}.JPEG")
     if corrupt:

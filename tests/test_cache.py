@@ -57,7 +57,7 @@ def test_round_trip_and_plain_zarr(tmp_path):
     assert store.pending_blocks("t1") == []
 
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")  # plain zarr, no project code
-    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 5
+    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 6
     np.testing.assert_array_equal(group["labels"][:], np.arange(N) % C)
     assert group["images"].shape == (N, 4, 4, 1)
     assert group["teachers/t1/cam"].shards == (4, 1, *MAP) and group["teachers/t1/cam"].chunks == (2, 1, *MAP)
@@ -126,8 +126,8 @@ def edit_metadata(path, edit):
     (lambda m: m.update(shape=[10, 2]),  # two views in a store of one
      "y_prob: its zarr.json describes 10 rows in shards of 4, chunks of 2 and 2 views, not 10, 4, 2 and 1"),
     (lambda m: m["codecs"][0]["configuration"]["codecs"][0].update(configuration={"endian": "big"}),
-     "array teachers/t1/y_prob is not laid out as a teacher-cache v5 array"),
-    (lambda m: m.pop("data_type"), "array teachers/t1/y_prob is not laid out as a teacher-cache v5 array"),
+     "array teachers/t1/y_prob is not laid out as a teacher-cache v6 array"),
+    (lambda m: m.pop("data_type"), "array teachers/t1/y_prob is not laid out as a teacher-cache v6 array"),
 ])
 def test_an_array_laid_out_otherwise_than_the_store_is_refused_not_misread(tmp_path, edit, message):
     """Rows are placed by the store's block size: an array whose shards differ would be read at wrong offsets."""
@@ -182,7 +182,7 @@ def test_unknown_format_or_version_is_refused(tmp_path):
     make_store(tmp_path / "s.zarr")
     group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
     group.attrs["version"] = 99
-    with pytest.raises(PipelineError, match="is not a teacher-cache v5 store \\(format='teacher-cache', version=99\\)"):
+    with pytest.raises(PipelineError, match="is not a teacher-cache v6 store \\(format='teacher-cache', version=99\\)"):
         TeacherStore.open(tmp_path / "s.zarr")
     with pytest.raises(PipelineError, match="no teacher store at"):
         TeacherStore.open(tmp_path / "missing.zarr")

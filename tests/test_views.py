@@ -10,11 +10,12 @@ from torchvision.transforms.v2 import functional as TF
 from conftest import invoke, make_imagenet, make_torchvision_teacher
 from pipeline.cache import TeacherStore, dequantize_cam, full_logits
 from pipeline.data import DatasetInfo, Geometry, get_dataset, normalize
+from pipeline.data.files import ImageFile
 from pipeline.errors import PipelineError
 from pipeline.explain import explain
 from pipeline.stream import BlockStream
 from pipeline.teachers import load_teacher
-from pipeline.views import ViewPolicy, render
+from pipeline.views import PixelSource, ViewPolicy, draft_scale, image_decoder
 
 PHOTOS = DatasetInfo("photos", 5, (224, 224, 3), (0.5,) * 3, (0.5,) * 3, ("train",), geometry=Geometry(256, 224),
                      mirror_symmetric=True)
@@ -31,7 +32,8 @@ def test_the_eval_view_is_the_centre_crop_of_the_data_sets_geometry():
     smooth = torch.nn.functional.interpolate(coarse, size=(300, 400), mode="bicubic")[0].clamp(0, 255).to(torch.uint8)
     eval_transform = T.Compose([T.Resize(256, antialias=True), T.CenterCrop(224)])
     reference = eval_transform(smooth).permute(1, 2, 0).numpy().astype(float)
-    error = lambda box: np.abs(render(smooth, box, False, (224, 224)).astype(float) - reference).mean()  # noqa: E731
+    source = PixelSource(smooth.permute(1, 2, 0).numpy())
+    error = lambda box: np.abs(source.view(box, False, (224, 224)).astype(float) - reference).mean()  # noqa: E731
     assert error(boxes[0]) < 2  # of 0..255 (1.4 measured): resampling differs, the region does not
     assert error(boxes[0] + [2, 0, 2, 0]) > 2 * error(boxes[0])  # a box 2 px off differs by far more (5.9)
 
@@ -78,15 +80,49 @@ def test_in_memory_views_are_padded_crops_flipped_only_where_classes_allow_it():
         ViewPolicy.of(DIGITS, count=0)
 
 
-def test_rendering_equals_torchvisions_resized_crop_and_pads_with_black():
+def test_rendering_is_torchvisions_resized_crop_of_a_pil_image_and_pads_with_black():
     rng = np.random.default_rng(1)
-    image = torch.from_numpy(rng.integers(0, 256, (3, 50, 70), dtype=np.uint8))
-    inside = render(image, (10, 5, 60, 45), True, (32, 32))
-    reference = TF.resized_crop(image, 5, 10, 40, 50, [32, 32], antialias=True).flip(-1)
-    np.testing.assert_array_equal(inside, reference.permute(1, 2, 0).numpy())
-    past = render(image, (-3, 2, 67, 52), False, (50, 70))  # 3 px past the left, 2 past the bottom: no resize
-    padded = np.pad(image.permute(1, 2, 0).numpy(), ((0, 2), (3, 0), (0, 0)))
-    np.testing.assert_array_equal(past, padded[2:52, 0:70])
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    inside = PixelSource(image).view((10, 5, 60, 45), True, (32, 32))
+    reference = np.asarray(TF.resized_crop(Image.fromarray(image), 5, 10, 40, 50, [32, 32]))[:, ::-1]
+    # equal inside; the outermost pixels differ, as the box's resize also weighs the pixels just past it
+    # (torchvision crops first), which is what lets a box have fractional edges
+    np.testing.assert_array_equal(inside[1:-1, 1:-1], reference[1:-1, 1:-1])
+    assert (inside[[0, -1]] != reference[[0, -1]]).any()
+    past = PixelSource(image).view((-3, 2, 67, 52), False, (50, 70))  # 3 px past the left, 2 past the bottom
+    np.testing.assert_array_equal(past, np.pad(image, ((0, 2), (3, 0), (0, 0)))[2:52, 0:70])
+    digit = rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)  # one channel stays one channel
+    np.testing.assert_array_equal(PixelSource(digit).view((1, -1, 9, 7), True, (8, 8)),
+                                  np.pad(digit, ((1, 0), (0, 1), (0, 0)))[:8, 1:9][:, ::-1])
+
+
+def test_draft_scale_is_the_largest_jpeg_reduction_that_leaves_the_box_the_input_size():
+    assert draft_scale((0, 0, 447, 900), (224, 224)) == 1  # 447 < 2 x 224
+    assert draft_scale((10, 20, 458, 468), (224, 224)) == 2
+    assert draft_scale((0, 0, 900, 1000), (224, 224)) == 4  # 900 >= 4 x 224, 1000 < 8 x 224
+    assert draft_scale((0, 0, 1792, 1792), (224, 224)) == 8
+    assert draft_scale((0, 0, 1000, 300), (112, 224)) == 2  # size is (h, w): 300 < 4 x 112 though 1000 >= 4 x 224
+
+
+def test_a_jpeg_view_decoded_at_a_reduced_scale_is_cut_at_its_fractional_box(tmp_path):
+    coarse = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 12, 16)).astype(np.float32))
+    smooth = torch.nn.functional.interpolate(coarse, size=(900, 1200), mode="bicubic")[0].clamp(0, 255)
+    pixels = smooth.to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    box = (101, 57, 1001, 857)  # odd edges: at 1/2 and 1/8 scale they fall between pixels
+    for size, scale in (((224, 224), 2), ((100, 100), 8)):
+        assert draft_scale(box, size) == scale
+        whole = ImageFile(tmp_path / "a.jpg", draft=False).view(box, False, size).astype(float)
+        source = ImageFile(tmp_path / "a.jpg", draft=True)
+        drafted = source.view(box, False, size)
+        assert source.decoded[scale][0].size == (-(-1200 // scale), -(-900 // scale))  # decoded at 1/scale
+        shifted = ImageFile(tmp_path / "a.jpg", draft=False).view((105, 57, 1005, 857), False, size)
+        # the same region as the full decode's (0.24 and 0.55 of 255 measured), where a box 4 px off is 4.6 away
+        assert np.abs(drafted - whole).mean() < 1 < np.abs(shifted - whole).mean() / 4
+        # other formats have no draft mode: decoded whole, the same pixels as without it
+        np.testing.assert_array_equal(ImageFile(tmp_path / "a.png", draft=True).view(box, True, size),
+                                      ImageFile(tmp_path / "a.png", draft=False).view(box, True, size))
 
 
 def compare_with_live_teachers(store_path, dataset, teachers, rows_per_epoch=4, epochs=3):
@@ -100,13 +136,18 @@ def compare_with_live_teachers(store_path, dataset, teachers, rows_per_epoch=4, 
                          dataset=None if store.attrs["stores_images"] else dataset)
     models = {t.name: t for t in (load_teacher(str(path), dataset.info) for path in teachers)}
     other_than_eval = 0  # rows whose image is not their eval view: the comparison covers random views
+    drafted = 0  # rows whose view was decoded from a JPEG at a reduced scale
     for epoch in range(epochs):
         stream.set_epoch(epoch)
         batch = next(iter(stream))
         for row, image in zip(batch["index"].tolist(), batch["images"]):
+            view = stream.view(epoch, row // store.block_size)
+            box = store.read_rows(row, row + 1, ["view_boxes"], view)["view_boxes"][0]
+            drafted += stream.policy.draft and draft_scale(box, image.shape[:2]) > 1
             eval_box = store.read_rows(row, row + 1, ["view_boxes"], 0)["view_boxes"][0]
-            source = dataset.source_image(row)
-            other_than_eval += not np.array_equal(render(source, eval_box, False, image.shape[:2]), image.numpy())
+            source = dataset.view_source(row, stream.policy.draft)
+            other_than_eval += not np.array_equal(source.view(eval_box, False, image.shape[:2], stream.interpolation),
+                                                  image.numpy())
         for name in names:
             teacher = models[name]
             mean, std = teacher.transform.mean, teacher.transform.std
@@ -120,6 +161,7 @@ def compare_with_live_teachers(store_path, dataset, teachers, rows_per_epoch=4, 
             torch.testing.assert_close(batch[f"teachers/{name}/y_prob"], live.y_prob.float(), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(batch[f"teachers/{name}/o_prob"], live.o_prob.float(), rtol=1e-4, atol=1e-5)
     assert other_than_eval >= 2, "the random views were not compared"
+    return drafted
 
 
 def test_cached_signals_of_each_view_equal_live_teachers_on_the_students_image(teachers, tmp_path):
@@ -129,16 +171,22 @@ def test_cached_signals_of_each_view_equal_live_teachers_on_the_students_image(t
     compare_with_live_teachers(store, get_dataset("digits", "test"), teachers)
 
 
-def test_cached_signals_of_each_view_of_image_files_equal_a_live_teacher(tmp_path):
-    make_imagenet(tmp_path / "data", train_per_class=2)
+def test_cached_signals_of_each_view_of_image_files_equal_a_live_teacher(tmp_path, monkeypatch):
+    make_imagenet(tmp_path / "data", train_per_class=2, sides=(400, 1000))  # some views 2x or 4x the 224 px input
     teacher = make_torchvision_teacher(tmp_path / "resnet18.pt", "resnet18", 5)
     store = tmp_path / "files.zarr"
     invoke("extract-teachers", "--dataset", "ilsvrc2012", "--data-root", tmp_path / "data", "--store", store,
            "--teachers", teacher, "--views", 3, "--block-size", 4)
     group = TeacherStore.open(store)
-    assert group.attrs["views"] == {"count": 3, "seed": 0, "flip": True, "shift": 0, "eval_crop": 224 / 256}
+    assert group.attrs["views"] == {"count": 3, "seed": 0, "flip": True, "shift": 0, "eval_crop": 224 / 256,
+                                    "draft": True, "decoder": image_decoder()}
     dataset = get_dataset("ilsvrc2012", "train", str(tmp_path / "data"))
-    compare_with_live_teachers(store, dataset, [teacher], rows_per_epoch=2)
+    assert compare_with_live_teachers(store, dataset, [teacher], rows_per_epoch=3) >= 2  # JPEG drafts compared
+    # another Pillow or libjpeg build may decode and resize to other pixels: the student is refused
+    monkeypatch.setattr("pipeline.stream.image_decoder", lambda: "Pillow 0.0, libjpeg 9")
+    with pytest.raises(PipelineError, match="cut its views with Pillow .*, and this machine has Pillow 0.0, libjpeg 9"):
+        BlockStream(str(store), ["images", "labels"], [0], batch_size=4, dataset=dataset)
+    monkeypatch.undo()
     # an image file replaced after extraction (here resized) is not cut where the teacher looked: refused
     path = dataset.root / dataset.files[0].decode()
     Image.open(path).resize((150, 120)).save(path)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.views import PixelSource
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,9 @@ class DatasetInfo:
 class SampleSet(torch.utils.data.Dataset):
     """What every data set split provides: `info`, `split`, `labels` (N,), stable `ids`,
     `image(i, geometry)` -> uint8 (H, W, C) (the eval transform's image), `sample_id(i)` (sample i's
-    id, which its views are drawn from) and `source_image(i)` -> the whole uint8 (C, H, W) image that
-    views are cut from (pipeline.views); items are (image, label)."""
+    id, which its views are drawn from) and `view_source(i, draft)` -> the image views are cut from,
+    with its `height`, `width` and `view(box, flip, size, interpolation)` (pipeline.views); items are
+    (image, label)."""
 
     info: DatasetInfo
     split: str
@@ -83,8 +85,9 @@ class ArrayDataset(SampleSet):
     def sample_id(self, index: int) -> str:
         return str(self.ids[index])
 
-    def source_image(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(self.images[index]).permute(2, 0, 1)
+    def view_source(self, index: int, draft: bool = False) -> PixelSource:
+        """Views of the stored image (`draft` concerns JPEG files only)."""
+        return PixelSource(self.images[index])
 
 
 class UnknownSplit(PipelineError):

@@ -1,27 +1,77 @@
 """Data sets read from image files in class folders (ImageNet, any ImageFolder tree).
 
-Only paths and labels are held in memory; an image is decoded when it is asked for, at
-the geometry (resize + centre crop) of the model that reads it, exactly as torchvision's
-`ImageClassification` eval transform does it (uint8 resize with antialiasing, then crop).
+Only paths and labels are held in memory; an image is decoded when it is asked for: for
+evaluation at the geometry (resize + centre crop) of the model that reads it, exactly as
+torchvision's `ImageClassification` eval transform does it (uint8 resize with antialiasing,
+then crop); for views (pipeline.views) at the scale each view needs.
 """
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.data.base import DatasetInfo, Geometry, SampleSet
 from pipeline.errors import PipelineError
+from pipeline.views import draft_scale, render
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class UnreadableImage(PipelineError):
     """An image file that cannot be decoded; extraction stops, or skips it with --skip-corrupt."""
+
+
+def unreadable(path: Path, error: Exception) -> UnreadableImage:
+    return UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); "
+                           "replace the file, or pass --skip-corrupt to skip and record it")
+
+
+DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def decode(path: Path, scale: int = 1) -> tuple[Image.Image, int]:
+    """The RGB image of a file and the scale it was decoded at: `scale` (2, 4 or 8) for a JPEG, whose
+    decoder shrinks while it decodes (draft mode), 1 for other formats (decoded whole)."""
+    try:
+        with Image.open(path) as image:
+            full = image.size
+            if scale > 1:
+                image.draft("RGB", (full[0] // scale, full[1] // scale))
+            decoded = image.convert("RGB")
+    except DECODE_ERRORS as error:
+        raise unreadable(path, error) from None
+    if decoded.size == full:
+        return decoded, 1
+    if decoded.size != (math.ceil(full[0] / scale), math.ceil(full[1] / scale)):
+        raise PipelineError(f"decoding {path} at 1/{scale} gave {decoded.size[0]}x{decoded.size[1]} pixels of "
+                            f"{full[0]}x{full[1]}, not 1/{scale} of each side; extract with --no-jpeg-draft, and report "
+                            "this with your Pillow version")
+    return decoded, scale
+
+
+class ImageFile:
+    """Views of one image file. Its size comes from the header; each view is decoded (once per scale)
+    at its draft scale when `draft`, else whole, and its box cut at that scale."""
+
+    def __init__(self, path: Path, draft: bool):
+        self.path, self.draft, self.decoded = path, draft, {}
+        try:
+            with Image.open(path) as image:
+                self.width, self.height = image.size
+        except DECODE_ERRORS as error:
+            raise unreadable(path, error) from None
+
+    def view(self, box, flip: bool, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+        wanted = draft_scale(box, size) if self.draft else 1
+        if wanted not in self.decoded:
+            self.decoded[wanted] = decode(self.path, wanted)
+        image, scale = self.decoded[wanted]
+        return render(image, [v / scale for v in box], flip, size, interpolation)
 
 
 class ImageFileDataset(SampleSet):
@@ -37,25 +87,21 @@ class ImageFileDataset(SampleSet):
         return (name.decode() for name in self.files)
 
     def describe(self, index: int) -> str:
-        return str(self.root / self.files[index].decode())
+        return str(self.path(index))
 
     def sample_id(self, index: int) -> str:
         return self.files[index].decode()
 
-    def source_image(self, index: int) -> torch.Tensor:
-        """The decoded file, uint8 (3, H, W)."""
-        path = self.root / self.files[index].decode()
-        try:
-            with Image.open(path) as image:
-                return TF.pil_to_tensor(image.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise UnreadableImage(f"cannot read image {path} ({type(error).__name__}: {error}); "
-                                  "replace the file, or pass --skip-corrupt to skip and record it") from None
+    def path(self, index: int) -> Path:
+        return self.root / self.files[index].decode()
+
+    def view_source(self, index: int, draft: bool = False) -> ImageFile:
+        return ImageFile(self.path(index), draft)
 
     def image(self, index: int, geometry: Geometry | None = None) -> np.ndarray:
         """uint8 (H, W, 3): resized so the shorter side is `geometry.resize`, centre-cropped."""
         geometry = geometry or self.info.geometry
-        pixels = TF.resize(self.source_image(index), [geometry.resize],
+        pixels = TF.resize(TF.pil_to_tensor(decode(self.path(index))[0]), [geometry.resize],
                            interpolation=InterpolationMode(geometry.interpolation), antialias=True)
         return TF.center_crop(pixels, [geometry.crop]).permute(1, 2, 0).numpy()
 

@@ -1,0 +1,102 @@
+"""Stage one on dask.distributed: one task per block, run by worker processes that load the data
+set and the teachers with their first task and keep them for the next.
+
+The client creates the store and registers the teachers before any task runs (advisory locks
+are not reliable on every shared file system); a task writes its block's shard files and
+progress marks straight into the store, so no array travels through the client. A worker
+that dies loses only the block it held: the scheduler gives the block to another worker
+(up to `distributed.scheduler.allowed-failures` deaths per block), and a rerun of the whole
+command resumes from the blocks marked finished.
+"""
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict
+
+import dask
+import torch
+from distributed import Client, KilledWorker, LocalCluster, as_completed, get_worker
+
+from pipeline.devices import resolve_device
+from pipeline.errors import PipelineError
+
+_STATE: dict = {}  # this worker process's loaded job: {key: value}
+
+
+def worker_state(key: str, load):
+    """This worker's value for `key`, loaded by its first task and kept for the next ones (one job at
+    a time: a new key drops the last job's teachers). Workers must run one task at a time: two tasks
+    in one process would share the teachers' modules, whose Grad-CAM hooks record every forward."""
+    threads = get_worker().state.nthreads
+    if threads != 1:
+        raise PipelineError(f"dask worker {get_worker().address} runs {threads} threads; start workers with one "
+                            "thread each (dask worker --nthreads 1, or cores=1 with dask-jobqueue)")
+    if key not in _STATE:
+        _STATE.clear()
+        _STATE[key] = load()
+    return _STATE[key]
+
+
+def worker_device(name: str) -> torch.device:
+    """`--device` on a worker; `auto`/`cuda` on a LocalCluster's worker i is GPU i modulo the GPUs, so
+    `local:N` with N GPUs gives each worker its own."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        worker = get_worker().name
+        if isinstance(worker, int):
+            device = torch.device("cuda", worker % torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # else pinned-memory threads open a context on GPU 0 in every worker
+    return device
+
+
+@contextmanager
+def connect(scheduler: str):
+    """A client of a new LocalCluster (`local:N`, N worker processes of one thread each, which may start
+    DataLoader workers) or of a running scheduler (`tcp://host:port`)."""
+    if scheduler.startswith("local:"):  # ExtractConfig checked the form
+        # workers may start DataLoader workers; and no 64 KiB malloc trim threshold, dask's default, under
+        # which torch's CPU kernels ran stage one 1.7 times slower (44 s against 25 s, digits, 3 teachers)
+        # (set for the cluster's life: a nanny reads them again when it restarts a worker that died)
+        with dask.config.set({"distributed.worker.daemon": False,
+                              "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+                LocalCluster(n_workers=int(scheduler.removeprefix("local:")), threads_per_worker=1, processes=True,
+                             dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            yield client
+    else:
+        try:
+            client = Client(scheduler, timeout="30s")
+        except (OSError, TimeoutError) as error:
+            raise PipelineError(f"no dask scheduler answers at {scheduler} ({error}); start one (`dask scheduler`) "
+                                "or pass --scheduler local:N") from None
+        with client:
+            yield client
+
+
+def run_blocks(scheduler: str, task, cfg, pending: dict[str, set[int]], identity: dict, progress) -> None:
+    """Run task(cfg, key, block, teachers) for every pending block on `scheduler`'s workers, updating
+    `progress` as blocks finish and printing what tasks report; the first failure stops the run."""
+    blocks = sorted(set().union(*pending.values()))
+    if not blocks:
+        return
+    key = json.dumps({"config": asdict(cfg), "store": identity}, sort_keys=True, default=str)
+    with connect(scheduler) as client:
+        if client.dashboard_link:
+            progress.write(f"dask dashboard: {client.dashboard_link}")
+        futures = {client.submit(task, cfg, key, block, sorted(n for n, b in pending.items() if block in b),
+                                 key=f"extract-block-{block}-{dask.base.tokenize(key)}", pure=False): block
+                   for block in blocks}
+        try:
+            for future in as_completed(futures):
+                try:
+                    said = future.result()
+                except KilledWorker as error:
+                    raise PipelineError(
+                        f"block {futures[future]} was running on every worker that died ({error}); finished blocks "
+                        "are kept: check the workers' memory and logs, then rerun the same command") from None
+                for line in said:
+                    progress.write(line)
+                progress.update()
+        finally:
+            client.cancel(list(futures))
