@@ -11,6 +11,7 @@ command resumes from the blocks marked finished.
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import asdict
 
@@ -53,15 +54,19 @@ def worker_device(name: str) -> torch.device:
 
 @contextmanager
 def connect(scheduler: str):
-    """A client of a new LocalCluster (`local:N`, N worker processes of one thread each, which may start
-    DataLoader workers) or of a running scheduler (`tcp://host:port`)."""
+    """A client of a new LocalCluster (`local:N`: N worker processes running one task at a time, torch in
+    each using the cores / N, which may start DataLoader workers) or of a running scheduler (`tcp://`)."""
     if scheduler.startswith("local:"):  # ExtractConfig checked the form
         # workers may start DataLoader workers; and no 64 KiB malloc trim threshold, dask's default, under
         # which torch's CPU kernels ran stage one 1.7 times slower (44 s against 25 s, digits, 3 teachers)
         # (set for the cluster's life: a nanny reads them again when it restarts a worker that died)
+        workers = int(scheduler.removeprefix("local:"))
+        threads = max(1, (os.cpu_count() or 1) // workers)  # torch's intra-op threads: the cores, shared out
         with dask.config.set({"distributed.worker.daemon": False,
-                              "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
-                LocalCluster(n_workers=int(scheduler.removeprefix("local:")), threads_per_worker=1, processes=True,
+                              "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                              "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": threads,
+                              "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": threads}), \
+                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                              dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             yield client
     else:

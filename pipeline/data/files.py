@@ -59,10 +59,11 @@ class ImageFile:
     at its draft scale when `draft`, else whole, and its box cut at that scale."""
 
     def __init__(self, path: Path, draft: bool):
-        self.path, self.draft, self.decoded = path, draft, {}
+        self.path, self.decoded = path, {}
         try:
             with Image.open(path) as image:
                 self.width, self.height = image.size
+                self.draft = draft and image.format == "JPEG"  # other formats decode whole, once
         except DECODE_ERRORS as error:
             raise unreadable(path, error) from None
 
