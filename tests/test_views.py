@@ -116,7 +116,7 @@ def test_a_jpeg_view_decoded_at_a_reduced_scale_is_cut_at_its_fractional_box(tmp
         whole = ImageFile(tmp_path / "a.jpg", draft=False).view(box, False, size).astype(float)
         source = ImageFile(tmp_path / "a.jpg", draft=True)
         drafted = source.view(box, False, size)
-        assert source.decoded[scale][0].size == (-(-1200 // scale), -(-900 // scale))  # decoded at 1/scale
+        assert source.decoded[scale].size == (-(-1200 // scale), -(-900 // scale))  # decoded at 1/scale
         shifted = ImageFile(tmp_path / "a.jpg", draft=False).view((105, 57, 1005, 857), False, size)
         # the same region as the full decode's (0.24 and 0.55 of 255 measured), where a box 4 px off is 4.6 away
         assert np.abs(drafted - whole).mean() < 1 < np.abs(shifted - whole).mean() / 4

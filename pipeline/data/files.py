@@ -34,9 +34,9 @@ def unreadable(path: Path, error: Exception) -> UnreadableImage:
 DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 
 
-def decode(path: Path, scale: int = 1) -> tuple[Image.Image, int]:
-    """The RGB image of a file and the scale it was decoded at: `scale` (2, 4 or 8) for a JPEG, whose
-    decoder shrinks while it decodes (draft mode), 1 for other formats (decoded whole)."""
+def decode(path: Path, scale: int = 1) -> Image.Image:
+    """The RGB image of a file, decoded at 1/`scale` of each side: 2, 4 or 8 for a JPEG, whose decoder
+    shrinks while it decodes (draft mode)."""
     try:
         with Image.open(path) as image:
             full = image.size
@@ -45,18 +45,16 @@ def decode(path: Path, scale: int = 1) -> tuple[Image.Image, int]:
             decoded = image.convert("RGB")
     except DECODE_ERRORS as error:
         raise unreadable(path, error) from None
-    if decoded.size == full:
-        return decoded, 1
     if decoded.size != (math.ceil(full[0] / scale), math.ceil(full[1] / scale)):
         raise PipelineError(f"decoding {path} at 1/{scale} gave {decoded.size[0]}x{decoded.size[1]} pixels of "
                             f"{full[0]}x{full[1]}, not 1/{scale} of each side; extract with --no-jpeg-draft, and report "
                             "this with your Pillow version")
-    return decoded, scale
+    return decoded
 
 
 class ImageFile:
     """Views of one image file. Its size comes from the header; each view is decoded (once per scale)
-    at its draft scale when `draft`, else whole, and its box cut at that scale."""
+    at its draft scale when `draft` and the file is a JPEG, else whole, and its box cut at that scale."""
 
     def __init__(self, path: Path, draft: bool):
         self.path, self.decoded = path, {}
@@ -71,8 +69,7 @@ class ImageFile:
         wanted = draft_scale(box, size) if self.draft else 1
         if wanted not in self.decoded:
             self.decoded[wanted] = decode(self.path, wanted)
-        image, scale = self.decoded[wanted]
-        return render(image, [v / scale for v in box], flip, size, interpolation)
+        return render(self.decoded[wanted], [v / wanted for v in box], flip, size, interpolation)
 
 
 class ImageFileDataset(SampleSet):
@@ -102,7 +99,7 @@ class ImageFileDataset(SampleSet):
     def image(self, index: int, geometry: Geometry | None = None) -> np.ndarray:
         """uint8 (H, W, 3): resized so the shorter side is `geometry.resize`, centre-cropped."""
         geometry = geometry or self.info.geometry
-        pixels = TF.resize(TF.pil_to_tensor(decode(self.path(index))[0]), [geometry.resize],
+        pixels = TF.resize(TF.pil_to_tensor(decode(self.path(index))), [geometry.resize],
                            interpolation=InterpolationMode(geometry.interpolation), antialias=True)
         return TF.center_crop(pixels, [geometry.crop]).permute(1, 2, 0).numpy()
 
