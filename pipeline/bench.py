@@ -25,10 +25,11 @@ import torch.nn.functional as F
 import zarr
 
 from pipeline.cache import TeacherStore, default_block_size, quantize_cam, topk_logit_fields
-from pipeline.config import ExtractConfig, TrainStudentConfig
+from pipeline.config import BENCH_SECTIONS, ExtractConfig, TrainStudentConfig
 from pipeline.data import get_dataset, normalize
 from pipeline.devices import autocast, prepare_model, resolve_device, to_device
 from pipeline.distill import DistillationLoss, teacher_fields
+from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, explain, module_path, probe_input
 from pipeline.fabricate import make_cifar, make_teacher
 from pipeline.models import create_model
@@ -66,6 +67,7 @@ class Scale:
     student_epochs: int
     student_repeats: int  # whole runs vary by about 10 % from one to the next on 2 cores: more of them
     extraction: tuple[tuple[str, int, int], ...]  # (torchvision arch, image side, batch)
+    gpu_extraction: tuple[tuple[str, int, int], ...]  # the same on a GPU, at batches that fill it
     bytes_samples: int
     memory_samples: int
     repeats: int
@@ -74,8 +76,9 @@ class Scale:
 
 ILSVRC2012_TRAIN = 1_281_167  # samples: its store's block size is the reader's
 FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 5, 7,
-             (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)), 8192, 512, 3, 256)
-QUICK = Scale(8192, 1024, 256, 1, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), 2048, 32, 1, 8)
+             (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)),
+             (("resnet18", 224, 256), ("densenet121", 224, 128), ("vgg11", 224, 128)), 8192, 512, 3, 256)
+QUICK = Scale(8192, 1024, 256, 1, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), (("resnet18", 32, 8),), 2048, 32, 1, 8)
 
 
 def median_seconds(setups: dict[str, Callable[[], object]], repeats: int,
@@ -215,6 +218,8 @@ def digits_store(folder: Path) -> Path:
     written by stage one itself."""
     checkpoints = [str(make_teacher(folder / f"{arch}.pt", arch, seed)) for seed, arch in enumerate(DIGITS_TEACHERS)]
     store = folder / "digits.zarr"
+    if store.exists():  # made by an earlier section of this run
+        return store
     extract(ExtractConfig(dataset="digits", teachers=checkpoints, store=str(store)))
     return store
 
@@ -227,7 +232,8 @@ def student_figures(store: Path, folder: Path, scale: Scale) -> list[Figure]:
         dataset="digits", store=str(store), epochs=scale.student_epochs, out_dir=str(folder / "students"),
         **options))) for name, options in runs.items()}
     seconds = median_seconds(setups, scale.student_repeats)
-    return [Figure(f"student run {name} / ce ({scale.student_epochs} epochs, digits, resnet8_slim, "
+    device = resolve_device("auto").type  # where train-student runs by default
+    return [Figure(f"student run {name} / ce ({scale.student_epochs} epochs, digits, resnet8_slim, {device}, "
                    f"median of {scale.student_repeats})",
                    seconds[name] / seconds["ce"], *(("cached-teacher prototype 0.97; online 3 teachers ~8", "<= 1.05",
                                                     seconds[name] / seconds["ce"] <= 1.05) if name == "explain-kd"
@@ -288,7 +294,7 @@ def extraction_figures(scale: Scale, device: torch.device) -> list[Figure]:
     """Stage one's work on a batch (logits, Grad-CAM, the scoring forward, attention; as extraction runs
     it) over a bare inference forward, and the grad-cam package's GradCAM + confidence metric over ours."""
     figures = []
-    for arch, side, batch in scale.extraction:
+    for arch, side, batch in scale.extraction if device.type == "cpu" else scale.gpu_extraction:
         teacher = torchvision_teacher(arch)
         teacher.model = prepare_model(teacher.model, device)
         images = torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8)  # as the loader yields them
@@ -296,9 +302,7 @@ def extraction_figures(scale: Scale, device: torch.device) -> list[Figure]:
         x = to_device(normalize(images, teacher.transform.mean, teacher.transform.std), device)
 
         def bare():
-            with torch.inference_mode(), autocast(device):
-                teacher.model(x)
-            sync(device)
+            bare_forward(teacher, images, device)
 
         def ours():
             explain_batch(teacher, images, labels, "label", device)
@@ -317,6 +321,15 @@ def extraction_figures(scale: Scale, device: torch.device) -> list[Figure]:
                                   seconds["grad-cam"] / seconds["ours"] if "grad-cam" in seconds
                                   else "grad-cam not installed: pip install -e '.[bench]'"))
     return figures
+
+
+def bare_forward(teacher: Teacher, images: torch.Tensor, device: torch.device) -> None:
+    """The anchor: a plain inference loop's work on a batch (its input prepared as stage one prepares it)."""
+    x = to_device(normalize(images.to(device, non_blocking=True), teacher.transform.mean, teacher.transform.std),
+                  device)
+    with torch.inference_mode(), autocast(device):
+        teacher.model(x)
+    sync(device)
 
 
 def has_grad_cam() -> bool:
@@ -341,19 +354,22 @@ def sync(device: torch.device) -> None:
 
 
 def gpu_figures(scale: Scale, device: torch.device) -> list[Figure]:
-    """Extraction images/s of torchvision resnet50 at 224 px (bf16, channels_last, scoring included)."""
+    """Extraction images/s of torchvision resnet50 at 224 px (bf16, channels_last, scoring included),
+    beside its bare inference forward's."""
     teacher = torchvision_teacher("resnet50")
     teacher.model = prepare_model(teacher.model, device)
     batch = scale.gpu_batch
     images = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8).pin_memory()
     labels = torch.randint(0, 1000, (batch,))
-    seconds = median_seconds({"ours": lambda: (explain_batch(teacher, images, labels, "label", device),
-                                               sync(device))}, scale.repeats)["ours"]
-    rate = batch / seconds
+
+    seconds = median_seconds({"ours": lambda: (explain_batch(teacher, images, labels, "label", device), sync(device)),
+                              "bare": lambda: bare_forward(teacher, images, device)}, scale.repeats)
+    rate, bare_rate = batch / seconds["ours"], batch / seconds["bare"]
     judged = batch == FULL.gpu_batch
     return [Figure(f"extraction images/s, resnet50 224 px bf16 channels_last, batch {batch} "
-                   f"({torch.cuda.get_device_name(device)})", rate, "-", ">= 2,500 (one H100)" if judged else "-",
-                   rate >= 2500 if judged else None)]
+                   f"({torch.cuda.get_device_name(device)})", rate,
+                   f"bare inference forward {bare_rate:,.0f} ({seconds['ours'] / seconds['bare']:.2f}x the time)",
+                   ">= 2,500 (one H100)" if judged else "-", rate >= 2500 if judged else None)]
 
 
 # -- the store's size and stage one's memory -------------------------------------------------
@@ -398,19 +414,29 @@ def memory_figure(folder: Path, scale: Scale) -> Figure:
 # -- the command ---------------------------------------------------------------------------------
 
 
-def run_all(scale: Scale, folder: Path) -> list[Figure]:
-    sections = [lambda: reader_figures(folder, scale), lambda: student_figures(digits_store(folder), folder, scale),
-                lambda: [online_figure(folder / "digits.zarr", scale)],
-                lambda: extraction_figures(scale, torch.device("cpu")),
-                lambda: bytes_figures(folder, scale), lambda: [memory_figure(folder, scale)]]
+def sections(scale: Scale, folder: Path) -> dict[str, Callable[[], list[Figure]]]:
+    """The figures by section, so that one can be rerun alone (`--only`); `gpu` only on a CUDA machine.
+    The student runs use the default device (the GPU on a CUDA machine)."""
+    found = {"reader": lambda: reader_figures(folder, scale),
+             "student": lambda: student_figures(digits_store(folder), folder, scale),
+             "online": lambda: [online_figure(digits_store(folder), scale)],
+             "stage-one": lambda: extraction_figures(scale, torch.device("cpu")),
+             "bytes": lambda: bytes_figures(folder, scale), "memory": lambda: [memory_figure(folder, scale)]}
     if torch.cuda.is_available():
         device = resolve_device("cuda")
-        sections += [lambda: extraction_figures(scale, device), lambda: gpu_figures(scale, device)]
+        found["gpu"] = lambda: extraction_figures(scale, device) + gpu_figures(scale, device)
+    return found
+
+
+def run_all(scale: Scale, folder: Path, only: tuple[str, ...] = ()) -> list[Figure]:
+    available = sections(scale, folder)
+    if "gpu" in only and "gpu" not in available:
+        raise PipelineError("--only gpu needs a CUDA GPU, and torch sees none")
     figures = []
-    for section in sections:
+    for name in only or [name for name in BENCH_SECTIONS if name in available]:
         began = time.perf_counter()
-        figures += section()
-        print(f"bench: {figures[-1].figure} ... ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+        figures += available[name]()
+        print(f"bench: {name}: {figures[-1].figure} ... ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
     return figures
 
 
@@ -426,13 +452,13 @@ def markdown(figures: list[Figure]) -> str:
     return "\n".join(lines + ["| " + " | ".join(f.cells()) + " |" for f in figures])
 
 
-def run_bench(quick: bool, json_path: str | None, repeats: int | None) -> str:
+def run_bench(quick: bool, json_path: str | None, repeats: int | None, only: tuple[str, ...] = ()) -> str:
     """Every figure, as one markdown table under a line that names the machine (see `pipeline bench`)."""
     scale = QUICK if quick else FULL
     if repeats is not None:
         scale = Scale(**{**asdict(scale), "repeats": repeats, "student_repeats": repeats})
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):  # the stages' own lines
-        figures = run_all(scale, Path(folder))
+        figures = run_all(scale, Path(folder), only)
     if json_path:
         Path(json_path).write_text(json.dumps({"machine": machine(), "quick": quick,
                                                "figures": [asdict(f) for f in figures]}, indent=1) + "\n")

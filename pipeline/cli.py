@@ -11,7 +11,7 @@ import typing
 import click
 
 from pipeline.config import (
-    EvaluateConfig, ExtractConfig, ReportConfig, TrainStudentConfig, TrainTeachersConfig, load_config,
+    BENCH_SECTIONS, EvaluateConfig, ExtractConfig, ReportConfig, TrainStudentConfig, TrainTeachersConfig, load_config,
 )
 from pipeline.errors import PipelineError
 
@@ -214,9 +214,14 @@ def cache_drop_teacher(store, teacher):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="also write the figures to this JSON file")
 @click.option("--repeats", type=click.IntRange(1), default=None, help="timed runs per figure (default: 3, whole student runs 7; 1 with --quick)")
-def bench(quick, json_path, repeats):
+@click.option("--only", multiple=True, type=click.Choice(BENCH_SECTIONS),
+              help="measure only this section (repeatable; default: all; gpu needs a CUDA GPU)")
+def bench(quick, json_path, repeats, only):
     """Measure speed and size figures against their peers in one run (a few minutes on 2 CPU cores);
     prints one markdown table (figure, value, peer, goal, met?); on a CUDA machine adds GPU figures."""
     from pipeline.bench import run_bench
 
-    click.echo(run_bench(quick, json_path, repeats))
+    try:
+        click.echo(run_bench(quick, json_path, repeats, only))
+    except PipelineError as error:
+        raise click.ClickException(str(error)) from None

@@ -17,6 +17,7 @@ POLICIES = ("per-sample", "global", "weighted", "correct", "random")
 TARGETS = ("label", "predicted")
 DEFAULT_TEACHERS = ("resnet20", "wrn16_2", "vgg8_bn")
 MAP_NORMS = ("l2", "mean")
+BENCH_SECTIONS = ("reader", "student", "online", "stage-one", "bytes", "memory", "gpu")  # `pipeline bench --only`
 # explain-kd's map and logit settings: `validated` was chosen on validation in the first round of
 # the cluttered-digits study, and in the reruns it is never worse than kd and far above ce (README,
 # Verdict); `design` is DESIGN.md's formulation as written, which collapses on cluttered-digits at

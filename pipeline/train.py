@@ -14,6 +14,8 @@ from pipeline.ddp import Ranks
 from pipeline.devices import autocast, prepare_model
 from pipeline.errors import PipelineError
 
+POSTFIX_EVERY = 25  # steps between updates of the progress bar's loss
+
 
 class Resume:
     """Where a run saves its training state (the file `path`), so that a killed run continues exactly:
@@ -102,7 +104,8 @@ def fit(
     def save(epoch: int, step: int, sums: dict, seen: int) -> None:
         resume.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "history": history,
-                     "position": {"epoch": epoch, "step": step, "sums": dict(sums), "seen": seen}})
+                     "position": {"epoch": epoch, "step": step, "sums": {k: float(v) for k, v in sums.items()},
+                                  "seen": seen}})
 
     for epoch in range(start["epoch"], epochs):
         model.train()
@@ -133,14 +136,15 @@ def fit(
             schedule.step()
             if real:
                 n = len(batch["labels"])
-                for key, value in losses.items():
-                    sums[key] += float(value.detach()) * n
+                for key, value in losses.items():  # summed where they are: no wait for the GPU every step
+                    sums[key] = sums[key] + value.detach().double() * n
                 seen += n
-                progress.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
+                if step % POSTFIX_EVERY == 1:  # reading a loss waits for the GPU
+                    progress.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
             if resume and resume.every and step % resume.every == 0 and step < steps_per_epoch(epoch):
                 save(epoch, step, sums, seen)
         keys = sorted(sums)
-        *totals, seen = ranks.sum([sums[key] for key in keys] + [seen], device)  # every rank's samples
+        *totals, seen = ranks.sum([float(sums[key]) for key in keys] + [seen], device)  # every rank's samples
         row = {"epoch": epoch + 1, **{key: total / max(seen, 1) for key, total in zip(keys, totals)}, "lr": last_lr}
         history.append(row)
         if ranks.main:

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import invoke
 
@@ -31,3 +32,17 @@ def test_bench_quick_measures_every_figure_and_writes_the_table_as_json(tmp_path
     # full logits are float16: at least 2 bytes per class before compression, of random values
     assert size["ImageNet", "full"] > 1000 * 2 * 0.9 > size["ImageNet", "top-10"]
     assert size["CIFAR-100", "full"] > size["CIFAR-100", "top-10"]
+
+
+def test_only_measures_the_sections_asked_for(tmp_path):
+    result = invoke("bench", "--quick", "--only", "bytes", "--json", tmp_path / "bench.json")
+    names = [f["figure"] for f in json.loads((tmp_path / "bench.json").read_text())["figures"]]
+    assert len(names) == 4 and all(name.startswith("store bytes/sample/teacher") for name in names), names
+    assert "| store bytes/sample/teacher, ImageNet shape" in result.output
+    assert "Invalid value for '--only': 'disk' is not one of 'reader', 'student'" in invoke(
+        "bench", "--only", "disk", exit_code=2).output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is there")
+def test_gpu_figures_without_a_gpu_are_refused_in_one_line():
+    assert "Error: --only gpu needs a CUDA GPU, and torch sees none" in invoke("bench", "--only", "gpu", exit_code=1).output

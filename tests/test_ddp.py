@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from conftest import invoke
 from pipeline.cache import TeacherStore
@@ -69,10 +70,11 @@ def explain_kd_batch(size=4):
     return batch
 
 
-def student_gradients(arch, model_wrapper, batch):
+def student_gradients(arch, model_wrapper, batch, device="cpu"):
     torch.manual_seed(1)
-    student = create_model(arch, 1, 10)
-    layer = CamLayer.of(student.eval(), probe_input((32, 32, 1)))
+    student = create_model(arch, 1, 10).to(device)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    layer = CamLayer.of(student.eval(), probe_input((32, 32, 1)).to(device))
     loss_fn = DistillationLoss("explain-kd", ["t1", "t2"], layer, (0.3,), (0.32,), temperature=4.0, alpha=0.5,
                                beta=2.0, num_classes=10, student_map="gradcam")
     model = model_wrapper(student)  # held: a DDP wrapper reduces gradients while it lives
@@ -95,6 +97,22 @@ def test_ddp_averages_explain_kd_gradients_as_one_process_on_the_whole_batch(arc
     for rank in range(2):  # both ranks hold the average of their halves' gradients: the whole batch's
         for got, want in zip(torch.load(tmp_path / f"grads.{rank}"), whole, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("arch", ["resnet8_slim", "vgg8_bn"])
+def test_ddp_over_nccl_takes_explain_kd_gradients_on_cuda(arch, tmp_path):
+    """The CUDA path: one nccl rank's DDP-wrapped student (its Grad-CAM double backward included)
+    gets the gradients the bare student gets, as `Ranks.wrap` wraps it on CUDA (several ranks need several
+    GPUs)."""
+    device = torch.device("cuda", 0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrapped = student_gradients(arch, lambda model: DistributedDataParallel(model, device_ids=[0]), explain_kd_batch(), device)
+    finally:
+        dist.destroy_process_group()
+    for got, want in zip(wrapped, student_gradients(arch, lambda model: model, explain_kd_batch(), device), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -317,23 +317,30 @@ def test_teachers_computed_together_equal_each_teacher_computed_alone():
         torch.testing.assert_close(together[:, m], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_explain_kd_trains_under_bf16_autocast_in_channels_last_as_on_cuda():
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_explain_kd_trains_under_bf16_autocast_in_channels_last(device):
     """fit() runs losses under bf16 autocast with channels_last models on CUDA; the student's Grad-CAM
-    (a double backward) must work there. Checked with the CPU's bf16 autocast against float32."""
-    batch = make_batch()
-    batch["teachers/t1/cam_max"] = torch.tensor([1.0, 2.0])  # both samples' maps count
+    (a double backward) must work there. Checked against float32 on the CPU, with the CPU's bf16
+    autocast here and, on a machine with one, the GPU's."""
     results = []
     for fast in (False, True):
+        where = device if fast else "cpu"
+        batch = {key: value.to(where) for key, value in make_batch().items()}
+        batch["teachers/t1/cam_max"] = torch.tensor([1.0, 2.0], device=where)  # both samples' maps count
         torch.manual_seed(0)
-        student = create_model("resnet8_slim", 1, 10)
-        loss_fn = DistillationLoss("explain-kd", ["t1", "t2"], CamLayer.of(student, PROBE), (0.3,), (0.32,),
+        student = create_model("resnet8_slim", 1, 10).to(where)
+        loss_fn = DistillationLoss("explain-kd", ["t1", "t2"], CamLayer.of(student, PROBE.to(where)), (0.3,), (0.32,),
                                    temperature=4.0, alpha=0.5, beta=2.0, num_classes=10)
         if fast:
             student = student.to(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+        with torch.autocast(where, dtype=torch.bfloat16, enabled=fast):
             losses = loss_fn(student, batch)
         losses["loss"].backward()
-        results.append((losses, [p.grad.flatten() for p in student.parameters()]))
+        results.append(({key: value.cpu() for key, value in losses.items()},
+                        [p.grad.flatten().cpu() for p in student.parameters()]))
     (exact, exact_grads), (fast, fast_grads) = results
     assert fast["map"].dtype == torch.float32 and fast["map"].item() > 0
     # bf16 activations keep 8 bits of mantissa; the losses are taken in float32 (the KL of the bf16
