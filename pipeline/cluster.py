@@ -53,6 +53,21 @@ def worker_device(name: str) -> torch.device:
 
 
 @contextmanager
+def environ_for_workers():
+    """This process's environment, without MALLOC_TRIM_THRESHOLD_, while a LocalCluster lives; the
+    environment as it was afterwards. Nannies spawn workers with this process's environment and write
+    their pre-spawn settings into it first, so a cluster started earlier with dask's defaults would
+    pass its threshold on to ours, and ours would leave its thread counts behind."""
+    saved = dict(os.environ)
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextmanager
 def connect(scheduler: str):
     """A client of a new LocalCluster (`local:N`: N worker processes running one task at a time, torch in
     each using the cores / N, which may start DataLoader workers) or of a running scheduler (`tcp://`)."""
@@ -62,7 +77,7 @@ def connect(scheduler: str):
         # (set for the cluster's life: a nanny reads them again when it restarts a worker that died)
         workers = int(scheduler.removeprefix("local:"))
         threads = max(1, (os.cpu_count() or 1) // workers)  # torch's intra-op threads: the cores, shared out
-        with dask.config.set({"distributed.worker.daemon": False,
+        with environ_for_workers(), dask.config.set({"distributed.worker.daemon": False,
                               "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
                               "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": threads,
                               "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": threads}), \

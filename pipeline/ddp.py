@@ -84,6 +84,14 @@ class Ranks:
             raise error
         return value if self.main else compute()
 
+    def gather(self, value) -> list | None:
+        """Every rank's `value`, in rank order, on rank 0 (None on the others)."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world if self.main else None
+        dist.gather_object(value, values, dst=0)
+        return values
+
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """`values` summed over the ranks (each rank's running sums, for one epoch's means)."""
         if self.world == 1:

@@ -21,22 +21,38 @@ class Resume:
     """Where a run saves its training state (the file `path`), so that a killed run continues exactly:
     model, optimizer and schedule, the epoch and step reached, the epoch's running sums, and the states
     of `generators` and torch's own generator. `every` > 0 also saves every that many steps. `config`
-    identifies the run: state saved under another config is refused, never mixed in."""
+    identifies the run: state saved under another config is refused, never mixed in.
 
-    def __init__(self, path: Path, config: dict, every: int = 0, generators: tuple[torch.Generator, ...] = ()):
+    Under torchrun every rank saves at the same step (a save is a collective): rank 0 writes one file
+    with the shared state (DDP keeps the weights and the optimizer equal on all ranks) and each rank's
+    own position, running sums and generators; on resume rank 0 reads it and hands each rank its
+    part, so only rank 0 needs the run's folder."""
+
+    def __init__(self, path: Path, config: dict, every: int = 0, generators: tuple[torch.Generator, ...] = (),
+                 ranks: Ranks = Ranks()):
         self.path, self.config, self.every, self.generators = Path(path), config, every, generators
+        self.ranks = ranks
 
     def save(self, state: dict) -> None:
-        state = {**state, "config": self.config, "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "generators": [g.get_state() for g in self.generators]}
+        own = {"position": state["position"], "torch_rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+               "generators": [g.get_state() for g in self.generators]}
+        per_rank = self.ranks.gather(own)
+        if not self.ranks.main:
+            return
+        shared = {key: value for key, value in state.items() if key != "position"}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
-        torch.save(state, partial)
+        torch.save({**shared, "config": self.config, "ranks": per_rank}, partial)
         os.replace(partial, self.path)  # a kill while saving leaves the previous state whole
 
     def load(self) -> dict | None:
-        """The saved state, or None when there is none (`restore_generators` puts the generators back)."""
+        """This rank's view of the saved state, or None when there is none (`restore_generators` puts the
+        generators back)."""
+        state = self.ranks.agree(self.read)
+        return state and {**state, **state["ranks"][self.ranks.rank]}
+
+    def read(self) -> dict | None:
         if not self.path.is_file():
             print(f"no saved training state at {self.path}: the run starts from its beginning")
             return None

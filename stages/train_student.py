@@ -86,9 +86,6 @@ def usable_blocks(store: TeacherStore, teachers: list[str], cfg: TrainStudentCon
 
 def run(cfg: TrainStudentConfig) -> dict:
     ranks = Ranks.from_env()  # torchrun's processes, or this one alone
-    if ranks.world > 1 and (cfg.resume or cfg.save_every):
-        raise PipelineError("--resume and --save-every are not supported under torchrun yet (each rank would "
-                            "resume on its own); run without them")
     device = ranks.start(cfg.device)
     store = TeacherStore.open(cfg.store)
     dataset = ranks.first(lambda: get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download))
@@ -140,13 +137,14 @@ def run(cfg: TrainStudentConfig) -> dict:
     # device and code it trained on (a store finished or re-extracted since changes the batches)
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE} | {
         "store_fingerprint": store.attrs["fingerprint"], "blocks": blocks, "device_type": device.type,
+        "ranks": ranks.world,
         "teachers": {t: store.teacher_attrs(t)["fingerprint"] for t in teachers}, "code_version": __version__}
-    resume = Resume(run_dir / RESUME_FILE, identity, cfg.save_every, (loss_fn.augmentation.generator,))
+    resume = Resume(run_dir / RESUME_FILE, identity, cfg.save_every, (loss_fn.augmentation.generator,), ranks)
     if not cfg.resume and ranks.main:
         resume.done()  # a new run: state another run left here is not continued
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.steps,
                   lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",
-                  device=device, resume=resume if ranks.world == 1 else None, ranks=ranks)
+                  device=device, resume=resume, ranks=ranks)
     ranks.stop()
     if not ranks.main:  # rank 0 evaluates and writes
         return {"run_dir": str(run_dir), "teachers": teachers, "history": history, "val_top1": None}

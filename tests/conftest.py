@@ -12,6 +12,25 @@ from pipeline.cli import main
 from pipeline.fabricate import make_cifar, make_teacher  # noqa: F401 (the tests' helpers too)
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
+from pipeline.train import Resume
+
+
+class Killed(BaseException):
+    """What tests raise where a real run would be killed: right after a training state was saved."""
+
+
+def save_then_die(kill_at_save: int, saves: list):
+    """A Resume.save that saves, records each saved position in `saves`, and raises Killed at save
+    number `kill_at_save` (0: never)."""
+    original = Resume.save
+
+    def save(self, state):
+        original(self, state)
+        saves.append(state["position"])
+        if len(saves) == kill_at_save:
+            raise Killed
+
+    return save
 
 
 def invoke(*args, exit_code=0):

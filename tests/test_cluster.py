@@ -6,12 +6,16 @@ import os
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 from distributed import Client, LocalCluster
 
 from conftest import assert_same_store, invoke
+from pipeline import cluster
 from pipeline.cache import TeacherStore
+from pipeline.cluster import connect
 
 
 def extract_args(teachers, store, *extra):
@@ -53,6 +57,52 @@ def test_a_worker_killed_mid_run_costs_only_its_block(teachers, serial_store, tm
     assert outcome, "the extraction did not finish"
     assert killed_at < 12, "the kill landed after the last block"
     assert_same_store(store, serial_store)
+
+
+def test_workers_that_run_two_tasks_at_once_are_refused(teachers, tmp_path):
+    """Two tasks in one process would share the teachers' Grad-CAM hooks (silently wrong maps)."""
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster:
+        result = invoke(*extract_args(teachers, tmp_path / "s.zarr", "--scheduler", cluster.scheduler_address),
+                        exit_code=1)
+    assert "runs 2 threads; start workers with one thread each (dask worker --nthreads 1" in result.output
+    assert TeacherStore.open(tmp_path / "s.zarr").finished_blocks(["resnet8_slim"]) == []
+
+
+def test_local_workers_keep_their_settings_when_the_nanny_restarts_them():
+    """Non-daemonic (so they may start DataLoader workers), no malloc trim threshold, torch's threads the
+    cores shared out: also in a worker started again after one died."""
+    def settings():
+        import multiprocessing  # noqa: PLC0415
+
+        import torch  # noqa: PLC0415
+        return (multiprocessing.current_process().daemon, os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
+
+    threads, environ = max(1, os.cpu_count() // 2), dict(os.environ)
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as a LocalCluster of dask's defaults leaves it in its process
+    try:
+        with connect("local:2") as client:
+            before = list(client.run(settings).values())
+            client.restart()
+            after = list(client.run(settings).values())
+        assert before == after == [(False, None, str(threads), threads)] * 2
+        assert dict(os.environ) == {**environ, "MALLOC_TRIM_THRESHOLD_": "65536"}  # this process's, as it was
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def test_a_worker_takes_the_gpu_of_its_number_and_makes_it_current(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(cluster, "get_worker", lambda: SimpleNamespace(name=3))
+    monkeypatch.setattr(cluster, "resolve_device", lambda name: torch.device(name))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert cluster.worker_device("cuda") == torch.device("cuda", 1)  # worker 3 of 2 GPUs: GPU 1
+    assert cluster.worker_device("cuda:0") == torch.device("cuda", 0)  # a GPU named is kept
+    assert chosen == [torch.device("cuda", 1), torch.device("cuda", 0)]
+    assert cluster.worker_device("cpu") == torch.device("cpu") and len(chosen) == 2
 
 
 @pytest.mark.parametrize("scheduler", ["local:0", "local:two", "localhost:8786"])

@@ -2,8 +2,10 @@
 student's Grad-CAM double backward included) as one process would, and a 2-process run trains."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -11,16 +13,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import invoke
+from conftest import Killed, invoke, save_then_die
 from pipeline.cache import TeacherStore
+from pipeline.config import TrainStudentConfig
 from pipeline.data import get_dataset
 from pipeline.ddp import Ranks
 from pipeline.distill import DistillationLoss
+from pipeline.errors import PipelineError
 from pipeline.evaluation import top1
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.stream import BlockStream
+from pipeline.train import Resume
+from stages.train_student import run as train
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +103,99 @@ def test_ddp_averages_explain_kd_gradients_as_one_process_on_the_whole_batch(arc
     for rank in range(2):  # both ranks hold the average of their halves' gradients: the whole batch's
         for got, want in zip(torch.load(tmp_path / f"grads.{rank}"), whole, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def agreeing_rank(rank, init_file, out):
+    """What each of 2 ranks gets from Ranks.agree and Ranks.first."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ranks, said = Ranks(rank, 2), {}
+    said["agree"] = ranks.agree(lambda: f"rank {rank}'s blocks")
+    try:
+        ranks.agree(lambda: (_ for _ in ()).throw(PipelineError(f"rank {rank} found no finished block")))
+    except PipelineError as error:
+        said["agree error"] = str(error)
+
+    def download():  # rank 0 is slow: the others must wait for it, not download beside it
+        if rank == 0:
+            time.sleep(0.5)
+        with open(out / "order", "a") as order:
+            order.write(f"{rank}\n")
+        return rank
+
+    said["first"] = ranks.first(download)
+    torch.save(said, out / f"said.{rank}")
+    dist.destroy_process_group()
+
+
+def test_rank_zero_decides_and_goes_first(tmp_path):
+    mp.spawn(agreeing_rank, args=(tmp_path / "init", tmp_path), nprocs=2)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"said.{rank}") == {
+            "agree": "rank 0's blocks", "agree error": "rank 0 found no finished block", "first": rank}
+    assert (tmp_path / "order").read_text() == "0\n1\n"
+
+
+def erring_rank(rank, port, store, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train(TrainStudentConfig(split="test", store=str(store), epochs=1, out_dir=str(out), device="cpu"))
+    except PipelineError as error:
+        (out / f"error.{rank}").write_text(str(error))
+
+
+def test_more_ranks_than_blocks_stop_every_rank_before_training(teachers, tmp_path):
+    store = tmp_path / "two-blocks.zarr"
+    invoke("extract-teachers", "--split", "test", "--teachers", ",".join(map(str, teachers)), "--store", store,
+           "--block-size", 256)  # 360 samples: 2 blocks for 3 ranks
+    mp.spawn(erring_rank, args=(free_port(), store, tmp_path), nprocs=3)
+    for rank in range(3):  # all stop alike (a rank left out would hang the others' first all-reduce)
+        assert (tmp_path / f"error.{rank}").read_text() == (
+            "rank 2 of 3 would get no batch in some epoch (2 blocks hold readable images); start fewer ranks, or "
+            "extract with a smaller --block-size")
+    assert not (tmp_path / "explain-kd").exists()
+
+
+def resumable_rank(rank, port, store, out, kill_at_save, resume):
+    """Rank `rank` of 2 training explain-kd with --save-every 4; killed at save `kill_at_save` (0: never)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    Resume.save = save_then_die(kill_at_save, [])
+    try:
+        train(TrainStudentConfig(split="test", store=str(store), method="explain-kd", epochs=2, batch_size=16, shift=2,
+                                 out_dir=str(out), save_every=4, resume=resume, device="cpu"))
+    except Killed:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
+
+
+def test_a_killed_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(small_store, tmp_path):
+    """Each rank's own position, loss sums and generators (its augmentation moves differ) come back."""
+    mp.spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "whole", 0, False), nprocs=2)
+    mp.spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "split", 2, False), nprocs=2)
+    run = tmp_path / "split" / "explain-kd"
+    assert sorted(p.name for p in run.iterdir()) == ["resume.pt"]  # killed at step 8 of epoch 1
+    saved = torch.load(run / "resume.pt", weights_only=False)
+    assert [part["position"]["step"] for part in saved["ranks"]] == [8, 8]
+    assert not torch.equal(*(part["generators"][0] for part in saved["ranks"]))  # the ranks' own
+    refused = invoke("train-student", "--split", "test", "--store", small_store, "--method", "explain-kd", "--epochs",
+                     2, "--batch-size", 16, "--shift", 2, "--out-dir", tmp_path / "split", "--save-every", 4,
+                     "--resume", "--device", "cpu", exit_code=1)
+    assert "was saved by a run with ranks=2, not 1; resume with the same settings" in refused.output
+    mp.spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "split", 0, True), nprocs=2)
+    whole = load_checkpoint(tmp_path / "whole" / "explain-kd" / "checkpoint.pt")[0].state_dict()
+    split = load_checkpoint(run / "checkpoint.pt")[0].state_dict()
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+    assert (run / "history.csv").read_text() == (tmp_path / "whole" / "explain-kd" / "history.csv").read_text()
+    assert not (run / "resume.pt").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

@@ -7,12 +7,8 @@ import pytest
 import torch
 import zarr
 
-from conftest import invoke
+from conftest import Killed, invoke, save_then_die
 from pipeline.train import Resume
-
-
-class Killed(BaseException):
-    """What the test raises where a real run would be killed: right after a state was saved."""
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +33,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(store, tmp_
                                                                     kill_at_save):
     student(store, tmp_path / "whole")
     original, saves = Resume.save, []
-
-    def save_then_die(self, state):
-        original(self, state)
-        saves.append(state["position"])
-        if len(saves) == kill_at_save:
-            raise Killed
-
-    monkeypatch.setattr(Resume, "save", save_then_die)
+    monkeypatch.setattr(Resume, "save", save_then_die(kill_at_save, saves))
     with pytest.raises(Killed):
         student(store, tmp_path / "split", "--save-every", save_every)
     monkeypatch.setattr(Resume, "save", original)
