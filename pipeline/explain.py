@@ -49,7 +49,8 @@ def probe_input(image_shape: tuple[int, int, int], batch: int = 2) -> torch.Tens
 
 
 def find_target_layer(model: nn.Module, probe: torch.Tensor) -> str:
-    """The last module output that is a 4-D feature map (larger than 1x1) not made by pooling.
+    """The last module output that is a 4-D feature map (larger than 1x1, channels first: its last two
+    sides in the input's proportions) not made by pooling; refused when token sequences follow it.
 
     Of the modules that return that same tensor (a block and its last layer), the outermost
     is named: `layer4` for a ResNet, `features.19` (the last ReLU) for VGG-11.
@@ -63,14 +64,22 @@ def find_target_layer(model: nn.Module, probe: torch.Tensor) -> str:
     finally:
         for handle in handles:
             handle.remove()
+    height, width = probe.shape[-2:]
     maps = [out for path, module, out in finished
             if not list(module.children()) and not isinstance(module, POOLING)
-            and isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-2:].numel() > 1]
+            and isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-2:].numel() > 1
+            and abs(out.shape[-2] * width / (out.shape[-1] * height) - 1) <= 0.25]  # laid out as the image
     if not maps:
         raise PipelineError(f"{type(model).__name__} has no module producing a 4-D feature map; "
                             "name one with --target-layer <teacher>=<module.path>")
     owners = [(path.count("."), -i, path) for i, (path, _, out) in enumerate(finished) if out is maps[-1]]
-    return min(owners)[2]
+    layer = min(owners)[2]
+    after = max(-i for _, i, _ in owners)
+    if any(isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[1] > 1 for _, _, out in finished[after + 1:]):
+        raise PipelineError(f"{type(model).__name__} turns its last feature map ({layer}) into a sequence of tokens "
+                            "(a vision transformer): its Grad-CAM would explain that early layer, not what the head "
+                            "reads; choose a CNN teacher, or name a 4-D layer with --target-layer <teacher>=<module.path>")
+    return layer
 
 
 def gap_linear_head(model: nn.Module, layer: str, probe: torch.Tensor) -> str | None:

@@ -10,7 +10,7 @@ import torchvision
 import zarr
 from PIL import Image
 
-from conftest import IMAGENET_WNIDS, invoke, make_cifar, make_imagenet, make_torchvision_teacher
+from conftest import IMAGENET_WNIDS, invoke, make_cifar, make_imagenet, make_teacher, make_torchvision_teacher
 from pipeline.cache import TeacherStore
 from pipeline.data import DATA_ROOT_ENV, get_dataset, normalize
 from pipeline.errors import PipelineError
@@ -86,6 +86,35 @@ def test_imagenet_class_order_follows_the_devkit_or_the_sorted_folders(tmp_path)
     assert flat.info.splits == ("all",) and flat.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     (tmp_path / "b" / "train").rename(tmp_path / "b" / "kept")  # val/ alone still names its classes
     assert get_dataset("ilsvrc2012", "val", str(tmp_path / "b")).labels.tolist() == [0, 1, 2]
+
+
+def test_an_image_folder_of_32_px_images_is_seen_and_trained_at_32_px(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "small"
+    for split, count in (("train", 8), ("test", 3)):
+        for c in range(3):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"class{c}" / f"{i}.png")
+    name = f"imagefolder:{root}@32"
+    data = get_dataset(name, "train")
+    assert data.info.image_shape == (32, 32, 3)
+    with Image.open(root / "train" / "class0" / "0.png") as image:
+        assert np.array_equal(data.image(0), np.asarray(image.convert("RGB")))  # its own pixels, untouched
+    assert get_dataset(f"imagefolder:{root}", "train").image(0).shape == (224, 224, 3)  # ImageNet's, by default
+    assert get_dataset(f"imagefolder:{root}@40/24", "train").image(0).shape == (24, 24, 3)
+    teacher = make_teacher(tmp_path / "teacher.pt", "resnet8_slim", dataset=name)
+    store = tmp_path / "small.zarr"
+    invoke("extract-teachers", "--dataset", name, "--teachers", teacher, "--store", store, "--views", 2)
+    opened = TeacherStore.open(store)
+    assert opened.teacher_attrs("resnet8_slim")["map_shape"] == [8, 8]  # a 4x-downsampling net on 32 px inputs
+    assert zarr.open_group(store)["view_boxes"][0, 0].tolist() == [0, 0, 32, 32]  # the whole image
+    invoke("cache", "verify", store)
+    invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--batch-size", 8,
+           "--out-dir", tmp_path / "students", "--device", "cpu")
+    for spec in ("abc", "224/256", "0"):
+        with pytest.raises(PipelineError, match="after @ give the size images are seen at"):
+            get_dataset(f"imagefolder:{root}@{spec}", "train")
 
 
 def test_imagenet_images_match_torchvision_eval_transform(tmp_path):

@@ -7,6 +7,7 @@ up; with torchvision's devkit file <root>/meta.bin the full class list comes fro
 so a tree holding only some classes keeps the standard indices.
 """
 
+import re
 from pathlib import Path
 
 import torch
@@ -34,8 +35,10 @@ def load_ilsvrc2012(split: str, root: str, split_seed: int = 0, download: bool =
 
 def load_imagefolder(split: str, root: str, split_seed: int = 0, download: bool = False) -> ImageFileDataset:
     """`imagefolder:<path>`: <path>/<split>/<class>/ for the splits present (train, val, test), or
-    <path>/<class>/ as the one split `all`; classes sorted by folder name, ImageNet eval transform."""
-    root = Path(root)
+    <path>/<class>/ as the one split `all`; classes sorted by folder name. Images are seen at ImageNet's
+    eval geometry (shorter side to 256, centre 224 x 224), or at the one `<path>@<size>` or
+    `<path>@<resize>/<crop>` names: a folder of 32 px images is `<path>@32`, its own pixels."""
+    root, geometry = folder_geometry(root)
     if not root.is_dir():
         raise PipelineError(f"image folder {root} does not exist; pass imagefolder:<path to class folders>")
     splits = tuple(s for s in ("train", "val", "test") if (root / s).is_dir()) or ("all",)
@@ -43,11 +46,26 @@ def load_imagefolder(split: str, root: str, split_seed: int = 0, download: bool 
     classes = class_folders(root) if splits == ("all",) else split_classes(root, splits[0], expected)
     if not classes:
         raise PipelineError(f"expected {expected}; {root} has no class folders")
-    info = DatasetInfo("imagefolder", len(classes), (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD, splits,
-                       geometry=IMAGENET_EVAL, mirror_symmetric=True)
+    info = DatasetInfo("imagefolder", len(classes), (geometry.crop, geometry.crop, 3), IMAGENET_MEAN, IMAGENET_STD,
+                       splits, geometry=geometry, mirror_symmetric=True)
     check_split(info, split)
     files, labels = scan_class_folders(root if split == "all" else root / split, classes, root)
     return ImageFileDataset(info, split, root, files, labels)
+
+
+def folder_geometry(root: str) -> tuple[Path, Geometry]:
+    """`<path>`, `<path>@<size>` or `<path>@<resize>/<crop>` -> the folder and the geometry its images are
+    seen at (a folder whose own name holds an @ is taken whole)."""
+    path, at, spec = root.rpartition("@")
+    if not at or Path(root).is_dir():
+        return Path(root), IMAGENET_EVAL
+    match = re.fullmatch(r"(\d+)(?:/(\d+))?", spec)
+    resize, crop = (int(match[1]), int(match[2] or match[1])) if match else (0, 0)
+    if not 0 < crop <= resize:
+        raise PipelineError(f"imagefolder:{root}: after @ give the size images are seen at, @<size> (shorter side "
+                            "resized to it, the centre square cropped: @32 for 32 px images) or @<resize>/<crop> "
+                            "with crop <= resize (@256/224, the default)")
+    return Path(path), Geometry(resize, crop)
 
 
 def devkit_classes(root: Path) -> list[str] | None:
