@@ -200,6 +200,8 @@ class TrainStudentConfig(DataConfig):
                            "written at the end of every epoch) to the weights an uninterrupted run reaches")
     save_every: int = setting(0, "also save the training state every this many steps (0: at epochs' ends only)")
     device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    variant: str | None = setting(None, "a study's run: the settings of this entry of the --params file's "
+                                  "`variants` (name -> settings) go over its train_student section")
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
@@ -248,6 +250,9 @@ class ReportConfig(DataConfig):
     explain_runs: list[str] = setting([], "student runs (<variant>-s<seed>) whose own Grad-CAM maps the "
                                       "explanation grid shows beside the teachers' maps")
     explain_images: int = setting(6, "test images (rows) in the explanation grid")
+    metrics: str | None = setting(None, "also write the summary to this JSON file, a DVC metrics file (`dvc metrics "
+                                  "show`, `dvc exp show`): per variant its seeds, test mean and std, and the paired "
+                                  "difference to the baseline with its 95 % interval")
 
 
 STAGE_SECTIONS = {
@@ -260,8 +265,10 @@ STAGE_SECTIONS = {
 
 
 def load_config(cls, params_file: str | Path | None = None, **overrides):
-    """Build `cls` from defaults, then params.yaml (`data` + the stage section), then overrides (None = unset)."""
+    """Build `cls` from defaults, then params.yaml (`data` + the stage section, then the settings of the
+    variant named, for students), then overrides (None = unset)."""
     values: dict = {}
+    params = {}
     if params_file is not None:
         path = Path(params_file)
         if not path.is_file():
@@ -269,6 +276,14 @@ def load_config(cls, params_file: str | Path | None = None, **overrides):
         params = yaml.safe_load(path.read_text()) or {}
         values.update(params.get("data") or {})
         values.update(params.get(STAGE_SECTIONS[cls]) or {})
+    variant = overrides.get("variant") or values.get("variant")
+    if variant is not None:
+        variants = params.get("variants") or {}
+        if variant not in variants:
+            raise PipelineError(f"--variant {variant}: {params_file} has no such variant; choose one of: "
+                                f"{', '.join(variants)}" if variants else f"--variant {variant} needs --params FILE "
+                                "with a `variants` section (name -> train_student settings)")
+        values.update(variants[variant] or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

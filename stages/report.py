@@ -6,6 +6,7 @@ baseline are paired by seed, with a t-based 95 % interval. A teacher store of th
 split adds the teachers' confidence drops and a grid of teacher and student explanations.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -55,6 +56,16 @@ def summarise(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
             row |= {"diff_vs_baseline": paired.mean(), "ci_low": paired.mean() - half, "ci_high": paired.mean() + half}
         table.append(row)
     return pd.DataFrame(table).sort_values("test_mean", ascending=False)
+
+
+def write_metrics(summary: pd.DataFrame, path: Path) -> None:
+    """The summary as DVC reads metrics: {variant: {field: number}}; the baseline has no difference to itself."""
+    fields = ("seeds", "test_mean", "test_std", "diff_vs_baseline", "ci_low", "ci_high")
+    metrics = {row["variant"]: {f: (int(row[f]) if f == "seeds" else round(float(row[f]), 6))
+                                for f in fields if f in row and pd.notna(row[f])}
+               for row in summary.to_dict("records")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=1) + "\n")
 
 
 def pyplot():
@@ -190,6 +201,8 @@ def run(cfg: ReportConfig) -> pd.DataFrame:
     (out / "results.md").write_text(f"{cfg.dataset}: test top-1 over seeds; paired differences to "
                                     f"`{cfg.baseline}` with 95 % t intervals\n\n{text}\n")
     plot(summary, out / "accuracy.png")
+    if cfg.metrics:
+        write_metrics(summary, Path(cfg.metrics))
     if cfg.store:
         plot_drops(teacher_drops(store), out / "drops.png")
         plot_explanations(explanation_rows(store, test, shown, cfg.explain_images), out / "explanations.png")

@@ -61,6 +61,24 @@ def test_options_override_params_file(tmp_path):
     assert (cfg.split_seed, cfg.beta, cfg.epochs, cfg.method) == (7, 3.0, 5, "explain-kd")
 
 
+def test_a_variant_goes_over_the_stage_section_and_under_options(tmp_path):
+    from pipeline.config import load_config
+    params = tmp_path / "params.yaml"
+    params.write_text("train_student:\n  beta: 3.0\n  epochs: 2\n  lr: 0.1\n"
+                      "variants:\n  kd: {method: kd}\n  ekd-b1: {method: explain-kd, beta: 1.0, epochs: 4}\n")
+    cfg = load_config(TrainStudentConfig, params, variant="ekd-b1", epochs=6)
+    assert (cfg.method, cfg.beta, cfg.epochs, cfg.lr, cfg.variant) == ("explain-kd", 1.0, 6, 0.1, "ekd-b1")
+    assert load_config(TrainStudentConfig, params, variant="kd").method == "kd"
+    for variant, message in (("ekd", f"--variant ekd: {params} has no such variant; choose one of: kd, ekd-b1"),
+                             ("kd", "--variant kd needs --params FILE with a `variants` section (name -> train_student settings)")):
+        result = CliRunner().invoke(main, ["train-student", "--variant", variant]
+                                    + (["--params", str(params)] if variant == "ekd" else []))
+        assert result.exit_code == 1 and message in result.output, result.output
+    params.write_text("variants:\n  odd: {betta: 2}\n")
+    result = CliRunner().invoke(main, ["train-student", "--params", str(params), "--variant", "odd"])
+    assert "unknown train_student setting(s) betta" in result.output
+
+
 def test_recipes_fill_in_what_is_not_given():
     from pipeline.config import TrainStudentConfig
 

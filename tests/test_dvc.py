@@ -2,6 +2,7 @@
 repro runs nothing, and a student parameter reruns only student stages; the same for the
 digits study's methods x seeds matrix, which reads the default pipeline's store."""
 
+import json
 import os
 import re
 import signal
@@ -28,9 +29,9 @@ TINY_STUDY = {
     "train_student": {"epochs": 1},
     "report": {"explain_runs": ["ce-s1"]},
     "seeds": [0, 1],
-    "variants": [{"name": "ce", "args": "--method ce"},
-                 {"name": "ekd", "args": "--method explain-kd --student-map attention --kd-source best --beta 0.5"}],
 }
+TINY_VARIANTS = {"ce": {"method": "ce"},
+                 "ekd": {"method": "explain-kd", "student_map": "attention", "kd_source": "best", "beta": 0.5}}
 
 
 def tracked_files() -> list[str]:
@@ -72,11 +73,29 @@ def assert_ran(ran: list[str], expected: list[str]) -> list[str]:
     return ran
 
 
+def run(workdir: Path, *command: str) -> str:
+    """Run `command` in `workdir`; it must succeed; return what it printed."""
+    result = subprocess.run(list(command), cwd=workdir, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def dvc_json(workdir: Path, *command: str) -> dict:
+    return json.loads(run(workdir, sys.executable, "-m", "dvc", *command, "--json"))
+
+
+def commit(workdir: Path, message: str) -> None:
+    run(workdir, "git", "add", "-A")
+    run(workdir, "git", "-c", "user.name=test", "-c", "user.email=test@example.org", "commit", "-qm", message)
+
+
 @pytest.mark.slow
 def test_dvc_repro_reruns_only_what_changed(tmp_path):
     copy_repository(tmp_path)
     params = shrink(tmp_path / "params.yaml", TINY)
     study = shrink(tmp_path / "studies/digits/params.yaml", TINY_STUDY)
+    study["variants"] = TINY_VARIANTS  # replaced, not merged
+    (tmp_path / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
 
     first = assert_ran(repro(tmp_path), ["train_teachers", "extract_teachers", "train_student@ce",
@@ -90,12 +109,24 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     assert_ran(repro(tmp_path), ["train_student@ce", "train_student@explain-kd", "evaluate"])
 
     study_stages = [f"studies/digits/dvc.yaml:{name}" for name in (
-        "extract_teachers", "students@variant0-0", "students@variant0-1", "students@variant1-0",
-        "students@variant1-1", "report")]
+        "extract_teachers", "students@ce-0", "students@ce-1", "students@ekd-0", "students@ekd-1", "report")]
     assert_ran(repro(tmp_path, "studies/digits/dvc.yaml"), study_stages)  # the default teachers and store are reused
     results = pd.read_csv(tmp_path / "reports/digits/results.csv")
     assert sorted(results.variant) == ["ce", "ekd"] and set(results.seeds) == {2}
     assert (tmp_path / "reports/digits/explanations.png").is_file()
+    # the report is a DVC metrics file: per variant its seeds, mean and std (and the difference to the
+    # baseline, kd, which this grid does not run)
+    metrics = dvc_json(tmp_path, "metrics", "show")[""]["data"]["reports/metrics/digits.json"]["data"]
+    for row in results.itertuples():
+        assert metrics[row.variant] == {"seeds": 2, "test_mean": pytest.approx(row.test_mean, abs=1e-6),
+                                        "test_std": pytest.approx(row.test_std, abs=1e-6)}
+    # a variant is params: changing one shows as that param and reruns that variant's runs alone
+    commit(tmp_path, "study")
+    study["variants"]["ekd"]["beta"] = 3.0
+    (tmp_path / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
+    assert dvc_json(tmp_path, "params", "diff")["studies/digits/params.yaml"] == {
+        "variants.ekd.beta": {"old": 0.5, "new": 3.0, "diff": 2.5}}
+    assert_ran(repro(tmp_path, "studies/digits/dvc.yaml"), [study_stages[3], study_stages[4], study_stages[5]])
     study["train_student"]["lr"] = 0.1
     (tmp_path / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
     assert_ran(repro(tmp_path, "studies/digits/dvc.yaml"), study_stages[1:])  # students and report, no extraction
@@ -144,3 +175,23 @@ def test_a_killed_dvc_repro_resumes_extraction_and_a_data_change_recomputes(tmp_
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "replacing" in result.stdout and "36 of 36 blocks to extract" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_store_pushed_to_a_remote_trains_a_student_in_a_fresh_clone_without_extracting(tmp_path):
+    origin, clone, remote = tmp_path / "origin", tmp_path / "clone", tmp_path / "remote"
+    copy_repository(origin)
+    shrink(origin / "params.yaml", TINY)
+    run(origin, "git", "init", "-q")
+    assert repro(origin, "extract_teachers") == ["train_teachers", "extract_teachers"]
+    dvc = [sys.executable, "-m", "dvc"]
+    run(origin, *dvc, "remote", "add", "--default", "shared", str(remote))  # S3 or SSH: the same, with a URL
+    commit(origin, "store")
+    run(origin, *dvc, "push")
+    run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
+    assert not (clone / "data_cache/stores/digits-train.zarr").exists()
+    run(clone, *dvc, "pull")
+    store = clone / "data_cache/stores/digits-train.zarr"
+    assert run(clone, "pipeline", "cache", "verify", str(store)).startswith(f"OK {store}")  # arrived whole
+    assert repro(clone, "train_student@ce") == ["train_student@ce"]  # no teacher training, no extraction
+    assert (clone / "data_cache/students/ce/checkpoint.pt").is_file()

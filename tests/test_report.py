@@ -1,6 +1,8 @@
 """The report: paired differences to the baseline with t intervals on hand values, the
 teachers' confidence drops, and the explanation grid read from a test-split store."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,8 @@ from pipeline.cli import main
 from pipeline.config import ReportConfig
 from pipeline.data import get_dataset
 from pipeline.errors import PipelineError
-from stages.report import explanation_rows, plot_drops, plot_explanations, run, summarise, teacher_drops
+from stages.report import (explanation_rows, plot_drops, plot_explanations, run, summarise, teacher_drops,
+                           write_metrics)
 from test_cache import TEACHER, block_arrays, make_store
 
 
@@ -33,6 +36,20 @@ def test_paired_difference_and_interval():
     assert (row.ci_low, row.ci_high) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
     assert pd.isna(table.loc["kd"].diff_vs_baseline) and pd.isna(table.loc["ce"].diff_vs_baseline)  # one seed
     assert list(table.index) == ["explain-kd", "kd", "ce"]
+
+
+def test_the_summary_is_written_as_dvc_metrics(tmp_path):
+    runs = pd.DataFrame({"variant": ["kd"] * 3 + ["explain-kd"] * 3 + ["ce"], "seed": [0, 1, 2, 0, 1, 2, 0],
+                         "val_top1": [0.8] * 7, "test_top1": [0.80, 0.82, 0.84, 0.82, 0.83, 0.87, 0.7]})
+    write_metrics(summarise(runs, "kd"), tmp_path / "metrics" / "study.json")
+    near = lambda value: pytest.approx(value, abs=1e-6)  # noqa: E731 (the file rounds to 6 decimals)
+    half = 4.302652729911275 * 0.01 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(n) of the differences 0.02, 0.01, 0.03
+    assert json.loads((tmp_path / "metrics" / "study.json").read_text()) == {
+        "explain-kd": {"seeds": 3, "test_mean": near(0.84), "test_std": near(0.0007 ** 0.5),
+                       "diff_vs_baseline": near(0.02), "ci_low": near(0.02 - half), "ci_high": near(0.02 + half)},
+        "kd": {"seeds": 3, "test_mean": near(0.82), "test_std": near(0.02)},
+        "ce": {"seeds": 1, "test_mean": near(0.7)},  # one seed: no spread, no paired difference
+    }
 
 
 def test_teacher_drops_are_the_cached_scores_of_readable_rows(tmp_path):
