@@ -187,10 +187,10 @@ def test_a_store_pushed_to_a_remote_trains_a_student_in_a_fresh_clone_without_ex
     dvc = [sys.executable, "-m", "dvc"]
     run(origin, *dvc, "remote", "add", "--default", "shared", str(remote))  # S3 or SSH: the same, with a URL
     commit(origin, "store")
-    run(origin, *dvc, "push")
+    run(origin, *dvc, "push", "--with-deps", "extract_teachers")  # the store and the teachers it was made from
     run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
     assert not (clone / "data_cache/stores/digits-train.zarr").exists()
-    run(clone, *dvc, "pull")
+    run(clone, *dvc, "pull", "--with-deps", "extract_teachers")
     store = clone / "data_cache/stores/digits-train.zarr"
     assert run(clone, "pipeline", "cache", "verify", str(store)).startswith(f"OK {store}")  # arrived whole
     assert repro(clone, "train_student@ce") == ["train_student@ce"]  # no teacher training, no extraction
