@@ -52,14 +52,19 @@ def worker_device(name: str) -> torch.device:
     return device
 
 
+NANNY_ENVIRON = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 @contextmanager
 def environ_for_workers():
-    """This process's environment, without MALLOC_TRIM_THRESHOLD_, while a LocalCluster lives; the
-    environment as it was afterwards. Nannies spawn workers with this process's environment and write
-    their pre-spawn settings into it first, so a cluster started earlier with dask's defaults would
-    pass its threshold on to ours, and ours would leave its thread counts behind."""
+    """This process's environment without the malloc and thread settings of dask's nannies while a
+    LocalCluster lives, and as it was afterwards. Nannies spawn workers with this process's environment,
+    in which a value beats the cluster's own settings, and write their settings (and more) into it:
+    a cluster started earlier with dask's defaults would pass on its malloc threshold and one thread
+    per worker, and ours would leave its thread counts behind."""
     saved = dict(os.environ)
-    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    for name in NANNY_ENVIRON:
+        os.environ.pop(name, None)
     try:
         yield
     finally:

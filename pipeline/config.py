@@ -279,6 +279,9 @@ def load_config(cls, params_file: str | Path | None = None, **overrides):
     variant = overrides.get("variant") or values.get("variant")
     if variant is not None:
         variants = params.get("variants") or {}
+        if not isinstance(variants, dict):
+            raise PipelineError(f"{params_file}: `variants` must map each name to its train_student settings "
+                                "(ekd-b10: {method: explain-kd, recipe: design}), not a list")
         if variant not in variants:
             raise PipelineError(f"--variant {variant}: {params_file} has no such variant; choose one of: "
                                 f"{', '.join(variants)}" if variants else f"--variant {variant} needs --params FILE "

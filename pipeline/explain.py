@@ -68,17 +68,18 @@ def find_target_layer(model: nn.Module, probe: torch.Tensor) -> str:
     maps = [out for path, module, out in finished
             if not list(module.children()) and not isinstance(module, POOLING)
             and isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[-2:].numel() > 1
-            and abs(out.shape[-2] * width / (out.shape[-1] * height) - 1) <= 0.25]  # laid out as the image
+            and abs(out.shape[-2] * width / height - out.shape[-1]) <= 1]  # laid out as the image, within a cell
     if not maps:
         raise PipelineError(f"{type(model).__name__} has no module producing a 4-D feature map; "
                             "name one with --target-layer <teacher>=<module.path>")
     owners = [(path.count("."), -i, path) for i, (path, _, out) in enumerate(finished) if out is maps[-1]]
     layer = min(owners)[2]
-    after = max(-i for _, i, _ in owners)
+    after = max(i for i, (_, _, out) in enumerate(finished) if out is maps[-1])
     if any(isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[1] > 1 for _, _, out in finished[after + 1:]):
         raise PipelineError(f"{type(model).__name__} turns its last feature map ({layer}) into a sequence of tokens "
-                            "(a vision transformer): its Grad-CAM would explain that early layer, not what the head "
-                            "reads; choose a CNN teacher, or name a 4-D layer with --target-layer <teacher>=<module.path>")
+                            "(a vision transformer, or an attention-pooling head): its Grad-CAM would explain that "
+                            "layer, not what the head reads; choose a CNN teacher, or name a 4-D layer with "
+                            "--target-layer <teacher>=<module.path>")
     return layer
 
 

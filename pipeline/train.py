@@ -61,6 +61,9 @@ class Resume:
         except Exception as error:
             raise PipelineError(f"cannot read the saved training state {self.path} ({type(error).__name__}); "
                                 "delete it to start the run again") from None
+        if "ranks" not in state:
+            raise PipelineError(f"{self.path} was saved by an earlier version of this code (one process's state, "
+                                "without its ranks' parts); delete it to start the run again")
         changed = sorted(k for k in set(self.config) | set(state["config"])
                          if self.config.get(k) != state["config"].get(k))
         if changed:

@@ -53,19 +53,21 @@ def summarise(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
         paired = (group.set_index("seed")["test_top1"] - base).dropna()
         if variant != baseline and len(paired) >= 2:
             half = stats.t.ppf(0.975, len(paired) - 1) * paired.std() / np.sqrt(len(paired))
-            row |= {"diff_vs_baseline": paired.mean(), "ci_low": paired.mean() - half, "ci_high": paired.mean() + half}
+            row |= {"pairs": len(paired), "diff_vs_baseline": paired.mean(), "ci_low": paired.mean() - half,
+                    "ci_high": paired.mean() + half}
         table.append(row)
     return pd.DataFrame(table).sort_values("test_mean", ascending=False)
 
 
 def write_metrics(summary: pd.DataFrame, path: Path) -> None:
-    """The summary as DVC reads metrics: {variant: {field: number}}; the baseline has no difference to itself."""
-    fields = ("seeds", "test_mean", "test_std", "diff_vs_baseline", "ci_low", "ci_high")
-    metrics = {row["variant"]: {f: (int(row[f]) if f == "seeds" else round(float(row[f]), 6))
+    """The summary as DVC reads metrics: {variant: {field: number}}; the baseline has no difference to itself,
+    and `pairs` is the number of seeds both ran (the paired difference's sample)."""
+    fields = ("seeds", "test_mean", "test_std", "pairs", "diff_vs_baseline", "ci_low", "ci_high")
+    metrics = {row["variant"]: {f: (int(row[f]) if f in ("seeds", "pairs") else round(float(row[f]), 6))
                                 for f in fields if f in row and pd.notna(row[f])}
                for row in summary.to_dict("records")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=1) + "\n")
+    path.write_text(json.dumps(metrics, indent=1, allow_nan=False) + "\n")  # a non-finite value stops here
 
 
 def pyplot():

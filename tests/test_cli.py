@@ -77,6 +77,9 @@ def test_a_variant_goes_over_the_stage_section_and_under_options(tmp_path):
     params.write_text("variants:\n  odd: {betta: 2}\n")
     result = CliRunner().invoke(main, ["train-student", "--params", str(params), "--variant", "odd"])
     assert "unknown train_student setting(s) betta" in result.output
+    params.write_text("variants:\n  - {name: kd, args: --method kd}\n")  # the list of earlier versions
+    result = CliRunner().invoke(main, ["train-student", "--params", str(params), "--variant", "kd"])
+    assert result.exit_code == 1 and "`variants` must map each name to its train_student settings" in result.output
 
 
 def test_recipes_fill_in_what_is_not_given():

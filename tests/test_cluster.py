@@ -80,14 +80,15 @@ def test_local_workers_keep_their_settings_when_the_nanny_restarts_them():
                 os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
 
     threads, environ = max(1, os.cpu_count() // 2), dict(os.environ)
-    os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as a LocalCluster of dask's defaults leaves it in its process
+    left = {"MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    os.environ.update(left)  # what a LocalCluster of dask's defaults leaves in the process that started it
     try:
         with connect("local:2") as client:
             before = list(client.run(settings).values())
             client.restart()
             after = list(client.run(settings).values())
         assert before == after == [(False, None, str(threads), threads)] * 2
-        assert dict(os.environ) == {**environ, "MALLOC_TRIM_THRESHOLD_": "65536"}  # this process's, as it was
+        assert dict(os.environ) == {**environ, **left}  # this process's environment, as it was
     finally:
         os.environ.clear()
         os.environ.update(environ)

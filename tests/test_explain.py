@@ -157,3 +157,25 @@ def test_a_layer_changed_in_place_by_a_residual_addition_is_refused():
     with pytest.raises(PipelineError, match="output of ResNet.layer4.1.bn2 is changed in place later"):
         CamLayer.of(model, probe_input((64, 64, 3)), "layer4.1.bn2")  # `out += identity` follows it
     assert CamLayer.of(model, probe_input((64, 64, 3)), "layer4.1").target_layer == "layer4.1"
+
+
+class ChannelsLastMlp(torch.nn.Module):
+    """A convolution, then a per-position Linear on the channels-last map (as timm's ConvNeXt blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = torch.nn.Linear(8, 8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.mlp(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def test_the_layer_search_takes_maps_laid_out_as_the_image_only():
+    import torchvision
+
+    assert CamLayer.of(ChannelsLastMlp().eval(), probe_input((32, 32, 3))).target_layer == "conv"  # not (B, H, W, C)
+    # a non-square input: layer4's 3 x 2 map of a 96 x 40 image keeps the image's proportions within a cell
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    assert CamLayer.of(model, probe_input((96, 40, 3))).target_layer == "layer4"

@@ -45,7 +45,7 @@ def test_the_summary_is_written_as_dvc_metrics(tmp_path):
     near = lambda value: pytest.approx(value, abs=1e-6)  # noqa: E731 (the file rounds to 6 decimals)
     half = 4.302652729911275 * 0.01 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(n) of the differences 0.02, 0.01, 0.03
     assert json.loads((tmp_path / "metrics" / "study.json").read_text()) == {
-        "explain-kd": {"seeds": 3, "test_mean": near(0.84), "test_std": near(0.0007 ** 0.5),
+        "explain-kd": {"seeds": 3, "test_mean": near(0.84), "test_std": near(0.0007 ** 0.5), "pairs": 3,
                        "diff_vs_baseline": near(0.02), "ci_low": near(0.02 - half), "ci_high": near(0.02 + half)},
         "kd": {"seeds": 3, "test_mean": near(0.82), "test_std": near(0.02)},
         "ce": {"seeds": 1, "test_mean": near(0.7)},  # one seed: no spread, no paired difference

@@ -8,6 +8,7 @@ import torch
 import zarr
 
 from conftest import Killed, invoke, save_then_die
+from pipeline.errors import PipelineError
 from pipeline.train import Resume
 
 
@@ -77,3 +78,10 @@ def test_a_state_saved_under_other_settings_is_refused(store, tmp_path, monkeypa
     monkeypatch.setattr(Resume, "save", original)
     result = student(changed, tmp_path, "--resume", "--allow-partial", exit_code=1)  # ... is not resumed on a part
     assert "was saved by a run with blocks=[0, 1, 2], not [0, 2]" in result.output
+
+
+def test_a_state_of_an_earlier_version_is_refused_in_one_line(tmp_path):
+    torch.save({"config": {}, "model": {}, "position": {"epoch": 1, "step": 0, "sums": {}, "seen": 0}},
+               tmp_path / "resume.pt")  # one process's state, as versions before torchrun's wrote it
+    with pytest.raises(PipelineError, match="was saved by an earlier version of this code .* delete it"):
+        Resume(tmp_path / "resume.pt", {}).load()

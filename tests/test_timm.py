@@ -55,10 +55,11 @@ def test_a_timm_teachers_store_verifies(imagenet, tmp_path):
         config["input_size"][-1], config["interpolation"], list(config["mean"]))
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+                                  "levit_128s"])
 def test_a_vision_transformer_is_refused_with_the_way_out(imagenet, tmp_path, name):
     timm_weights(tmp_path / "vit.pth", name)
     info = get_dataset("ilsvrc2012", "val", str(imagenet)).info
-    with pytest.raises(PipelineError, match="into a sequence of tokens .a vision transformer.: its Grad-CAM would "
-                                            "explain that early layer.*choose a CNN teacher, or name a 4-D layer"):
+    with pytest.raises(PipelineError, match="into a sequence of tokens .a vision transformer, or an attention-pooling "
+                                            "head.: its Grad-CAM would explain that layer.*choose a CNN teacher"):
         load_teacher(f"timm:{name}:{tmp_path / 'vit.pth'}", info)

@@ -55,12 +55,14 @@ def load_imagefolder(split: str, root: str, split_seed: int = 0, download: bool 
 
 def folder_geometry(root: str) -> tuple[Path, Geometry]:
     """`<path>`, `<path>@<size>` or `<path>@<resize>/<crop>` -> the folder and the geometry its images are
-    seen at (a folder whose own name holds an @ is taken whole)."""
+    seen at (an existing folder, or text after the last @ that is no size, is all path)."""
     path, at, spec = root.rpartition("@")
     if not at or Path(root).is_dir():
         return Path(root), IMAGENET_EVAL
     match = re.fullmatch(r"(\d+)(?:/(\d+))?", spec)
-    resize, crop = (int(match[1]), int(match[2] or match[1])) if match else (0, 0)
+    if not match:  # an @ inside the path (/mnt/u@host/images)
+        return Path(root), IMAGENET_EVAL
+    resize, crop = int(match[1]), int(match[2] or match[1])
     if not 0 < crop <= resize:
         raise PipelineError(f"imagefolder:{root}: after @ give the size images are seen at, @<size> (shorter side "
                             "resized to it, the centre square cropped: @32 for 32 px images) or @<resize>/<crop> "
