@@ -299,16 +299,11 @@ def extraction_figures(scale: Scale, device: torch.device) -> list[Figure]:
         teacher.model = prepare_model(teacher.model, device)
         images = torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8)  # as the loader yields them
         labels = torch.randint(0, 1000, (batch,))
-        x = to_device(normalize(images, teacher.transform.mean, teacher.transform.std), device)
-
-        def bare():
-            bare_forward(teacher, images, device)
-
-        def ours():
-            explain_batch(teacher, images, labels, "label", device)
-
-        setups = {"bare": bare, "ours": ours} | ({"grad-cam": lambda: grad_cam_package(teacher, x, labels)}
-                                                 if device.type == "cpu" and has_grad_cam() else {})
+        setups = {"bare": lambda: bare_forward(teacher, images, device),
+                  "ours": lambda: explain_batch(teacher, images, labels, "label", device)}
+        if device.type == "cpu" and has_grad_cam():  # the peer runs on the CPU only
+            x = normalize(images, teacher.transform.mean, teacher.transform.std)
+            setups["grad-cam"] = lambda: grad_cam_package(teacher, x, labels)
         seconds = median_seconds(setups, scale.repeats)
         autograd = not teacher.layer.linear_head
         limit = 2.5 if autograd else 2.0

@@ -40,6 +40,12 @@ def invoke(*args, exit_code=0):
     return result
 
 
+def extract_args(teachers, store, *extra, block_size=32):
+    """`pipeline extract-teachers` of `teachers` into `store` (a list for `invoke`), small blocks."""
+    return ["extract-teachers", "--teachers", ",".join(map(str, teachers)), "--store", store,
+            "--block-size", block_size, *extra]
+
+
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     """Untrained resnet8_slim and vgg8_bn digits checkpoints (closed-form and autograd Grad-CAM paths)."""

@@ -12,30 +12,29 @@ import pytest
 import torch
 from distributed import Client, LocalCluster
 
-from conftest import assert_same_store, invoke
+from conftest import assert_same_store, extract_args, invoke
 from pipeline import cluster
 from pipeline.cache import TeacherStore
 from pipeline.cluster import connect
 
 
-def extract_args(teachers, store, *extra):
-    return ["extract-teachers", "--split", "test", "--teachers", ",".join(map(str, teachers)), "--store", store,
-            "--block-size", 32, *extra]
+def split_test_args(teachers, store, *extra):
+    return extract_args(teachers, store, "--split", "test", *extra)  # 360 images: 12 blocks
 
 
 @pytest.fixture(scope="module")
 def serial_store(teachers, tmp_path_factory):
     store = tmp_path_factory.mktemp("serial") / "store.zarr"
-    invoke(*extract_args(teachers, store))
+    invoke(*split_test_args(teachers, store))
     return store
 
 
 def test_a_local_cluster_of_two_processes_writes_the_serial_store(teachers, serial_store, tmp_path):
     store = tmp_path / "dask.zarr"
-    result = invoke(*extract_args(teachers, store, "--scheduler", "local:2"))
+    result = invoke(*split_test_args(teachers, store, "--scheduler", "local:2"))
     assert "12 of 12 blocks to extract on dask (local:2)" in result.output
     assert_same_store(store, serial_store)
-    assert "0 of 12 blocks to extract" in invoke(*extract_args(teachers, store, "--scheduler", "local:2")).output
+    assert "0 of 12 blocks to extract" in invoke(*split_test_args(teachers, store, "--scheduler", "local:2")).output
 
 
 def test_a_worker_killed_mid_run_costs_only_its_block(teachers, serial_store, tmp_path):
@@ -44,7 +43,7 @@ def test_a_worker_killed_mid_run_costs_only_its_block(teachers, serial_store, tm
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         pids = client.run(os.getpid)
         run = threading.Thread(target=lambda: outcome.append(
-            invoke(*extract_args(teachers, store, "--scheduler", cluster.scheduler_address))))
+            invoke(*split_test_args(teachers, store, "--scheduler", cluster.scheduler_address))))
         run.start()
         deadline, busy = time.time() + 120, []
         while not busy and run.is_alive() and time.time() < deadline:
@@ -63,7 +62,7 @@ def test_workers_that_run_two_tasks_at_once_are_refused(teachers, tmp_path):
     """Two tasks in one process would share the teachers' Grad-CAM hooks (silently wrong maps)."""
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
                       silence_logs=logging.ERROR) as cluster:
-        result = invoke(*extract_args(teachers, tmp_path / "s.zarr", "--scheduler", cluster.scheduler_address),
+        result = invoke(*split_test_args(teachers, tmp_path / "s.zarr", "--scheduler", cluster.scheduler_address),
                         exit_code=1)
     assert "runs 2 threads; start workers with one thread each (dask worker --nthreads 1" in result.output
     assert TeacherStore.open(tmp_path / "s.zarr").finished_blocks(["resnet8_slim"]) == []
@@ -108,6 +107,6 @@ def test_a_worker_takes_the_gpu_of_its_number_and_makes_it_current(monkeypatch):
 
 @pytest.mark.parametrize("scheduler", ["local:0", "local:two", "localhost:8786"])
 def test_a_malformed_scheduler_is_refused_before_any_store_is_made(teachers, tmp_path, scheduler):
-    result = invoke(*extract_args(teachers, tmp_path / "s.zarr", "--scheduler", scheduler), exit_code=1)
+    result = invoke(*split_test_args(teachers, tmp_path / "s.zarr", "--scheduler", scheduler), exit_code=1)
     assert f"unknown --scheduler '{scheduler}'; choose local:N" in result.output
     assert not (tmp_path / "s.zarr").exists()

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import Killed, invoke, save_then_die
+from conftest import Killed, extract_args, invoke, save_then_die
 from pipeline.cache import TeacherStore
 from pipeline.config import TrainStudentConfig
 from pipeline.data import get_dataset
@@ -32,8 +32,7 @@ from stages.train_student import run as train
 @pytest.fixture(scope="module")
 def small_store(teachers, tmp_path_factory):
     store = tmp_path_factory.mktemp("ddp") / "store.zarr"
-    invoke("extract-teachers", "--split", "test", "--teachers", ",".join(map(str, teachers)), "--store", store,
-           "--block-size", 32)
+    invoke(*extract_args(teachers, store, "--split", "test"))
     return store
 
 
@@ -135,10 +134,15 @@ def test_rank_zero_decides_and_goes_first(tmp_path):
     assert (tmp_path / "order").read_text() == "0\n1\n"
 
 
-def erring_rank(rank, port, store, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+def become_rank(rank, world, port):
+    """This spawned process as torchrun would start rank `rank` of `world` (one thread each)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def erring_rank(rank, port, store, out):
+    become_rank(rank, 3, port)
     try:
         train(TrainStudentConfig(split="test", store=str(store), epochs=1, out_dir=str(out), device="cpu"))
     except PipelineError as error:
@@ -147,8 +151,7 @@ def erring_rank(rank, port, store, out):
 
 def test_more_ranks_than_blocks_stop_every_rank_before_training(teachers, tmp_path):
     store = tmp_path / "two-blocks.zarr"
-    invoke("extract-teachers", "--split", "test", "--teachers", ",".join(map(str, teachers)), "--store", store,
-           "--block-size", 256)  # 360 samples: 2 blocks for 3 ranks
+    invoke(*extract_args(teachers, store, "--split", "test", block_size=256))  # 360 samples: 2 blocks for 3 ranks
     mp.spawn(erring_rank, args=(free_port(), store, tmp_path), nprocs=3)
     for rank in range(3):  # all stop alike (a rank left out would hang the others' first all-reduce)
         assert (tmp_path / f"error.{rank}").read_text() == (
@@ -159,9 +162,7 @@ def test_more_ranks_than_blocks_stop_every_rank_before_training(teachers, tmp_pa
 
 def resumable_rank(rank, port, store, out, kill_at_save, resume):
     """Rank `rank` of 2 training explain-kd with --save-every 4; killed at save `kill_at_save` (0: never)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    become_rank(rank, 2, port)
     Resume.save = save_then_die(kill_at_save, [])
     try:
         train(TrainStudentConfig(split="test", store=str(store), method="explain-kd", epochs=2, batch_size=16, shift=2,

@@ -35,8 +35,7 @@ TINY_VARIANTS = {"ce": {"method": "ce"},  # a dot in a name, as the studies' b0.
 
 
 def tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return out.split()
+    return run(REPO, "git", "ls-files").split()
 
 
 def copy_repository(target_root: Path) -> None:
@@ -49,12 +48,16 @@ def copy_repository(target_root: Path) -> None:
         shutil.copy2(REPO / name, target)
 
 
+def run(workdir: Path, *command: str) -> str:
+    """Run `command` in `workdir`; it must succeed; return what it printed."""
+    result = subprocess.run(list(command), cwd=workdir, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 def repro(workdir: Path, *targets: str) -> list[str]:
     """Run `dvc repro [targets]`; return the names of the stages it ran."""
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], cwd=workdir, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return re.findall(r"Running stage '([^']+)'", result.stdout)
+    return re.findall(r"Running stage '([^']+)'", run(workdir, sys.executable, "-m", "dvc", "repro", *targets))
 
 
 def shrink(path: Path, tiny: dict) -> dict:
@@ -73,13 +76,6 @@ def assert_ran(ran: list[str], expected: list[str]) -> list[str]:
     return ran
 
 
-def run(workdir: Path, *command: str) -> str:
-    """Run `command` in `workdir`; it must succeed; return what it printed."""
-    result = subprocess.run(list(command), cwd=workdir, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
 def dvc_json(workdir: Path, *command: str) -> dict:
     return json.loads(run(workdir, sys.executable, "-m", "dvc", *command, "--json"))
 
@@ -96,7 +92,7 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     study = shrink(tmp_path / "studies/digits/params.yaml", TINY_STUDY)
     study["variants"] = TINY_VARIANTS  # replaced, not merged
     (tmp_path / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    run(tmp_path, "git", "init", "-q")
 
     first = assert_ran(repro(tmp_path), ["train_teachers", "extract_teachers", "train_student@ce",
                                          "train_student@explain-kd", "evaluate"])
@@ -148,7 +144,7 @@ def test_a_killed_dvc_repro_resumes_extraction_and_a_data_change_recomputes(tmp_
     copy_repository(tmp_path)
     params = shrink(tmp_path / "params.yaml", {**TINY, "extract_teachers": {**TINY["extract_teachers"],
                                                                           "block_size": 32}})
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    run(tmp_path, "git", "init", "-q")
     assert repro(tmp_path, "train_teachers") == ["train_teachers"]
     store = tmp_path / "data_cache/stores/digits-train.zarr"
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "extract_teachers"], cwd=tmp_path,
@@ -161,19 +157,15 @@ def test_a_killed_dvc_repro_resumes_extraction_and_a_data_change_recomputes(tmp_
     done = started_blocks(store)
     assert 4 <= done < 36, f"the kill should land mid-extraction; {done} of 36 blocks were finished"
 
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "extract_teachers"], cwd=tmp_path,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    remaining = int(re.search(r"(\d+) of 36 blocks to extract", result.stdout)[1])
+    printed = run(tmp_path, sys.executable, "-m", "dvc", "repro", "extract_teachers")
+    remaining = int(re.search(r"(\d+) of 36 blocks to extract", printed)[1])
     assert remaining <= 36 - done  # the finished blocks were kept
     assert started_blocks(store) == 36
 
     params["data"]["split_seed"] = 1  # other training samples: the store must be made anew
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro", "extract_teachers"], cwd=tmp_path,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "replacing" in result.stdout and "36 of 36 blocks to extract" in result.stdout
+    printed = run(tmp_path, sys.executable, "-m", "dvc", "repro", "extract_teachers")
+    assert "replacing" in printed and "36 of 36 blocks to extract" in printed
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import Killed, invoke, save_then_die
+from conftest import Killed, extract_args, invoke, save_then_die
 from pipeline.errors import PipelineError
 from pipeline.train import Resume
 
@@ -15,8 +15,7 @@ from pipeline.train import Resume
 @pytest.fixture(scope="module")
 def store(teachers, tmp_path_factory):
     path = tmp_path_factory.mktemp("resume") / "views.zarr"
-    invoke("extract-teachers", "--split", "test", "--teachers", ",".join(map(str, teachers)), "--store", path,
-           "--views", 2, "--view-shift", 2, "--block-size", 128)
+    invoke(*extract_args(teachers, path, "--split", "test", "--views", 2, "--view-shift", 2, block_size=128))
     return path
 
 

@@ -7,20 +7,19 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import assert_same_store, invoke
+from conftest import assert_same_store, extract_args, invoke
 
 BLOCK_ROWS, CHUNK_ROWS = 128, 32  # the test store: 9 blocks of 128 rows, 4 chunks per shard, two views
 
 
-def extract_args(teachers, store):
-    return ["extract-teachers", "--teachers", ",".join(map(str, teachers)), "--store", store,
-            "--block-size", BLOCK_ROWS, "--views", 2]
+def two_view_args(teachers, store):
+    return extract_args(teachers, store, "--views", 2, block_size=BLOCK_ROWS)
 
 
 @pytest.fixture(scope="module")
 def clean_store(teachers, tmp_path_factory):
     store = tmp_path_factory.mktemp("clean") / "store.zarr"
-    invoke(*extract_args(teachers, store))
+    invoke(*two_view_args(teachers, store))
     return store
 
 
@@ -103,7 +102,7 @@ def test_every_kind_of_damage_is_found_and_repaired_by_recomputing_only_its_bloc
 
     result = invoke("cache", "verify", "--repair", store, exit_code=1)
     assert "repaired" in result.output and not shard(store, array, 5).exists()
-    result = invoke(*extract_args(teachers, store))
+    result = invoke(*two_view_args(teachers, store))
     recomputed = 0 if array in ("labels", "images") else 1  # shared rows come from the data set, teachers' blocks
     assert f": {recomputed} of 9 blocks to extract" in result.output  # are recomputed only where they broke
     assert "OK" in invoke("cache", "verify", store).output
@@ -136,7 +135,7 @@ def test_two_damaged_blocks_are_listed_and_repaired_by_the_quick_check(teachers,
     assert result.output.count("FAIL damaged:") == 2
     assert "FAIL damaged: teachers/resnet8_slim/cam block 8: its shard index fails its checksum" in result.output
     assert "FAIL damaged: teachers/vgg8_bn/y_prob block 2: its shard file is missing (view 1)" in result.output
-    assert ": 2 of 9 blocks to extract" in invoke(*extract_args(teachers, store)).output
+    assert ": 2 of 9 blocks to extract" in invoke(*two_view_args(teachers, store)).output
     assert "OK" in invoke("cache", "verify", store).output
     assert_same_store(store, clean_store)
 
@@ -153,7 +152,7 @@ def test_a_lost_teacher_folder_or_images_array_is_noticed_and_rebuilt(teachers, 
                     exit_code=1)
     assert result.output.count("\n") == 1 and "teacher 'vgg8_bn' is registered but its folder" in result.output
     invoke("cache", "drop-teacher", store, "vgg8_bn")
-    result = invoke(*extract_args(teachers, store))
+    result = invoke(*two_view_args(teachers, store))
     assert "restoring the lost array images" in result.output and ": 9 of 9 blocks to extract" in result.output
     assert "OK" in invoke("cache", "verify", store).output
     assert_same_store(store, clean_store)
@@ -191,7 +190,7 @@ def test_a_damaged_finished_mark_is_reported_and_its_block_recomputed(teachers, 
     assert "teachers/vgg8_bn/progress: it does not decode (checksum mismatch)" in result.output
     result = invoke("cache", "verify", "--repair", store, exit_code=1)
     assert "FAIL damaged: teachers/vgg8_bn/progress block 4: finished mark does not decode\n" in result.output
-    assert ": 1 of 9 blocks to extract" in invoke(*extract_args(teachers, store)).output
+    assert ": 1 of 9 blocks to extract" in invoke(*two_view_args(teachers, store)).output
     assert "OK" in invoke("cache", "verify", store).output
     assert_same_store(store, clean_store)
 

@@ -11,13 +11,8 @@ import pytest
 import torch
 import zarr
 
-from conftest import assert_same_store, invoke, make_teacher, store_arrays
+from conftest import assert_same_store, extract_args, invoke, make_teacher, store_arrays
 from pipeline.cache import VERSION, TeacherStore
-
-
-def extract_args(teachers, store, *extra):
-    return ["extract-teachers", "--teachers", ",".join(map(str, teachers)), "--store", store,
-            "--block-size", 32, *extra]
 
 
 @pytest.fixture(scope="module")
