@@ -21,6 +21,7 @@ from pipeline.config import RECIPES
 from pipeline.data import get_dataset
 from pipeline.devices import autocast, prepare_model, resolve_device
 from pipeline.distill import DistillationLoss, teacher_fields
+from pipeline.objective import loss_of
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 
@@ -48,7 +49,7 @@ def step_runner(method: str, options: dict, store: TeacherStore, batch: dict, de
             with autocast(device):
                 losses = loss_fn(student, batch)
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            loss_of(losses).backward()
             optimizer.step()
         sync(device)
 

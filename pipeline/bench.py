@@ -33,6 +33,7 @@ from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, explain, module_path, probe_input
 from pipeline.fabricate import make_cifar, make_teacher
 from pipeline.models import create_model
+from pipeline.objective import loss_of
 from pipeline.stream import BlockStream
 from pipeline.teachers import Teacher, Transform
 from stages.extract_teachers import explain_batch
@@ -117,7 +118,8 @@ def synthetic_store(path: Path, samples: int, classes: int, map_side: int, block
     for t, name in enumerate(teachers):
         store.add_teacher(name, {"arch": "synthetic", "weights_sha256": str(t), "target_layer": "x",
                                  "transform": {}, "code_sha256": "", "map_shape": [map_side, map_side],
-                                 "heldout_top1": 0.5 + t / 100})
+                                 "heldout": {"split": "val", "samples": 100, "top1": 0.5 + t / 100,
+                                             "mean_drop": 0.5}})
     for block in range(store.num_blocks):
         start, stop = store.block_rows(block)
         n = stop - start
@@ -189,7 +191,7 @@ def reader_figures(folder: Path, scale: Scale) -> list[Figure]:
 
     def per_sample():
         for i in range(scale.per_sample_files):
-            torch.load(files / f"{i}.pt")
+            torch.load(files / f"{i}.pt", weights_only=True)
 
     def cold():
         evict(store.path)
@@ -263,7 +265,7 @@ def online_figure(path: Path, scale: Scale) -> Figure:
 
     def cached():
         optimizer.zero_grad()
-        loss_fn(student, batch)["loss"].backward()
+        loss_of(loss_fn(student, batch)).backward()
         optimizer.step()
 
     def online():

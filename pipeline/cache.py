@@ -8,7 +8,12 @@ block and view, so that a student reads only the view it uses.
 
 Every chunk ends in a crc32c checksum (and so does every shard's index), and every chunk
 is written even when it holds only zeros, so a damaged chunk fails to decode and an
-absent shard file of a finished block is damage, never zarr's fill value.
+absent shard file of a finished block is damage, never zarr's fill value. Every shard file
+is bound to its place: when a block is written, the digest of each of its files, taken with
+its array path, block, view and the fingerprint of its writer (pipeline.shards.Binding), is
+recorded in `shard_digests` (the store's, for its shared arrays, and each teacher's), and
+every read checks it, so a file moved to another place or left from an earlier extraction
+is damage too. zarr's own codecs are untouched: plain zarr still reads the store.
 """
 
 import fcntl
@@ -29,19 +34,21 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
-from pipeline.shards import FORMAT, VERSION, ShardDamage, ShardLayout, read_shard_rows
+from pipeline.shards import DIGEST_BYTES, FORMAT, VERSION, Binding, ShardDamage, ShardLayout, read_shard_rows
 from pipeline.views import ViewPolicy
 
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
 SHARED_ARRAYS = ("labels", "images", "valid", "view_boxes", "view_flips")  # one per store; "images" only for small images
 SAMPLE_ARRAYS = ("valid", "view_boxes", "view_flips")  # written by extraction with each block, before its teachers'
 VIEWED_SHARED = ("view_boxes", "view_flips")  # shared arrays with a view axis (as every teacher array has)
+DIGESTS = "shard_digests"  # per block, the digest of each of its shard files (the store's and each teacher's)
+TEACHER_MARKS = ("progress", DIGESTS)  # a teacher's arrays that hold no rows
 SCORE_FIELDS = ("cam", "cam_max", "cam_class", "y_prob", "o_prob", "attention", "attention_max")
 TOPK_FIELDS = ("logits", "logit_classes", "tail_logsumexp")  # `--logits topk:K` stores these instead of all C logits
 # what makes two stores the same (the root fingerprint covers these attributes)
 STORE_IDENTITY = ("dataset", "target", "block_size", "logits", "views")
-# what makes two teachers the same, the code that computed their values included
-TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform", "code_sha256")
+# what makes two teachers the same, the code that computed their values and the split they were judged on included
+TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform", "code_sha256", "heldout_data")
 
 
 BLOCK_SIZES, MIN_BLOCKS = (256, 1024, 4096, 16384), 32
@@ -110,6 +117,8 @@ class TeacherStore:
     def __init__(self, group: zarr.Group, path: Path):
         self.group, self.path = group, path
         self._layouts: dict[str, ShardLayout] = {}
+        self._writers: dict[str | None, str] = {}  # fixed while a teacher is registered
+        self._files: dict[str | None, list[tuple[str, int]]] = {}
 
     # -- opening -----------------------------------------------------------------------
 
@@ -182,13 +191,14 @@ class TeacherStore:
         for name, (shape, dtype) in view_shapes(n, views.count).items():
             cls._create_rows(group, name, np.zeros(shape, dtype), block_size, chunk, viewed=True)
         group.create_group("teachers")
-        group.attrs.update({
-            **record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,
-            "stores_images": "images" in group, "teachers": [],
-            "fingerprint": fingerprint(record),
-        })
-        return cls(group, path)
-
+        group.attrs.update({**record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,
+                            "stores_images": "images" in group, "teachers": []})
+        store = cls(group, path)
+        store.create_digests(group, None)
+        for block in range(store.num_blocks):
+            store.bind(None, block)
+        group.attrs["fingerprint"] = fingerprint(record)  # last: the store is complete
+        return store
     @staticmethod
     def record(identity: dict, target: str, block_size: int, logits: dict | None, views: ViewPolicy) -> dict:
         """What a store is made from (STORE_IDENTITY): its fingerprint's input, checked on every reopening."""
@@ -201,20 +211,23 @@ class TeacherStore:
         rows[...] = data
 
     def restore_missing_rows(self, labels: np.ndarray, images: np.ndarray | None) -> None:
-        """Rewrite the `labels` and `images` shards that a repair deleted (or the whole array, if it
-        was lost), from the data set."""
+        """Rewrite the `labels` and `images` shards that a repair deleted or that fail their reads (a write killed
+        before its digest was recorded), or the whole array, if it was lost, from the data set."""
         for name, data in (("labels", labels.astype(np.int32)), ("images", images)):
             if name not in self.shared_arrays:
                 continue
             if name not in self.group:
                 print(f"restoring the lost array {name} of {self.path} from the data set")
                 self._create_rows(self.group, name, data, self.block_size, self.attrs["chunk_rows"])
+                for block in range(self.num_blocks):
+                    self.bind(None, block, [name])
                 continue
             for block in range(self.num_blocks):
-                if not self.shard_file(name, block).is_file():
+                if not self.readable(name, block):
                     print(f"restoring {name} block {block} of {self.path} from the data set")
                     start, stop = self.block_rows(block)
                     self.writable(name)[start:stop] = data[start:stop].astype(self.layout(name).dtype)
+                    self.bind(None, block, [name])
 
     def check_made_from(self, record: dict) -> None:
         """Fail with the first difference between this store and what the caller expects."""
@@ -261,8 +274,8 @@ class TeacherStore:
 
     @staticmethod
     def is_viewed(array: str) -> bool:
-        """Whether `array` has a view axis: every teacher array but its progress marks, and the views' own."""
-        return array in VIEWED_SHARED or (array.startswith("teachers/") and not array.endswith("/progress"))
+        """Whether `array` has a view axis: every teacher array but its marks, and the views' own."""
+        return array in VIEWED_SHARED or (array.startswith("teachers/") and array.rsplit("/", 1)[1] not in TEACHER_MARKS)
 
     def block_rows(self, block: int) -> tuple[int, int]:
         start = block * self.block_size
@@ -315,33 +328,47 @@ class TeacherStore:
 
     # -- writing -------------------------------------------------------------------------
 
+    def holds(self, name: str, identity: dict) -> bool:
+        """Whether teacher `name` is registered, and with this identity."""
+        return name in self.teachers and \
+            self.teacher_attrs(name).get("fingerprint") == fingerprint({k: identity.get(k) for k in TEACHER_IDENTITY})
+
+    def check_teacher(self, name: str, identity: dict, replace: bool = False) -> str | None:
+        """None where `name` is unregistered or registered with this identity; else what differs, as a
+        sentence, which stops the run unless `replace`."""
+        if name not in self.teachers or self.holds(name, identity):
+            return None
+        have = self.teacher_attrs(name)
+        changed = [k for k in TEACHER_IDENTITY if have.get(k) != identity.get(k)]
+        message = f"store {self.path} already holds a different teacher {name!r} (differs in: {', '.join(changed)})"
+        if not replace:
+            raise PipelineError(f"{message}; drop it from the store, write a new --store, or pass "
+                                "--on-change replace to recompute it")
+        return message
+
     def add_teacher(self, name: str, identity: dict, replace: bool = False) -> None:
         """Create the teacher's arrays (`identity["map_shape"]` sized), or check that the existing
         ones came from the same teacher (with `replace`, another teacher's arrays are dropped)."""
         map_shape = identity["map_shape"]
-        identity = {**identity, "fingerprint": fingerprint({k: identity[k] for k in TEACHER_IDENTITY})}
+        if self.holds(name, identity):
+            return
+        changed = self.check_teacher(name, identity, replace)
+        if changed:
+            print(f"{changed}: recomputing it")
+            self.drop_teacher(name)
+        identity = {**identity, "fingerprint": fingerprint({k: identity.get(k) for k in TEACHER_IDENTITY})}
         if name not in self.teachers and name in self.group["teachers"].group_keys():
             del self.group["teachers"][name]  # its registration was interrupted before any block was written
-        if name in self.teachers:
-            have = self.teacher_attrs(name)
-            if have.get("fingerprint") == identity["fingerprint"]:
-                return
-            changed = [k for k in TEACHER_IDENTITY if have.get(k) != identity[k]]
-            message = (f"store {self.path} already holds a different teacher {name!r} (differs in: "
-                       f"{', '.join(changed)})")
-            if not replace:
-                raise PipelineError(f"{message}; drop it from the store, write a new --store, or pass "
-                                    "--on-change replace to recompute it")
-            print(f"{message}: recomputing it")
-            self.drop_teacher(name)
         group = self.group["teachers"].create_group(name)
         chunk, block = self.attrs["chunk_rows"], self.block_size
         for field, (shape, dtype) in self.teacher_shapes(map_shape).items():
             create_sharded(group, field, shape, dtype, block, chunk, viewed=True)
         group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False,
                            compressors=compressors())  # an absent mark is "not finished": the block is recomputed
+        self.create_digests(group, name)
         group.attrs.update(identity)
         self.group.attrs["teachers"] = sorted({*self.teachers, name})  # registered last: complete now
+        self.forget_layouts()
 
     def drop_teacher(self, name: str) -> None:
         """Unregister one teacher and delete its arrays (if still there); the other teachers are untouched."""
@@ -350,7 +377,11 @@ class TeacherStore:
         self.group.attrs["teachers"] = [t for t in self.teachers if t != name]
         if name in self.group["teachers"].group_keys():
             del self.group["teachers"][name]
-        self._layouts = {}
+        self.forget_layouts()
+
+    def forget_layouts(self) -> None:
+        """Drop what was read about the arrays and their writers (a teacher was added, dropped or replaced)."""
+        self._layouts, self._writers, self._files = {}, {}, {}
 
     def writable(self, array: str) -> zarr.Array:
         return self.group[array].with_config(WRITE_EVERY_CHUNK)
@@ -377,6 +408,7 @@ class TeacherStore:
                 raise ValueError(f"block {block} of {name}/{field} has shape {data.shape}, "
                                  f"expected ({stop - start}, {', '.join(map(str, group[field].shape[1:]))})")
             self.writable(f"teachers/{name}/{field}")[start:stop] = data.astype(group[field].dtype, copy=False)
+        self.bind(name, block)
         group["progress"][block] = True
 
     def write_samples(self, block: int, arrays: dict[str, np.ndarray]) -> None:
@@ -387,6 +419,7 @@ class TeacherStore:
         if not any(self.progress(name, block) for name in self.teachers):
             for name in SAMPLE_ARRAYS:
                 self.writable(name)[start:stop] = arrays[name]
+            self.bind(None, block, SAMPLE_ARRAYS)
             return
         for name, view in [("valid", None), *((name, v) for v in range(self.num_views) for name in VIEWED_SHARED)]:
             have = self.read_rows(start, stop, [name], view or 0)[name]  # each array (and view) read once
@@ -416,14 +449,19 @@ class TeacherStore:
         spans = [(block, max(start, first), min(stop, last)) for block in range(start // self.block_size,
                                                                                 -(-stop // self.block_size))
                  for first, last in [self.block_rows(block)]]
-        return {field: np.concatenate([self.read_block_rows(field, *span, view) for span in spans]) for field in fields}
+        records: dict = {}  # each owner's digests of a block, read once for all its fields
+        return {field: np.concatenate([self.read_block_rows(field, *span, view, records) for span in spans])
+                for field in fields}
 
-    def read_block_rows(self, field: str, block: int, start: int, stop: int, view: int = 0) -> np.ndarray:
+    def read_block_rows(self, field: str, block: int, start: int, stop: int, view: int = 0,
+                        records: dict | None = None) -> np.ndarray:
         """Rows [start, stop) of `field` (at `view`), all in `block`, read straight from its shard file
-        (pipeline.shards)."""
+        (pipeline.shards) and checked to be the file written there (`records`: digests already read)."""
         first = block * self.block_size
+        bound = self.bound(field, block, view if self.is_viewed(field) else 0, records)
         try:
-            return read_shard_rows(self.shard_file(field, block, view), self.layout(field), start - first, stop - first)
+            return read_shard_rows(self.shard_file(field, block, view), self.layout(field), start - first, stop - first,
+                                   bound)
         except ShardDamage as damage:
             where = f" (view {view})" if self.is_viewed(field) and self.num_views > 1 else ""
             raise self.damaged(field, block, f"{damage}{where}") from None
@@ -438,11 +476,19 @@ class TeacherStore:
             except ValueError:
                 raise self.damaged(path, None, "its array metadata (zarr.json) is not JSON") from None
             layout = ShardLayout.of(metadata, path, self.is_viewed(path))
-            found, expected = (layout.rows, layout.shard_rows, layout.chunk_rows, layout.views), \
-                (self.num_samples, self.block_size, self.attrs["chunk_rows"], self.num_views if self.is_viewed(path) else 0)
-            if found != expected:
-                raise self.damaged(path, None, "its zarr.json describes {} rows in shards of {}, chunks of {} and {} "
-                                               "views, not {}, {}, {} and {}".format(*found, *expected))
+            found = (layout.rows, layout.shard_rows, layout.chunk_rows, layout.views)
+            if path.rsplit("/", 1)[-1] == DIGESTS:  # one row of digests per block
+                files = len(self.bound_files(owner_of(path)))
+                if found + layout.row_shape != (self.num_blocks, 1, 1, 0, files, DIGEST_BYTES):
+                    raise self.damaged(path, None, f"its zarr.json describes {layout.rows} rows of {layout.row_shape} "
+                                                   f"in shards of {layout.shard_rows}, not {self.num_blocks} rows of "
+                                                   f"({files}, {DIGEST_BYTES}) in shards of 1")
+            else:
+                expected = (self.num_samples, self.block_size, self.attrs["chunk_rows"],
+                            self.num_views if self.is_viewed(path) else 0)
+                if found != expected:
+                    raise self.damaged(path, None, "its zarr.json describes {} rows in shards of {}, chunks of {} and "
+                                                   "{} views, not {}, {}, {} and {}".format(*found, *expected))
             self._layouts[path] = layout
         return self._layouts[path]
 
@@ -454,6 +500,86 @@ class TeacherStore:
         """Every file that holds part of `block` of `array`: one per view for an array with a view axis."""
         return [self.shard_file(array, block, view) for view in range(max(1, self.layout(array).views))]
 
+    def readable(self, array: str, block: int) -> bool:
+        """Whether `block` of `array` reads: its file there, sound and bound to its place."""
+        start = self.block_rows(block)[0]
+        try:
+            self.read_block_rows(array, block, start, start + 1)
+        except PipelineError:
+            return False
+        return True
+
+    def block_chunks(self, array: str, block: int) -> int:
+        """How many chunks `block` of `array` holds (a digest array: one)."""
+        start, stop = (0, 1) if array.rsplit("/", 1)[-1] == DIGESTS else self.block_rows(block)
+        return math.ceil((stop - start) / self.layout(array).chunk_rows)
+
+    # -- binding every shard file to its place -----------------------------------------------
+
+    @staticmethod
+    def digest_array(owner: str | None) -> str:
+        """The array of the digests of `owner`'s shard files: a teacher's, or (None) the shared arrays'."""
+        return DIGESTS if owner is None else f"teachers/{owner}/{DIGESTS}"
+
+    def bound_files(self, owner: str | None) -> list[tuple[str, int]]:
+        """(array, view) of every shard file of one block that `owner` writes, in the order of its digests."""
+        if owner not in self._files:
+            arrays = self.shared_arrays if owner is None else [f"teachers/{owner}/{f}" for f in self.teacher_fields]
+            self._files[owner] = [(array, view) for array in arrays
+                                  for view in range(self.num_views if self.is_viewed(array) else 1)]
+        return self._files[owner]
+
+    def create_digests(self, group: zarr.Group, owner: str | None) -> None:
+        create_sharded(group, DIGESTS, (self.num_blocks, len(self.bound_files(owner)), DIGEST_BYTES), "uint8",
+                       block_size=1, chunk=1, viewed=False)
+
+    def writer(self, owner: str | None) -> str:
+        """The fingerprint a shard's binding names: the store's for the shared arrays, the store's and its
+        teacher's for a teacher's (its files belong to this store: another store's folder of a teacher of the
+        same name, made with another target, views or data, is refused)."""
+        if owner not in self._writers:
+            store = fingerprint({k: self.attrs[k] for k in STORE_IDENTITY})
+            self._writers[owner] = store if owner is None else \
+                fingerprint({"store": store, "teacher": self.teacher_attrs(owner)["fingerprint"]})
+        return self._writers[owner]
+
+    def recorded_digests(self, owner: str | None, block: int, missing_ok: bool = False) -> np.ndarray:
+        """(files, 16) the digests recorded for `block`'s shard files of `owner` (zeros: none, with `missing_ok`
+        where the record itself is missing)."""
+        array = self.digest_array(owner)
+        path = self.shard_file(array, block)
+        if missing_ok and not path.is_file():
+            return np.zeros((len(self.bound_files(owner)), DIGEST_BYTES), np.uint8)
+        try:
+            return read_shard_rows(path, self.layout(array), 0, 1)[0]
+        except ShardDamage as damage:
+            raise self.damaged(array, block, str(damage)) from None
+
+    def bound(self, array: str, block: int, view: int, records: dict | None = None) -> tuple[Binding, bytes] | None:
+        """The binding of `block`'s shard file of `array` (at `view`) and the digest recorded for it (kept in
+        `records` for the next file of the block); None for the digest arrays themselves (their chunks'
+        checksums are their check)."""
+        if array.rsplit("/", 1)[-1] == DIGESTS:
+            return None
+        owner, records = owner_of(array), {} if records is None else records
+        if (owner, block) not in records:
+            records[owner, block] = self.recorded_digests(owner, block)
+        recorded = records[owner, block][self.bound_files(owner).index((array, view))]
+        return Binding(array, block, view, self.writer(owner)), recorded.tobytes()
+
+    def bind(self, owner: str | None, block: int, arrays: tuple[str, ...] | list[str] | None = None) -> None:
+        """Record the digests of `block`'s shard files of `arrays` (default: all of `owner`'s) as they are on disk
+        now; call right after writing them."""
+        files = self.bound_files(owner)
+        digests = np.zeros((len(files), DIGEST_BYTES), np.uint8) if arrays is None else \
+            self.recorded_digests(owner, block, missing_ok=True).copy()
+        writer = self.writer(owner)
+        for i, (array, view) in enumerate(files):
+            if arrays is None or array in arrays:
+                data = self.shard_file(array, block, view).read_bytes()
+                digests[i] = np.frombuffer(Binding(array, block, view, writer).digest(data), np.uint8)
+        self.writable(self.digest_array(owner))[block] = digests
+
     def damaged(self, array: str, block: int | None, what: str | Exception) -> PipelineError:
         """The one-line error for damage found while reading (`what`: a text or the decoding error)."""
         where = f"{array}" + (f" block {block}" if block is not None else "")
@@ -462,6 +588,11 @@ class TeacherStore:
             f"store {self.path} is damaged: {where}: {what}; run `pipeline cache verify --repair {self.path}`, "
             "then the `pipeline extract-teachers` command that wrote it"
         )
+
+
+def owner_of(array: str) -> str | None:
+    """The teacher whose array `array` is ("teachers/<name>/..."), or None for the store's shared arrays."""
+    return array.split("/")[1] if array.startswith("teachers/") else None
 
 
 def decoding_error(error: Exception) -> str:

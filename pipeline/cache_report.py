@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.cache import STORE_IDENTITY, TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint, view_shapes
+from pipeline.cache import (DIGESTS, STORE_IDENTITY, TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint,
+                            view_shapes)
 from pipeline.errors import PipelineError
 from pipeline.integrity import Damage, finished_marks, sound_layout
 from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
@@ -46,13 +47,15 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
     for name in names:
         attrs, s = store.teacher_attrs(name), stats[name]
         done = store.num_blocks - len(store.pending_blocks(name))
+        heldout = attrs.get("heldout") or {}
         table.append({
             "teacher": name, "arch": attrs.get("arch"),
+            "heldout_top1": heldout.get("top1", float("nan")), "heldout_drop": heldout.get("mean_drop", float("nan")),
             "top1": s["correct"] / shared_rows if shared_rows else float("nan"),
             "mean_drop": s["drop"] / shared_rows if shared_rows else float("nan"),
             "best_explainer": s["best"] / shared_rows if shared_rows else float("nan"),
             "best_by_tie": s["tie"] / shared_rows if shared_rows else float("nan"),
-            "map": "x".join(map(str, attrs.get("map_shape", []))),
+            "layer": attrs.get("target_layer"), "map": "x".join(map(str, attrs.get("map_shape", []))),
             "bytes": bytes_on_disk(store.path / "teachers" / name),
             "blocks": f"{done}/{store.num_blocks}",
         })
@@ -91,10 +94,19 @@ def describe(store: TeacherStore) -> str:
     table = teacher_table(store)
     body = table.to_string(index=False, float_format=lambda v: f"{v:.4f}") if len(table) else "(no teachers)"
     lines.append(body)
+    lines.append(f"heldout_top1 and heldout_drop: on the {heldout_text(store)}, measured at extraction (what kd, at "
+                 "and --kd-source best choose by); layer and map: where each teacher's Grad-CAM is taken, its size.")
     lines.append("top1, mean_drop and best_explainer are over the eval view (view 0) of the blocks that every "
                  "teacher has finished; best_by_tie: the part of best_explainer where two or more teachers had the lowest drop "
                  f"(the larger Y chose){tie_total(table)}.")
     return "\n".join(lines)
+
+
+def heldout_text(store: TeacherStore) -> str:
+    judged = [store.teacher_attrs(name).get("heldout") for name in store.teachers]
+    first = next((j for j in judged if j), None)
+    return f"{first['samples']} images of the held-out {first['split']} split" if first else \
+        "held-out split (this data set has none: NaN)"
 
 
 def tie_total(table: pd.DataFrame) -> str:
@@ -112,6 +124,8 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
     for array in store.shared_arrays:
         if not sound_layout(store, array):
             bad_shapes.append(f"{array}: missing, or not {n} rows in shards of {store.block_size}")
+    if not sound_layout(store, DIGESTS):
+        bad_shapes.append(f"{DIGESTS}: missing, or not one row of digests per block for the shared arrays' files")
     for array, (shape, dtype) in view_shapes(n, store.num_views).items():
         if sound_layout(store, array) and (store.group[array].shape, str(store.group[array].dtype)) != (shape, dtype):
             bad_shapes.append(f"{array}: {store.group[array].dtype} {store.group[array].shape}, expected {dtype} {shape}")
@@ -125,6 +139,8 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
             continue
         if t_attrs.get("fingerprint") != fingerprint({k: t_attrs.get(k) for k in TEACHER_IDENTITY}):
             problems.append(f"{name}: fingerprint does not match its identity attributes")
+        if not sound_layout(store, store.digest_array(name)):
+            bad_shapes.append(f"{name}/{DIGESTS}: missing, or not one row of digests per block for its files")
         for field, (shape, dtype) in store.teacher_shapes(t_attrs.get("map_shape", [])).items():
             if field not in group:
                 bad_shapes.append(f"{name}/{field}: missing")

@@ -12,7 +12,7 @@ command resumes from the blocks marked finished.
 import json
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 
 import dask
@@ -99,29 +99,59 @@ def connect(scheduler: str):
             yield client
 
 
-def run_blocks(scheduler: str, task, cfg, pending: dict[str, set[int]], identity: dict, progress) -> None:
-    """Run task(cfg, key, block, teachers) for every pending block on `scheduler`'s workers, updating
-    `progress` as blocks finish and printing what tasks report; the first failure stops the run."""
-    blocks = sorted(set().union(*pending.values()))
-    if not blocks:
-        return
-    key = json.dumps({"config": asdict(cfg), "store": identity}, sort_keys=True, default=str)
-    with connect(scheduler) as client:
-        if client.dashboard_link:
-            progress.write(f"dask dashboard: {client.dashboard_link}")
-        futures = {client.submit(task, cfg, key, block, sorted(n for n, b in pending.items() if block in b),
-                                 key=f"extract-block-{block}-{dask.base.tokenize(key)}", pure=False): block
+class Cluster:
+    """The dask client of `scheduler`, connected on first use (a finished store starts no cluster)."""
+
+    def __init__(self, scheduler: str):
+        self.scheduler, self._stack, self._client = scheduler, ExitStack(), None
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *failure) -> None:
+        self._stack.close()
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self._stack.enter_context(connect(self.scheduler))
+        return self._client
+
+    def judge(self, task, cfg, names: list[str]) -> dict[str, dict | None]:
+        """task(cfg, name) for every teacher of `names` on the workers (their devices): its held-out figures."""
+        futures = {self.client.submit(task, cfg, name, key=f"judge-{name}-{dask.base.tokenize(asdict(cfg))}",
+                                      pure=False): name for name in names}
+        return {futures[future]: value for future, value in finished(futures, "judging teacher")}
+
+    def run_blocks(self, task, cfg, pending: dict[str, set[int]], identity: dict, progress) -> None:
+        """Run task(cfg, key, block, teachers) for every pending block on the workers, updating `progress` as
+        blocks finish and printing what tasks report; the first failure stops the run."""
+        blocks = sorted(set().union(*pending.values()))
+        if not blocks:
+            return
+        key = json.dumps({"config": asdict(cfg), "store": identity}, sort_keys=True, default=str)
+        if self.client.dashboard_link:
+            progress.write(f"dask dashboard: {self.client.dashboard_link}")
+        futures = {self.client.submit(task, cfg, key, block, sorted(n for n, b in pending.items() if block in b),
+                                      key=f"extract-block-{block}-{dask.base.tokenize(key)}", pure=False): f"block {block}"
                    for block in blocks}
-        try:
-            for future in as_completed(futures):
-                try:
-                    said = future.result()
-                except KilledWorker as error:
-                    raise PipelineError(
-                        f"block {futures[future]} was running on every worker that died ({error}); finished blocks "
-                        "are kept: check the workers' memory and logs, then rerun the same command") from None
-                for line in said:
-                    progress.write(line)
-                progress.update()
-        finally:
-            client.cancel(list(futures))
+        for _, said in finished(futures, "extracting"):
+            for line in said:
+                progress.write(line)
+            progress.update()
+
+
+def finished(futures: dict, doing: str):
+    """(future, result) as each of `futures` (future -> what it does) finishes; a task whose every worker died
+    stops the run in one line, and the others are cancelled."""
+    try:
+        for future in as_completed(futures):
+            try:
+                yield future, future.result()
+            except KilledWorker as error:
+                raise PipelineError(
+                    f"{doing} {futures[future]} was running on every worker that died ({error}); finished blocks "
+                    "are kept: check the workers' memory and logs, then rerun the same command") from None
+    finally:
+        if futures:
+            next(iter(futures)).client.cancel(list(futures))

@@ -3,9 +3,11 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them a run is one process. Ranks
 read disjoint blocks of the store (BlockStream), average their gradients through DDP
 (gloo on the CPU, nccl on CUDA), and take the same number of optimizer steps every epoch:
-a rank whose blocks hold fewer batches takes zero-loss steps for the rest (in eval mode,
-so no batch-norm statistics move), because a rank that stopped early would leave the
-others waiting in a gradient all-reduce.
+a rank whose blocks hold fewer batches takes padding steps for the rest that count no row
+(in eval mode, so no batch-norm statistics move), because a rank that stopped early would
+leave the others waiting in a gradient all-reduce. Each step's loss terms are divided by
+their counts over all ranks (pipeline.objective), so a step's gradient is that of the mean
+over every row the ranks hold in it. Batch norm keeps per-rank statistics.
 """
 
 import os
@@ -91,6 +93,14 @@ class Ranks:
         values = [None] * self.world if self.main else None
         dist.gather_object(value, values, dst=0)
         return values
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the ranks (a step's loss-term counts), on every rank."""
+        if self.world == 1:
+            return values
+        total = values.clone()
+        dist.all_reduce(total)
+        return total
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """`values` summed over the ranks (each rank's running sums, for one epoch's means)."""

@@ -6,6 +6,8 @@ the student's own (differentiable) Grad-CAM with the selected teacher's cached m
 resized to one grid (the student's map size by default) and normalised per sample.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,26 +15,47 @@ from torch import nn
 from pipeline.augment import Augmentation, Moves, apply, model_input
 from pipeline.cache import dequantize_cam, full_logits
 from pipeline.explain import CamLayer, attention_map, captured, grad_cam
+from pipeline.objective import Term
 from pipeline.scoring import selection_weights
+
+
+def kd_per_row(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B,) T^2 * KL(teacher || student) at temperature T, per sample."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    return F.kl_div(log_student, teacher_probs, reduction="none").sum(1) * temperature**2
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(teacher || student) at temperature T, averaged over the batch."""
-    log_student = F.log_softmax(student_logits / temperature, dim=1)
-    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
+    return kd_per_row(student_logits, teacher_probs, temperature).mean()
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(..., h, w) -> (..., *size): shrunk by area (each cell the mean of the cells it covers, so no
-    evidence is dropped), enlarged bilinearly."""
+    """(..., h, w) -> (..., *size): shrunk by area (each cell the mean of the input over its footprint,
+    fractional overlaps weighted, so no evidence is dropped or counted twice), enlarged bilinearly."""
     lead, size = maps.shape[:-2], tuple(size)
     maps = maps.reshape(-1, 1, *maps.shape[-2:]).float()
-    shrunk = (min(size[0], maps.shape[-2]), min(size[1], maps.shape[-1]))
-    if shrunk != tuple(maps.shape[-2:]):
-        maps = F.interpolate(maps, size=shrunk, mode="area")
-    if shrunk != size:
+    (h, w), device = maps.shape[-2:], maps.device
+    with torch.autocast(device.type, enabled=False):  # in float32: autocast would multiply in bf16
+        if size[0] < h:
+            maps = area_weights(h, size[0], device) @ maps
+        if size[1] < w:
+            maps = maps @ area_weights(w, size[1], device).T
+    if tuple(maps.shape[-2:]) != size:
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
     return maps.reshape(*lead, *size)
+
+
+@functools.lru_cache(maxsize=64)
+def area_weights(inputs: int, outputs: int, device: torch.device) -> torch.Tensor:
+    """(outputs, inputs) float32: row r averages the input cells over output cell r's footprint
+    [r * inputs / outputs, (r + 1) * inputs / outputs), each cell weighted by its overlap. (torch's
+    "area" interpolation is adaptive average pooling, whose windows overlap at full weight when the
+    ratio is not a whole number.)"""
+    edges = torch.arange(outputs + 1, dtype=torch.float64) * inputs / outputs
+    cells = torch.arange(inputs, dtype=torch.float64)
+    overlap = torch.minimum(edges[1:, None], cells + 1) - torch.maximum(edges[:-1, None], cells)
+    return (overlap.clamp_min(0) * outputs / inputs).float().to(device)
 
 
 def normalize_maps(maps: torch.Tensor, norm: str) -> torch.Tensor:
@@ -42,8 +65,9 @@ def normalize_maps(maps: torch.Tensor, norm: str) -> torch.Tensor:
     return maps / maps.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def map_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "l2") -> torch.Tensor:
-    """Mean over samples of the squared distance between normalised (B, h, w) maps of one resolution.
+def map_term(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "l2", weight: float = 1.0) -> Term:
+    """The squared distances between normalised (B, h, w) maps of one resolution, summed over the samples
+    whose teacher map counts, and their count.
 
     l2: ||s/|s| - t/|t|||^2 (attention transfer's form, in [0, 4]); mean: the mean over cells
     of (s/mean(s) - t/mean(t))^2, which weighs a map's spread rather than its peak. Samples
@@ -51,10 +75,14 @@ def map_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "
     """
     student, teacher = student_cam.flatten(1), teacher_cam.flatten(1)
     has_target = teacher.amax(dim=1) > 0
-    if not has_target.any():
-        return student.sum() * 0.0
-    diff = (normalize_maps(student, norm) - normalize_maps(teacher, norm))[has_target].pow(2)
-    return (diff.sum(1) if norm == "l2" else diff.mean(1)).mean()
+    diff = (normalize_maps(student, norm) - normalize_maps(teacher, norm)).pow(2)
+    distance = torch.where(has_target, diff.sum(1) if norm == "l2" else diff.mean(1), torch.zeros_like(diff[:, 0]))
+    return Term(distance.sum(), has_target.sum().to(distance.dtype), weight)
+
+
+def map_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "l2") -> torch.Tensor:
+    """`map_term`'s mean over the samples whose teacher map counts (0 when none does)."""
+    return map_term(student_cam, teacher_cam, norm).mean
 
 
 def teacher_fields(method: str, teachers: list[str], logit_fields: tuple[str, ...] = ("logits",)) -> list[str]:
@@ -66,7 +94,8 @@ def teacher_fields(method: str, teachers: list[str], logit_fields: tuple[str, ..
 
 
 class DistillationLoss:
-    """loss_fn for train.fit: maps a batch of store rows to a dict of loss components.
+    """loss_fn for train.fit: maps a batch of store rows to its loss terms (pipeline.objective): ce, kd and
+    map, and the share of rows each teacher was chosen for (logged only).
 
     `teachers` are the store's teacher names the method draws on (for `kd` and `at`, the one
     teacher). With `augmentation`, images are moved at random; with `map_follows` the cached
@@ -99,11 +128,10 @@ class DistillationLoss:
         """beta, ramped linearly over the first `beta_warmup` epochs."""
         return self.beta * min(1.0, (self.epoch + 1) / self.beta_warmup) if self.beta_warmup else self.beta
 
-    def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    def __call__(self, model: nn.Module, batch: dict) -> dict[str, Term]:
         x, labels, moves = model_input(batch, self.augmentation, self.mean, self.std)
         if self.method == "ce":
-            losses = {"ce": F.cross_entropy(model(x).float(), labels)}
-            return losses | {"loss": losses["ce"]}
+            return {"ce": Term.over(F.cross_entropy(model(x).float(), labels, reduction="none"))}
         field = lambda key: torch.stack([batch[f"teachers/{t}/{key}"] for t in self.teachers], 1)  # noqa: E731
         # every teacher's values are stacked (B, M, ...) and computed on at once: a step's fixed cost per op
         teacher_logits = torch.stack([full_logits(batch, t, self.num_classes) for t in self.teachers], 1)
@@ -114,7 +142,7 @@ class DistillationLoss:
             weights = selection_weights(self.policy, field("y_prob"), field("o_prob"),
                                         teacher_logits.argmax(2) == labels[:, None], self.policy_temperature, choice)
             for m, name in enumerate(self.teachers):
-                losses[f"chosen/{name}"] = weights[:, m].mean()
+                losses[f"chosen/{name}"] = Term.over(weights[:, m], weight=0.0)
         else:  # kd and at: the one teacher; kd-avg: all alike
             weights = torch.full(soft.shape[:2], 1.0 / soft.shape[1], device=soft.device)
         beta = self.beta_now()
@@ -127,21 +155,20 @@ class DistillationLoss:
             student_map = attention_map(activation) if activation is not None else None
         logits = logits.float()  # losses in float32 (under bf16 autocast the KL of bf16 logits is 4 % off)
         student_map = student_map.float() if student_map is not None else None
-        losses["ce"] = F.cross_entropy(logits, labels)
+        losses["ce"] = Term.over(F.cross_entropy(logits, labels, reduction="none"))
         kd_weights = weights if self.kd_teacher is None else F.one_hot(
             torch.full(weights.shape[:1], self.teachers.index(self.kd_teacher), device=weights.device),
             len(self.teachers)).float()  # logits from one teacher, maps chosen per sample
-        losses["kd"] = kd_loss(logits, (kd_weights[..., None] * soft).sum(1), self.temperature)
-        total = losses["ce"] + self.alpha * losses["kd"]
+        losses["kd"] = Term.over(kd_per_row(logits, (kd_weights[..., None] * soft).sum(1), self.temperature),
+                                 self.alpha)
         if use_cam or self.method == "at":
             key = "cam" if use_cam else "attention"
             size = (self.map_size, self.map_size) if self.map_size else tuple(student_map.shape[-2:])
             maps = self.teacher_maps([dequantize_cam(batch[f"teachers/{t}/{key}"], batch[f"teachers/{t}/{key}_max"])
                                       for t in self.teachers], x.shape[-2:], size, moves)
-            losses["map"] = map_loss(resize_maps(student_map, size), (weights[..., None, None] * maps).sum(1),
-                                     self.map_norm)
-            total = total + beta * losses["map"]
-        return losses | {"loss": total}
+            losses["map"] = map_term(resize_maps(student_map, size), (weights[..., None, None] * maps).sum(1),
+                                     self.map_norm, beta)
+        return losses
 
     def explained_class(self, batch: dict, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The class the student's Grad-CAM explains: the label, or on a `predicted` store the class

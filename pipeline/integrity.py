@@ -5,10 +5,15 @@ is not empty, its index passes its crc32c checksum (a truncated file fails here,
 its last bytes are no longer the index) and every chunk lies inside the file. The full
 check also decodes every chunk, which checks each chunk's own crc32c checksum.
 
+The full check also checks that each file is the one written there (its binding digest,
+pipeline.shards.Binding), so a file swapped with another or left from an earlier extraction
+is found; the quick check cannot (it reads no file whole).
+
 Repair deletes the damaged files and marks their blocks unfinished, for the teacher whose
 array broke (for `valid` and the views' boxes and flips, every teacher), so that the `pipeline extract-teachers` command
 that wrote the store recomputes exactly those blocks; it rewrites `labels` and `images`
-from the data set when it opens the store.
+from the data set when it opens the store. A block whose record of the shared arrays' digests
+is damaged loses all its shared files, and every teacher recomputes it.
 """
 
 import math
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import SAMPLE_ARRAYS, TeacherStore
+from pipeline.cache import DIGESTS, SAMPLE_ARRAYS, TeacherStore
 from pipeline.errors import PipelineError
 from pipeline.shards import ShardDamage, check_index, decode_chunks
 
@@ -38,15 +43,25 @@ class Damage:
 
 def shard_damage(store: TeacherStore, array: str, block: int, quick: bool) -> str | None:
     """What is wrong with `block` of `array` (the first damaged view's, for an array with views), or None."""
-    start, stop = store.block_rows(block)
-    layout = store.layout(array)
-    chunks = range(math.ceil((stop - start) / layout.chunk_rows))
+    layout, chunks = store.layout(array), range(store.block_chunks(array, block))
     for view, path in enumerate(store.shard_files(array, block)):
         try:
-            (check_index if quick else decode_chunks)(path, layout, chunks)
+            if quick:
+                check_index(path, layout, chunks)
+            else:
+                decode_chunks(path, layout, chunks, recorded_binding(store, array, block, view))
         except ShardDamage as damage:
             return f"{damage} (view {view})" if layout.views > 1 else str(damage)
     return None
+
+
+def recorded_binding(store: TeacherStore, array: str, block: int, view: int):
+    """The file's binding and recorded digest, or None where its digest record is itself damaged (reported as
+    the damage of that record)."""
+    try:
+        return store.bound(array, block, view)
+    except PipelineError:
+        return None
 
 
 def sound_layout(store: TeacherStore, array: str) -> bool:
@@ -77,7 +92,7 @@ def finished_marks(store: TeacherStore, name: str) -> tuple[np.ndarray, list[Dam
 
 def find_damage(store: TeacherStore, quick: bool = False) -> list[Damage]:
     """Every damaged block of every array: shared arrays in all blocks, a teacher's in its finished ones."""
-    checks = [(array, block) for array in store.shared_arrays if sound_layout(store, array)
+    checks = [(array, block) for array in (*store.shared_arrays, DIGESTS) if sound_layout(store, array)
               for block in range(store.num_blocks)]
     damage = []
     for name in store.teachers:
@@ -86,7 +101,7 @@ def find_damage(store: TeacherStore, quick: bool = False) -> list[Damage]:
         except PipelineError:  # its folder is gone: `verify` says so
             continue
         damage += bad_marks
-        arrays = [f"teachers/{name}/{field}" for field in store.teacher_fields]
+        arrays = [f"teachers/{name}/{field}" for field in (*store.teacher_fields, DIGESTS)]
         checks += [(array, int(block)) for block in np.flatnonzero(done) for array in arrays
                    if sound_layout(store, array)]  # `verify` reports the others
     for array, block in tqdm(checks, desc="verify " + ("shard files" if quick else "every chunk"), unit="shard",
@@ -100,9 +115,12 @@ def find_damage(store: TeacherStore, quick: bool = False) -> list[Damage]:
 def repair_damage(store: TeacherStore, damage: list[Damage]) -> None:
     """Delete the damaged files and unmark their blocks (see the module's docstring)."""
     for item in damage:
-        if not item.array.endswith("/progress"):  # a mark is not sharded: unmarking below rewrites it
-            for path in store.shard_files(item.array, item.block):
+        lost = [item.array] if not item.array.endswith("/progress") else []  # a mark is not sharded: unmarking
+        if item.array == DIGESTS:  # rewrites it; the shared files' digests lost: their files are rewritten
+            lost += store.shared_arrays
+        for array in lost:
+            for path in store.shard_files(array, item.block):
                 path.unlink(missing_ok=True)
-        teachers = [item.teacher] if item.teacher else store.teachers if item.array in SAMPLE_ARRAYS else []
+        teachers = [item.teacher] if item.teacher else store.teachers if item.array in (*SAMPLE_ARRAYS, DIGESTS) else []
         for name in teachers:
             store.group["teachers"][name]["progress"][item.block] = False

@@ -2,7 +2,7 @@
 
 zarr's read path costs about a millisecond of fixed overhead per chunk (its asyncio codec
 pipeline), which caps stage two near 50,000 samples/s at 25 arrays a block however the reads
-are batched (docs/reader.md). Every sharded array of a format v5 store has one layout, which
+are batched (docs/reader.md). Every sharded array of a store has one layout, which
 `ShardLayout.of` checks: a shard is one block of rows (of one view, for arrays with a view
 axis after the row axis) in chunks of `chunk_rows` rows, each
 chunk blosc-compressed and followed by its crc32c; the file ends in the index, an (offset,
@@ -10,6 +10,7 @@ length) pair of little-endian uint64 per chunk, and the index's own crc32c (the 
 sharding codec with index_location "end"). Writing stays with zarr.
 """
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,13 @@ from numcodecs import blosc
 
 from pipeline.errors import PipelineError
 
-FORMAT, VERSION = "teacher-cache", 6  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
+FORMAT, VERSION = "teacher-cache", 7  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
 # 4: a crc32c checksum on every chunk, every chunk written; 5: K views per sample; 6: views rendered by PIL from a
-# decode at the policy's JPEG draft scale (a v5 store's file views were resized from the full decode by torch)
+# decode at the policy's JPEG draft scale (a v5 store's file views were resized from the full decode by torch);
+# 7: every shard file bound to its place by a digest (shard_digests), teachers judged on the held-out split
 
 INDEX_ENTRY_BYTES, CHECKSUM_BYTES, BLOSC_HEADER_BYTES = 16, 4, 16
+DIGEST_BYTES = 16  # of a shard file's binding digest (SHA-256, its first 16 bytes)
 EMPTY = np.uint64(2**64 - 1)  # the index entry of a chunk that was never written
 
 
@@ -44,7 +47,7 @@ class ShardLayout:
     @classmethod
     def of(cls, metadata: dict, name: str, viewed: bool) -> "ShardLayout":
         """The layout that an array's zarr.json describes (`viewed`: with a view axis, each view of a
-        block in its own shard), or a one-line error if it is not format v5's (read as JSON: opening
+        block in its own shard), or a one-line error if it is not this format's (read as JSON: opening
         the array with zarr costs milliseconds, at every reader's start)."""
         try:
             layout = cls.parse(metadata, viewed)
@@ -103,6 +106,23 @@ def blosc_sizes(body: np.ndarray) -> tuple[int, int]:
     return int(body[4:8].view("<u4")[0]), int(body[12:16].view("<u4")[0])
 
 
+@dataclass(frozen=True)
+class Binding:
+    """Where a shard file belongs: its array path, block and view, and the fingerprint of what wrote it (a
+    teacher, or the store for its shared arrays). The digest recorded when it was written covers these and
+    the file's bytes, so a file swapped with another, or left from an earlier extraction, fails it."""
+
+    array: str
+    block: int
+    view: int
+    writer: str
+
+    def digest(self, data: bytes | np.ndarray) -> bytes:
+        digest = hashlib.sha256(f"{self.array}\0{self.block}\0{self.view}\0{self.writer}\0".encode())
+        digest.update(data)  # SHA-256: twice BLAKE2b's speed where the CPU has SHA instructions
+        return digest.digest()[:DIGEST_BYTES]
+
+
 def read_file(path: Path, layout: ShardLayout, index_only: bool = False) -> tuple[np.ndarray, int]:
     """The file's bytes (with `index_only`, just its index: the last bytes) and its size."""
     try:
@@ -140,8 +160,10 @@ def check_index(path: Path, layout: ShardLayout, chunks: range) -> None:
     chunk_spans(index, size - layout.index_bytes, layout, chunks)
 
 
-def decode_chunks(path: Path, layout: ShardLayout, chunks: range) -> np.ndarray:
-    """The rows of `chunks` (chunk numbers within the shard), every checksum checked."""
+def decode_chunks(path: Path, layout: ShardLayout, chunks: range, bound: tuple[Binding, bytes] | None = None) -> np.ndarray:
+    """The rows of `chunks` (chunk numbers within the shard), every checksum checked; with `bound` (the
+    file's binding and the digest recorded for it), also that the file is the one written there (last: a
+    damaged file is reported as damaged, a sound one in the wrong place as misplaced)."""
     data, size = read_file(path, layout)
     data_bytes = size - layout.index_bytes
     out = np.empty((len(chunks) * layout.chunk_rows, *layout.row_shape), layout.dtype)
@@ -159,12 +181,23 @@ def decode_chunks(path: Path, layout: ShardLayout, chunks: range) -> np.ndarray:
             blosc.decompress(body, target[i])
         except RuntimeError as error:  # blosc's own checks of its header and stream
             raise ShardDamage(f"it does not decode ({error})") from None
+    if bound is not None:
+        check_binding(data, *bound)
     return out
 
 
-def read_shard_rows(path: Path, layout: ShardLayout, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of one shard, counted from the shard's first row."""
+def check_binding(data: np.ndarray, binding: Binding, recorded: bytes) -> None:
+    if not any(recorded):
+        raise ShardDamage("no digest was recorded for its shard file (its block was never finished)")
+    if binding.digest(data) != recorded:
+        raise ShardDamage("its shard file is not the one written there (moved from another block, view or array, "
+                          "or left from an earlier extraction)")
+
+
+def read_shard_rows(path: Path, layout: ShardLayout, start: int, stop: int,
+                    bound: tuple[Binding, bytes] | None = None) -> np.ndarray:
+    """Rows [start, stop) of one shard, counted from the shard's first row (`bound`: see `decode_chunks`)."""
     first, last = start // layout.chunk_rows, -(-stop // layout.chunk_rows)
-    rows = decode_chunks(path, layout, range(first, last))
+    rows = decode_chunks(path, layout, range(first, last), bound)
     offset = first * layout.chunk_rows
     return rows[start - offset:stop - offset]

@@ -23,14 +23,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from pipeline.data import DatasetInfo, Geometry
+from pipeline.data import DatasetInfo, Geometry, normalize
+from pipeline.devices import autocast, to_device
 from pipeline.errors import PipelineError
-from pipeline.explain import CamLayer, captured, probe_input
+from pipeline.explain import CamLayer, Explanation, captured, explain, probe_input
 from pipeline.models.checkpoint import load_checkpoint, weights_sha256
 
 SOURCES = ("checkpoint", "torchvision", "timm")
 # under pipeline/: what computes a teacher's cached values, besides its data set's own module
-EXTRACTION_CODE = ("explain.py", "teachers.py", "cache.py", "views.py", "devices.py", "data/base.py", "data/files.py", "models")
+EXTRACTION_CODE = ("explain.py", "teachers.py", "cache.py", "views.py", "devices.py", "heldout.py", "scoring.py",
+                   "data/base.py", "data/files.py", "models")
 
 
 def extraction_code_sha256(dataset: str) -> str:
@@ -72,8 +74,9 @@ class Loaded(NamedTuple):
     name: str
     arch: str  # a model registry name, or timm:<name>
     transform: Transform | None  # None: the data set's eval transform
-    held_out_top1: float | None  # measured on a validation split that is not the test split, else None
+    held_out_top1: float | None  # its checkpoint's own validation figure, else None
     trained_split_seed: int | None = None  # for a teacher trained by this project on the same data set
+    validated_on: dict | None = None  # the identity of the split that figure was measured on, where recorded
 
 
 @dataclass
@@ -89,6 +92,15 @@ class Teacher:
         return self.transform.geometry
 
 
+def teacher_outputs(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, target: str,
+                    device: torch.device) -> Explanation:
+    """The teacher's logits, Grad-CAM map and explanation scores for uint8 (B, H, W, C) images at its input size."""
+    mean, std = teacher.transform.mean, teacher.transform.std
+    x = to_device(normalize(images.to(device, non_blocking=True), mean, std), device)
+    with autocast(device):
+        return explain(teacher.model, teacher.layer, x, labels.to(device), target, mean, std)
+
+
 def parse_target_layers(items: list[str]) -> dict[str, str]:
     """["resnet50=layer4", ...] -> {"resnet50": "layer4"}."""
     layers = {}
@@ -101,9 +113,9 @@ def parse_target_layers(items: list[str]) -> dict[str, str]:
 
 
 def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | None = None,
-                 split_seed: int | None = None) -> Teacher:
+                 split_seed: int | None = None, heldout: dict | None = None) -> Teacher:
     """Build the teacher of `spec` for data set `info` (split by `split_seed`), find its Grad-CAM
-    layer and map size."""
+    layer and map size. `heldout` is the identity of the split it is judged on (pipeline.heldout)."""
     source, _, rest = spec.partition(":")
     if source == "torchvision":
         loaded = torchvision_teacher(rest, info.num_classes)
@@ -134,8 +146,11 @@ def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | N
     identity = {
         "arch": loaded.arch, "source": spec, "weights_sha256": weights_sha256(model),
         "target_layer": layer.target_layer, "cam_path": layer.path, "transform": transform.as_dict(),
-        "heldout_top1": loaded.held_out_top1, "map_shape": list(box["activation"].shape[-2:]),
-        "code_sha256": extraction_code_sha256(info.name),
+        "map_shape": list(box["activation"].shape[-2:]), "code_sha256": extraction_code_sha256(info.name),
+        "heldout_data": heldout and {k: heldout[k] for k in ("name", "split", "num_samples", "ids_sha256")},
+        "checkpoint_val_top1": loaded.held_out_top1,  # shown beside the figure measured on `heldout`:
+        "checkpoint_val_data": None if loaded.validated_on is None else  # was it measured on the same images?
+        "same" if loaded.validated_on == heldout else "other",
     }
     return Teacher(name, model, layer, transform, identity)
 
@@ -149,7 +164,8 @@ def checkpoint_teacher(path: str, dataset: str) -> Loaded:
     held_out = record.get("metrics", {}).get("val_top1")
     same_data = record.get("dataset", {}).get("name") == dataset
     seed = record.get("config", {}).get("split_seed") if same_data else None
-    return Loaded(model, record.get("name", record["arch"].split(":")[-1]), record["arch"], transform, held_out, seed)
+    return Loaded(model, record.get("name", record["arch"].split(":")[-1]), record["arch"], transform, held_out, seed,
+                  record.get("val_dataset"))
 
 
 def is_weights_file(weights: str) -> bool:

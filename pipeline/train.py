@@ -13,8 +13,10 @@ from tqdm import tqdm
 from pipeline.ddp import Ranks
 from pipeline.devices import autocast, prepare_model
 from pipeline.errors import PipelineError
+from pipeline.objective import Term, loss_of
 
 POSTFIX_EVERY = 25  # steps between updates of the progress bar's loss
+STATE_VERSION = 2  # of a saved training state; 2: each loss term's running count beside its total
 
 
 class Resume:
@@ -43,7 +45,7 @@ class Resume:
         shared = {key: value for key, value in state.items() if key != "position"}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
-        torch.save({**shared, "config": self.config, "ranks": per_rank}, partial)
+        torch.save({**shared, "version": STATE_VERSION, "config": self.config, "ranks": per_rank}, partial)
         os.replace(partial, self.path)  # a kill while saving leaves the previous state whole
 
     def load(self) -> dict | None:
@@ -57,13 +59,13 @@ class Resume:
             print(f"no saved training state at {self.path}: the run starts from its beginning")
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)  # data only: no pickled code runs
         except Exception as error:
             raise PipelineError(f"cannot read the saved training state {self.path} ({type(error).__name__}); "
                                 "delete it to start the run again") from None
-        if "ranks" not in state:
-            raise PipelineError(f"{self.path} was saved by an earlier version of this code (one process's state, "
-                                "without its ranks' parts); delete it to start the run again")
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise PipelineError(f"{self.path} was saved by an earlier version of this code (its state has no loss "
+                                "term counts); delete it to start the run again")
         changed = sorted(k for k in set(self.config) | set(state["config"])
                          if self.config.get(k) != state["config"].get(k))
         if changed:
@@ -88,21 +90,22 @@ class Resume:
 def fit(
     model: nn.Module,
     batches: Callable[[int], Iterable[dict]],
-    loss_fn: Callable[[nn.Module, dict], dict[str, torch.Tensor]],
+    loss_fn: Callable[[nn.Module, dict], dict[str, Term]],
     *, epochs: int, steps_per_epoch: Callable[[int], int], lr: float, weight_decay: float, desc: str,
     device: torch.device = torch.device("cpu"), resume: Resume | None = None, ranks: Ranks = Ranks(),
 ) -> list[dict]:
-    """Train `model` and return one row per epoch with the mean of every loss component.
+    """Train `model` and return one row per epoch with the mean of every loss term and the loss.
 
-    `batches(epoch)` yields batch dicts; `loss_fn` returns a dict whose "loss" entry is
-    minimised and whose other entries (components, per-teacher terms) are only logged.
-    `steps_per_epoch(epoch)` must be exactly the number of batches `batches(epoch)` yields: the
-    cosine schedule reaches 0 after the last of them (a row's `lr` is that of its epoch's last step).
-    The model and each batch are moved to `device`; the model is left there (on CUDA in channels_last,
-    its losses computed under bf16 autocast). With `resume`, the state is saved at the end of every
-    epoch (and every `resume.every` steps) and a saved state is continued from: `batches(epoch)` must
-    yield the same batches again, so the steps already taken are skipped. Under torchrun (`ranks`), each
-    rank's `batches` are its own share and `steps_per_epoch` the steps every rank takes (pipeline.ddp).
+    `batches(epoch)` yields batch dicts; `loss_fn` returns the batch's loss terms (pipeline.objective):
+    their weighted means are minimised, terms of weight 0 are only logged. `steps_per_epoch(epoch)` must
+    be exactly the number of batches `batches(epoch)` yields: the cosine schedule reaches 0 after the last
+    of them (a row's `lr` is that of its epoch's last step). The model and each batch are moved to
+    `device`; the model is left there (on CUDA in channels_last, its losses computed under bf16 autocast).
+    With `resume`, the state is saved at the end of every epoch (and every `resume.every` steps) and a saved
+    state is continued from: `batches(epoch)` must yield the same batches again, so the steps already taken
+    are skipped. Under torchrun (`ranks`), each rank's `batches` are its own share, `steps_per_epoch` the
+    steps every rank takes, and every step's gradient is that of the mean over the rows of all ranks
+    (pipeline.objective; a rank out of batches takes padding steps that count no row).
     """
     model = prepare_model(model, device)
     trained = ranks.wrap(model, device)
@@ -111,7 +114,7 @@ def fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine decay from lr to 0, per step
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
-    history, start = [], {"epoch": 0, "step": 0, "sums": {}, "seen": 0}
+    history, start = [], {"epoch": 0, "step": 0, "sums": {}, "counts": {}}
     saved = resume.load() if resume else None
     if saved:
         model.load_state_dict(saved["model"])
@@ -120,18 +123,20 @@ def fit(
         history, start = saved["history"], saved["position"]
         print(f"{desc}: resuming at epoch {start['epoch'] + 1}, step {start['step']} ({resume.path})")
 
-    def save(epoch: int, step: int, sums: dict, seen: int) -> None:
+    def save(epoch: int, step: int, sums: dict, counts: dict) -> None:
+        floats = lambda values: {k: float(v) for k, v in values.items()}  # noqa: E731
         resume.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "history": history,
-                     "position": {"epoch": epoch, "step": step, "sums": {k: float(v) for k, v in sums.items()},
-                                  "seen": seen}})
+                     "position": {"epoch": epoch, "step": step, "sums": floats(sums), "counts": floats(counts)}})
 
     for epoch in range(start["epoch"], epochs):
         model.train()
         resumed = saved is not None and epoch == start["epoch"]
+        # each term's running total and count over the epoch (kept on the device: no wait for the GPU per step)
         sums = defaultdict(float, start["sums"] if resumed else {})
-        seen, skip = (start["seen"], start["step"]) if resumed else (0, 0)
-        last_lr = optimizer.param_groups[0]["lr"]
+        counts = defaultdict(float, start["counts"] if resumed else {})
+        skip = start["step"] if resumed else 0
+        last_lr, weights = optimizer.param_groups[0]["lr"], {}
         # generators as they were when the state was saved: before this epoch's loader drew its seeds
         # (a state saved at an epoch's end), or after (one saved within the epoch)
         if resumed and skip == 0:
@@ -147,29 +152,32 @@ def fit(
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             model.train(real)  # a padding step moves no batch-norm statistics
             with autocast(device):
-                losses = loss_fn(trained, batch)
+                terms = loss_fn(trained, batch)
+            if not real:  # a padding step counts no row: its gradient is zero
+                terms = {key: term.scaled(0.0) for key, term in terms.items()}
+            step_counts = ranks.all_sum(torch.stack([term.count.float() for term in terms.values()]))
             optimizer.zero_grad(set_to_none=True)
-            (losses["loss"] if real else losses["loss"] * 0).backward()
+            (loss_of(terms, step_counts) * ranks.world).backward()  # DDP averages: the mean over every rank's rows
             last_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             schedule.step()
-            if real:
-                n = len(batch["labels"])
-                for key, value in losses.items():  # summed where they are: no wait for the GPU every step
-                    sums[key] = sums[key] + value.detach().double() * n
-                seen += n
-                if step % POSTFIX_EVERY == 1:  # reading a loss waits for the GPU
-                    progress.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
+            for key, term in terms.items():
+                sums[key] = sums[key] + term.total.detach().double()
+                counts[key] = counts[key] + term.count.detach().double()
+                weights[key] = term.weight
+            if real and step % POSTFIX_EVERY == 1:  # reading a loss waits for the GPU
+                progress.set_postfix(loss=f"{float(loss_of(terms).detach()):.3f}")
             if resume and resume.every and step % resume.every == 0 and step < steps_per_epoch(epoch):
-                save(epoch, step, sums, seen)
+                save(epoch, step, sums, counts)
         keys = sorted(sums)
-        *totals, seen = ranks.sum([float(sums[key]) for key in keys] + [seen], device)  # every rank's samples
-        row = {"epoch": epoch + 1, **{key: total / max(seen, 1) for key, total in zip(keys, totals)}, "lr": last_lr}
+        totals = ranks.sum([float(sums[key]) for key in keys] + [float(counts[key]) for key in keys], device)
+        means = {key: total / max(count, 1) for key, total, count in zip(keys, totals, totals[len(keys):])}
+        row = {"epoch": epoch + 1, **means, "loss": sum(weights[key] * means[key] for key in keys), "lr": last_lr}
         history.append(row)
         if ranks.main:
             print(f"{desc} epoch {epoch + 1}/{epochs}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
         if resume:
-            save(epoch + 1, 0, {}, 0)
+            save(epoch + 1, 0, {}, {})
     return history
 
 

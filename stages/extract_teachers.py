@@ -9,7 +9,10 @@ is held. With --scheduler, each block is a dask task (pipeline.cluster).
 """
 
 import dataclasses
+import json
 import multiprocessing
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,11 +21,11 @@ from tqdm import tqdm
 
 from pipeline.cache import TeacherStore, default_block_size, quantize_cam, topk_logit_fields
 from pipeline.config import ExtractConfig
-from pipeline.data import Dataset, Geometry, UnreadableImage, get_dataset, normalize
-from pipeline.devices import autocast, prepare_model, resolve_device, to_device
+from pipeline.data import Dataset, Geometry, UnreadableImage, get_dataset, get_val_split
+from pipeline.devices import prepare_model, resolve_device
 from pipeline.errors import PipelineError
-from pipeline.explain import explain
-from pipeline.teachers import Teacher, load_teacher, parse_target_layers
+from pipeline.heldout import judge
+from pipeline.teachers import Teacher, load_teacher, parse_target_layers, teacher_outputs
 from pipeline.views import ViewPolicy
 
 
@@ -69,13 +72,16 @@ class Extraction:
     teachers: list[Teacher]
     views: ViewPolicy
     logits: dict
+    heldout: Dataset | None  # the split students validate on, where teachers are judged (pipeline.heldout)
 
     @classmethod
     def load(cls, cfg: ExtractConfig) -> "Extraction":
         dataset = get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download)
+        heldout = get_val_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
         info = dataset.info
         layers = parse_target_layers(cfg.target_layer)
-        teachers = [load_teacher(spec, info, layers, cfg.split_seed) for spec in cfg.teachers]
+        teachers = [load_teacher(spec, info, layers, cfg.split_seed, heldout and heldout.identity())
+                    for spec in cfg.teachers]
         names = [t.name for t in teachers]
         if len(set(names)) != len(names):
             raise PipelineError(f"teacher names must be unique, got {', '.join(names)}")
@@ -87,10 +93,11 @@ class Extraction:
         if logits["mode"] == "topk" and logits["k"] >= info.num_classes:
             raise PipelineError(f"--logits topk:{logits['k']} keeps every one of the {info.num_classes} classes; "
                                 "use --logits full or a smaller K")
-        return cls(dataset, teachers, views, logits)
+        return cls(dataset, teachers, views, logits, heldout)
 
-    def open_store(self, cfg: ExtractConfig) -> TeacherStore:
-        """The store, created (or checked) and every teacher registered in it."""
+    def open_store(self, cfg: ExtractConfig, judge: Callable[[list[Teacher]], dict[str, dict]]) -> TeacherStore:
+        """The store, created (or checked) and every teacher registered in it, judged first by `judge` on the
+        held-out split (once, when it is registered; a changed teacher is refused before it is judged)."""
         replace = cfg.on_change == "replace"
         with TeacherStore.locked(cfg.store):  # parallel extractors of one store create it once
             store = TeacherStore.create(
@@ -102,9 +109,23 @@ class Extraction:
             for name in set(store.teachers) - set(names) if replace else ():
                 print(f"dropping teacher {name} from {store.path}: not among --teachers (--on-change replace)")
                 store.drop_teacher(name)
-            for t in self.teachers:
-                store.add_teacher(t.name, t.identity, replace=replace)
+            new = [t for t in self.teachers if not store.holds(t.name, t.identity)]
+            for t in new:
+                store.check_teacher(t.name, t.identity, replace)
+            judged = judge(new) if new and self.heldout is not None else {}
+            for t in new:
+                if judged.get(t.name):
+                    print(f"teacher {t.name} on the {judged[t.name]['samples']} held-out {judged[t.name]['split']} "
+                          f"images: top-1 {judged[t.name]['top1']:.4f}, mean confidence drop "
+                          f"{judged[t.name]['mean_drop']:.4f}")
+                store.add_teacher(t.name, t.identity | {"heldout": judged.get(t.name)}, replace=replace)
         return store
+
+    def judge(self, teacher: Teacher, cfg: ExtractConfig, device: torch.device) -> dict:
+        """The teacher's top-1 and mean drop on the held-out split, run on `device`."""
+        teacher.model = prepare_model(teacher.model, device)
+        return judge(teacher.name, lambda images, labels: teacher_outputs(teacher, images, labels, cfg.target, device),
+                     self.heldout, teacher.geometry, cfg.batch_size, cfg.skip_corrupt)
 
     def block_size(self, cfg: ExtractConfig) -> int:
         return cfg.block_size or default_block_size(len(self.dataset))
@@ -149,27 +170,63 @@ class Extraction:
                 on_block(block)
 
 
+MIN_MAP_SIDE = 4  # a coarser map says little about where the evidence is
+
+
+def describe_layers(teachers: list[Teacher]) -> None:
+    """Each teacher's Grad-CAM layer and map size, with a warning for maps too coarse to locate anything (a
+    network whose last maps pool to 1x1 at this input size falls back to an earlier layer)."""
+    for t in teachers:
+        h, w = t.identity["map_shape"]
+        print(f"teacher {t.name}: Grad-CAM at {t.layer.target_layer} ({t.layer.path}), maps {h}x{w}")
+        if min(h, w) < MIN_MAP_SIDE:
+            print(f"warning: teacher {t.name}'s maps are only {h}x{w} (layer {t.layer.target_layer}); name a layer "
+                  f"with larger maps with --target-layer {t.name}=<module.path>, or feed larger images")
+
+
 def run(cfg: ExtractConfig) -> TeacherStore:
     extraction = Extraction.load(cfg)
-    store = extraction.open_store(cfg)
+    describe_layers(extraction.teachers)
+    if cfg.scheduler:
+        from pipeline.cluster import Cluster  # dask is imported only for --scheduler
+
+        with Cluster(cfg.scheduler) as cluster:  # teachers are judged and blocks extracted on its workers' devices
+            store = extraction.open_store(cfg, lambda new: cluster.judge(judge_on_worker, cfg, [t.name for t in new]))
+            with pending_work(cfg, extraction, store, f"on dask ({cfg.scheduler})") as (pending, progress):
+                identity = {"store": store.attrs["fingerprint"],
+                            "teachers": {n: store.teacher_attrs(n)["fingerprint"] for n in pending}}
+                cluster.run_blocks(extract_on_worker, cfg, pending, identity, progress)
+        return store
+    device = resolve_device(cfg.device)
+    store = extraction.open_store(cfg, lambda new: {t.name: extraction.judge(t, cfg, device) for t in new})
+    with pending_work(cfg, extraction, store, f"on {device}") as (pending, progress):
+        extraction.extract(store, pending, cfg, device, lambda block: progress.update())
+    return store
+
+
+@contextmanager
+def pending_work(cfg: ExtractConfig, extraction: Extraction, store: TeacherStore, where: str):
+    """The blocks each teacher has still to extract in this process's part, said, and a progress bar over them."""
     part, parts = cfg.block_part()
     pending = {t.name: {b for b in store.pending_blocks(t.name) if b % parts == part} for t in extraction.teachers}
     blocks = sorted(set().union(*pending.values()))
-    where = f"on dask ({cfg.scheduler})" if cfg.scheduler else f"on {resolve_device(cfg.device)}"
     print(f"store {store.path}: {len(blocks)} of {store.num_blocks} blocks to extract"
           + (f" (part {cfg.blocks})" if cfg.blocks else "") + f" {where}")
     views = extraction.views.count
     with tqdm(total=len(blocks), desc=f"extract {cfg.split} ({len(extraction.teachers)} teachers, {views} "
               f"view{'s' * (views > 1)})", unit="block") as progress:
-        if cfg.scheduler:
-            from pipeline.cluster import run_blocks
+        yield pending, progress
 
-            identity = {"store": store.attrs["fingerprint"],
-                        "teachers": {n: store.teacher_attrs(n)["fingerprint"] for n in pending}}
-            run_blocks(cfg.scheduler, extract_on_worker, cfg, pending, identity, progress)
-        else:
-            extraction.extract(store, pending, cfg, resolve_device(cfg.device), lambda block: progress.update())
-    return store
+
+def judge_on_worker(cfg: ExtractConfig, name: str) -> dict:
+    """A dask task: teacher `name` judged on the held-out split on this worker's device (the client may have
+    no GPU), with the data set and teachers this worker loaded for the job's judging."""
+    from pipeline.cluster import worker_device, worker_state
+
+    key = "judge " + json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    extraction = worker_state(key, lambda: Extraction.load(dataclasses.replace(cfg, download=False)))
+    teacher = next(t for t in extraction.teachers if t.name == name)
+    return extraction.judge(teacher, cfg, worker_device(cfg.device))
 
 
 def extract_on_worker(cfg: ExtractConfig, key: str, block: int, teachers: list[str]) -> list[str]:
@@ -221,10 +278,8 @@ def check_readable(dataset: Dataset, rows: list[int], errors: tuple[str, ...], s
 
 def explain_batch(teacher: Teacher, images: torch.Tensor, labels: torch.Tensor, target: str,
                   device: torch.device) -> dict[str, np.ndarray]:
-    mean, std = teacher.transform.mean, teacher.transform.std
-    x = to_device(normalize(images.to(device, non_blocking=True), mean, std), device)
-    with autocast(device):
-        result = explain(teacher.model, teacher.layer, x, labels.to(device), target, mean, std)
+    """What the store holds of a batch: `teacher_outputs` with its maps quantised."""
+    result = teacher_outputs(teacher, images, labels, target, device)
     cam_u8, cam_max = quantize_cam(result.cam.float())
     attention_u8, attention_max = quantize_cam(result.attention)
     return {"logits": result.logits.float().cpu().numpy(), "cam": cam_u8, "cam_max": cam_max,

@@ -30,17 +30,29 @@ RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 def run_table(cfg: ReportConfig, test: SampleSet) -> pd.DataFrame:
     """One row per run: variant, seed, validation and test top-1."""
     rows = []
-    for path in sorted(Path(cfg.students_dir).glob("*/checkpoint.pt")):
+    for (variant, seed), path in named_runs(Path(cfg.students_dir)).items():
+        model, record = load_checkpoint(path)
+        rows.append({"variant": variant, "seed": seed, "val_top1": record.get("val_top1"), "test_top1": top1(model, test)})
+    return pd.DataFrame(rows)
+
+
+def named_runs(students_dir: Path) -> dict[tuple[str, int], Path]:
+    """(variant, seed) -> checkpoint of every run named <variant>-s<seed>; two runs that name the same pair
+    (kd-s1 and kd-s01) would be paired with the other variants' runs at random, so they stop the report."""
+    runs: dict[tuple[str, int], Path] = {}
+    for path in sorted(students_dir.glob("*/checkpoint.pt")):
         match = RUN_NAME.match(path.parent.name)
         if not match:
             continue
-        model, record = load_checkpoint(path)
-        rows.append({"variant": match["variant"], "seed": int(match["seed"]), "val_top1": record.get("val_top1"),
-                     "test_top1": top1(model, test)})
-    if not rows:
-        raise PipelineError(f"no runs named <variant>-s<seed> under {cfg.students_dir}; "
+        key = (match["variant"], int(match["seed"]))
+        if key in runs:
+            raise PipelineError(f"runs {runs[key].parent.name} and {path.parent.name} under {students_dir} are both "
+                                f"variant {key[0]} seed {key[1]}; rename or remove one")
+        runs[key] = path
+    if not runs:
+        raise PipelineError(f"no runs named <variant>-s<seed> under {students_dir}; "
                             "train students with --run-name <variant>-s<seed>")
-    return pd.DataFrame(rows)
+    return runs
 
 
 def summarise(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:

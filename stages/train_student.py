@@ -21,6 +21,7 @@ from pipeline.ddp import Ranks
 from pipeline.distill import DistillationLoss, teacher_fields
 from pipeline.errors import PipelineError
 from pipeline.evaluation import top1
+from pipeline.heldout import checkpoint_note, judged_top1
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
@@ -47,20 +48,24 @@ def choose_teachers(store: TeacherStore, method: str, teacher: str | None, polic
 
 
 def named_or_best_teacher(store: TeacherStore, teacher: str | None, method: str) -> str:
-    """`teacher` if given, else the teacher with the best held-out top-1: validation accuracy recorded
-    at extraction, never accuracy on a test split; without it for every teacher, the user names one."""
+    """`teacher` if given, else the teacher with the best top-1 on this data's held-out split, measured at
+    extraction (pipeline.heldout); without it for every teacher, the user names one."""
     if teacher is not None:
         store.teacher_group(teacher)  # fails listing the store's teachers
         return teacher
-    held_out = {name: store.teacher_attrs(name).get("heldout_top1") for name in store.teachers}
-    lacking = sorted(name for name, top1 in held_out.items() if top1 is None)
+    attrs = {name: store.teacher_attrs(name) for name in store.teachers}
+    judged = {name: judged_top1(a) for name, a in attrs.items()}
+    lacking = sorted(name for name, figure in judged.items() if figure is None)
     if lacking:
         raise PipelineError(
-            f"{method} needs one teacher, and {', '.join(lacking)} of store {store.path} came without a held-out "
-            "(validation) accuracy to choose by (published ImageNet accuracies are on its val split, this "
-            f"project's test split); name one with --teacher, one of: {', '.join(store.teachers)}")
-    best = max(sorted(held_out), key=held_out.get)
-    print(f"{method}: logits from {best} (validation top-1 {held_out[best]:.4f}, best of {len(held_out)} teachers)")
+            f"{method} needs one teacher, and {', '.join(lacking)} of store {store.path} has no top-1 measured on this "
+            "data's held-out split (the data set has none besides its test split; a checkpoint's own figure of "
+            f"other data does not count); name one with --teacher, one of: {', '.join(store.teachers)}"
+            + ("; or take each sample's logits from the teachers it selects with --kd-source selected"
+               if method == "--kd-source best" else ""))
+    best = max(sorted(judged), key=lambda name: judged[name][0])
+    print(f"{method}: logits from {best} ({judged[best][1]}; {checkpoint_note(attrs[best])}; best of {len(judged)} "
+          "teachers)")
     return best
 
 

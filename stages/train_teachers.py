@@ -13,6 +13,7 @@ from pipeline.data import get_dataset, get_test_split, get_val_split
 from pipeline.evaluation import evaluate_model, top1
 from pipeline.models import MODELS, count_parameters, create_model
 from pipeline.models.checkpoint import save_checkpoint
+from pipeline.objective import Term
 from pipeline.train import fit, seeded_generator
 
 
@@ -37,10 +38,9 @@ def run(cfg: TrainTeachersConfig) -> dict[str, dict]:
 
         augmentation = Augmentation(cfg.shift, cfg.flip, cfg.seed)
 
-        def loss_fn(teacher, batch: dict) -> dict:
+        def loss_fn(teacher, batch: dict) -> dict[str, Term]:
             x, labels, _ = model_input(batch, augmentation, info.mean, info.std)
-            loss = F.cross_entropy(teacher(x), labels)
-            return {"ce": loss, "loss": loss}
+            return {"ce": Term.over(F.cross_entropy(teacher(x), labels, reduction="none"))}
 
         steps = -(-len(train) // cfg.batch_size)
         history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=lambda epoch: steps,
@@ -50,7 +50,8 @@ def run(cfg: TrainTeachersConfig) -> dict[str, dict]:
         print(f"teacher {arch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         save_checkpoint(out_dir / f"{arch}.pt", model, {
             "name": arch, "arch": arch, "in_channels": info.image_shape[2], "num_classes": info.num_classes,
-            "dataset": train.identity(), "transform": {"mean": list(info.mean), "std": list(info.std)},
+            "dataset": train.identity(), "val_dataset": val.identity() if val else None,  # where val_top1 is from
+            "transform": {"mean": list(info.mean), "std": list(info.std)},
             "config": dataclasses.asdict(cfg), "metrics": metrics, "history": history,
         })
         all_metrics[arch] = metrics

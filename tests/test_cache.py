@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ def identity(num_samples=N, ids="abc"):
 
 
 TEACHER = {"arch": "resnet8", "source": "checkpoint:x.pt", "weights_sha256": "w1", "target_layer": "features",
-           "cam_path": "closed-form", "transform": {"mean": [0.5], "std": [0.25]}, "heldout_top1": 0.9,
+           "cam_path": "closed-form", "transform": {"mean": [0.5], "std": [0.25]}, "heldout": {"split": "val", "samples": 10, "top1": 0.9, "mean_drop": 0.3},
            "map_shape": list(MAP), "code_sha256": "c1"}
 
 
@@ -57,7 +58,7 @@ def test_round_trip_and_plain_zarr(tmp_path):
     assert store.pending_blocks("t1") == []
 
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")  # plain zarr, no project code
-    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 6
+    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 7
     np.testing.assert_array_equal(group["labels"][:], np.arange(N) % C)
     assert group["images"].shape == (N, 4, 4, 1)
     assert group["teachers/t1/cam"].shards == (4, 1, *MAP) and group["teachers/t1/cam"].chunks == (2, 1, *MAP)
@@ -126,8 +127,8 @@ def edit_metadata(path, edit):
     (lambda m: m.update(shape=[10, 2]),  # two views in a store of one
      "y_prob: its zarr.json describes 10 rows in shards of 4, chunks of 2 and 2 views, not 10, 4, 2 and 1"),
     (lambda m: m["codecs"][0]["configuration"]["codecs"][0].update(configuration={"endian": "big"}),
-     "array teachers/t1/y_prob is not laid out as a teacher-cache v6 array"),
-    (lambda m: m.pop("data_type"), "array teachers/t1/y_prob is not laid out as a teacher-cache v6 array"),
+     "array teachers/t1/y_prob is not laid out as a teacher-cache v7 array"),
+    (lambda m: m.pop("data_type"), "array teachers/t1/y_prob is not laid out as a teacher-cache v7 array"),
 ])
 def test_an_array_laid_out_otherwise_than_the_store_is_refused_not_misread(tmp_path, edit, message):
     """Rows are placed by the store's block size: an array whose shards differ would be read at wrong offsets."""
@@ -150,8 +151,62 @@ def test_a_chunk_whose_header_states_another_size_is_damage_even_with_a_valid_ch
     data[offset + length - 4:offset + length] = google_crc32c.value(bytes(data[offset:offset + length - 4])).to_bytes(
         4, "little")
     path.write_bytes(bytes(data))
+    store.bind("t1", 1)  # as if a writer had written this file there (else its binding digest fails first)
     with pytest.raises(PipelineError, match="y_prob block 1: it does not decode .a chunk says it holds 4 bytes"):
         TeacherStore.open(tmp_path / "s.zarr").read_rows(4, 8, ["teachers/t1/y_prob"])
+
+
+def test_a_shard_left_from_another_teacher_or_an_earlier_extraction_is_refused(tmp_path):
+    """A shard file bound to its place by array, block, view and its writer's fingerprint, and by its bytes: one
+    written by another teacher of the same name, or at the same place by an earlier extraction, is refused."""
+    store = written_store(tmp_path / "s.zarr")
+    path = store.shard_file("teachers/t1/cam", 1)
+    other = TeacherStore.create(tmp_path / "other.zarr", identity(), np.arange(N) % C,
+                                np.arange(N * 16, dtype=np.uint8).reshape(N, 4, 4, 1), target="label", block_size=4,
+                                chunks_per_block=2, views=ViewPolicy(count=1, shift=1))
+    other.add_teacher("t1", {**TEACHER, "weights_sha256": "other weights"})
+    rng = np.random.default_rng(1)  # the same values as written_store's block 0 and 1 ...
+    for block in (0, 1):
+        start, stop = other.block_rows(block)
+        other.write_samples(block, {"valid": rng.random(stop - start) < 0.8,
+                                    "view_boxes": rng.integers(-9, 9, (stop - start, 1, 4)).astype(np.int32),
+                                    "view_flips": rng.random((stop - start, 1)) < 0.5})
+        other.write_block("t1", block, block_arrays(rng, stop - start, 1))
+    foreign = other.shard_file("teachers/t1/cam", 1)
+    assert foreign.read_bytes() == path.read_bytes()  # ... so the files are byte for byte the same
+    original = path.read_bytes()
+    store.writable("teachers/t1/cam")[4:8] = 255 - store.read_rows(4, 8, ["teachers/t1/cam"])["teachers/t1/cam"][:, None]
+    with pytest.raises(PipelineError, match="teachers/t1/cam block 1: its shard file is not the one written there"):
+        store.read_rows(4, 8, ["teachers/t1/cam"])  # rewritten after its digest was recorded: other bytes
+    path.write_bytes(original)
+    assert store.read_rows(4, 8, ["teachers/t1/cam"])  # the file written there, back
+    other_binding = other.recorded_digests("t1", 1)
+    assert (other_binding != store.recorded_digests("t1", 1)).any()  # another writer: other digests
+    store.writable(store.digest_array("t1"))[1] = other_binding  # the other teacher's record, with the same bytes
+    with pytest.raises(PipelineError, match="teachers/t1/cam block 1: its shard file is not the one written there"):
+        store.read_rows(4, 8, ["teachers/t1/cam"])
+
+
+def test_a_teacher_folder_of_another_store_is_refused(tmp_path):
+    """Two stores of the same rows and teacher, made with other targets: a teacher's files belong to their
+    store, so its folder copied into the other store fails its reads instead of passing as that store's."""
+    stores = {}
+    for target in ("label", "predicted"):
+        store = TeacherStore.create(tmp_path / f"{target}.zarr", identity(), np.arange(N) % C, None, target=target,
+                                    block_size=4, chunks_per_block=2)
+        store.add_teacher("t1", TEACHER)
+        rng = np.random.default_rng(0 if target == "label" else 1)
+        for block in range(store.num_blocks):
+            start, stop = store.block_rows(block)
+            store.write_samples(block, {"valid": np.ones(stop - start, bool),
+                                        "view_boxes": np.tile([0, 0, 4, 4], (stop - start, 1, 1)),
+                                        "view_flips": np.zeros((stop - start, 1), bool)})
+            store.write_block("t1", block, block_arrays(rng, stop - start))
+        stores[target] = store
+    shutil.rmtree(tmp_path / "label.zarr" / "teachers" / "t1")
+    shutil.copytree(tmp_path / "predicted.zarr" / "teachers" / "t1", tmp_path / "label.zarr" / "teachers" / "t1")
+    with pytest.raises(PipelineError, match="teachers/t1/logits block 0: its shard file is not the one written there"):
+        TeacherStore.open(tmp_path / "label.zarr").read_rows(0, 4, ["teachers/t1/logits"])
 
 
 def test_unfinished_blocks_are_pending(tmp_path):
@@ -182,7 +237,7 @@ def test_unknown_format_or_version_is_refused(tmp_path):
     make_store(tmp_path / "s.zarr")
     group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
     group.attrs["version"] = 99
-    with pytest.raises(PipelineError, match="is not a teacher-cache v6 store \\(format='teacher-cache', version=99\\)"):
+    with pytest.raises(PipelineError, match="is not a teacher-cache v7 store \\(format='teacher-cache', version=99\\)"):
         TeacherStore.open(tmp_path / "s.zarr")
     with pytest.raises(PipelineError, match="no teacher store at"):
         TeacherStore.open(tmp_path / "missing.zarr")

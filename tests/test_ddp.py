@@ -24,6 +24,7 @@ from pipeline.evaluation import top1
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import load_checkpoint
+from pipeline.objective import loss_of
 from pipeline.stream import BlockStream
 from pipeline.train import Resume
 from stages.train_student import run as train
@@ -83,7 +84,7 @@ def student_gradients(arch, model_wrapper, batch, device="cpu"):
     loss_fn = DistillationLoss("explain-kd", ["t1", "t2"], layer, (0.3,), (0.32,), temperature=4.0, alpha=0.5,
                                beta=2.0, num_classes=10, student_map="gradcam")
     model = model_wrapper(student)  # held: a DDP wrapper reduces gradients while it lives
-    loss_fn(model, batch)["loss"].backward()  # eval mode: batch norm is per sample
+    loss_of(loss_fn(model, batch)).backward()  # eval mode: batch norm is per sample
     return [p.grad.clone() for p in student.parameters()]
 
 
@@ -183,7 +184,7 @@ def test_a_killed_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(sm
     mp.spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "split", 2, False), nprocs=2)
     run = tmp_path / "split" / "explain-kd"
     assert sorted(p.name for p in run.iterdir()) == ["resume.pt"]  # killed at step 8 of epoch 1
-    saved = torch.load(run / "resume.pt", weights_only=False)
+    saved = torch.load(run / "resume.pt", weights_only=True)
     assert [part["position"]["step"] for part in saved["ranks"]] == [8, 8]
     assert not torch.equal(*(part["generators"][0] for part in saved["ranks"]))  # the ranks' own
     refused = invoke("train-student", "--split", "test", "--store", small_store, "--method", "explain-kd", "--epochs",
@@ -236,3 +237,94 @@ def test_torchrun_with_two_processes_trains_a_student_within_noise_of_one(teache
     assert min(accuracy.values()) > 0.4, accuracy  # both learned (10 classes: chance is 0.1; 0.73 measured)
     # the same steps on the same samples, batch norm per rank: within noise of one process (0.73 both measured)
     assert abs(accuracy["one"] - accuracy["two"]) < 0.1, accuracy
+
+
+# -- one optimizer step under torchrun equals one process on the union of the ranks' rows ---------------
+
+TEACHERS = ("t1", "t2")
+
+
+def no_norm_student() -> torch.nn.Module:
+    """A GAP + Linear student without batch norm (whose statistics are per rank under DDP)."""
+    from pipeline.models.small import GapLinearNet
+
+    torch.manual_seed(5)
+    features = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(6, 8, 3, stride=2, padding=1), torch.nn.ReLU())
+    return GapLinearNet(features, 8, 10)
+
+
+def rows(first: int, count: int, empty_maps: set[int] = frozenset()) -> dict:
+    """Store-like rows `first`..`first + count - 1` for explain-kd; rows in `empty_maps` have no teacher map."""
+    g = torch.Generator().manual_seed(first)
+    batch = {"images": torch.randint(0, 256, (count, 16, 16, 1), dtype=torch.uint8, generator=g),
+             "labels": torch.randint(0, 10, (count,), generator=g), "index": torch.arange(first, first + count)}
+    empty = torch.tensor([r in empty_maps for r in range(first, first + count)])
+    for name in TEACHERS:
+        batch[f"teachers/{name}/logits"] = (3 * torch.randn(count, 10, generator=g)).half()
+        batch[f"teachers/{name}/y_prob"] = torch.rand(count, generator=g) * 0.9 + 0.1
+        batch[f"teachers/{name}/o_prob"] = torch.rand(count, generator=g)
+        batch[f"teachers/{name}/cam"] = torch.randint(1, 256, (count, 4, 4), dtype=torch.uint8, generator=g)
+        batch[f"teachers/{name}/cam_max"] = torch.where(empty, 0.0, torch.rand(count, generator=g) + 0.5)
+    return batch
+
+
+# per rank, the batches its blocks give: blocks of unequal size end in partial batches, so the ranks hold
+# different row counts in a step and some ranks run out of batches first (their padding steps); rows 3, 4
+# and 20-22 have empty teacher maps (rank 1's whole first batch of the 3-rank plan has none)
+PLANS = {
+    2: [[rows(0, 5, {3, 4}), rows(5, 3)], [rows(10, 2)]],
+    3: [[rows(0, 5, {3}), rows(5, 5), rows(10, 1)], [rows(20, 3, {20, 21, 22}), rows(23, 4)], [rows(30, 4)]],
+}
+
+
+def union(plan: list[list[dict]], step: int) -> dict:
+    """The rows all ranks hold in `step`, as one batch."""
+    held = [batches[step] for batches in plan if step < len(batches)]
+    return {key: torch.cat([b[key] for b in held]) for key in held[0]}
+
+
+def fit_gradients(batches: list[dict], steps: int, ranks: Ranks) -> list[list[torch.Tensor]]:
+    """Each optimizer step's gradients when `fit` trains explain-kd (Grad-CAM map term included) on `batches`."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from pipeline.train import fit
+
+    student = no_norm_student()
+    layer = CamLayer.of(student.eval(), probe_input((16, 16, 1)))
+    loss_fn = DistillationLoss("explain-kd", list(TEACHERS), layer, (0.3,), (0.32,), temperature=4.0, alpha=0.7,
+                               beta=2.0, num_classes=10, student_map="gradcam")
+    seen = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append([p.grad.clone() for p in optimizer.param_groups[0]["params"]]))
+    try:
+        fit(student, lambda epoch: iter(batches), loss_fn, epochs=1, steps_per_epoch=lambda epoch: steps, lr=0.1,
+            weight_decay=5e-4, desc="step", ranks=ranks)
+    finally:
+        hook.remove()
+    return seen
+
+
+def stepping_rank(rank, world, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    plan = PLANS[world]
+    torch.save(fit_gradients(plan[rank], max(map(len, plan)), Ranks(rank, world)), out / f"grads.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_step_gradients_equal_a_single_process_on_the_union_of_the_ranks_rows(world, tmp_path):
+    """Every step's gradient is that of the mean loss over all rows the ranks hold in it (CE and KD over rows,
+    the map term over the rows whose teacher map counts), however many each rank holds, padding steps included."""
+    mp.spawn(stepping_rank, args=(world, tmp_path / "init", tmp_path), nprocs=world)
+    plan = PLANS[world]
+    steps = max(map(len, plan))
+    expected = fit_gradients([union(plan, step) for step in range(steps)], steps, Ranks())
+    assert len(expected) == steps
+    for rank in range(world):
+        got = torch.load(tmp_path / f"grads.{rank}")
+        assert len(got) == steps  # padding ranks step in lockstep
+        for step, (have, want) in enumerate(zip(got, expected, strict=True)):
+            for g, w in zip(have, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"rank {rank} step {step}: {m}")

@@ -13,10 +13,16 @@ from pipeline.scoring import best_explainer, decided_by_tie, selection_weights
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
+from pipeline.objective import loss_of
 
 from conftest import make_cifar
 
 PROBE = probe_input((32, 32, 1))
+
+
+def means(terms: dict) -> dict:
+    """Each loss term's mean over what it covers, and the step's loss ("loss")."""
+    return {key: term.mean for key, term in terms.items()} | {"loss": loss_of(terms)}
 
 
 def test_kd_loss_golden_value():
@@ -107,13 +113,13 @@ def test_distillation_loss_components(method):
     teachers = ["t2"] if method == "kd" else ["t1", "t2"]
     loss_fn = DistillationLoss(method, teachers, layer, (0.3,), (0.32,), temperature=4.0, alpha=0.5, beta=2.0,
                                num_classes=10)
-    losses = loss_fn(student, batch)
+    losses = means(loss_fn(student, batch))
 
     logits, activation = features_of(student, standardised(batch))
     ce = F.cross_entropy(logits, batch["labels"])
     soft = {t: F.softmax(batch[f"teachers/{t}/logits"].float() / 4.0, 1) for t in ("t1", "t2")}
     if method == "ce":
-        assert set(losses) == {"ce", "loss"}
+        assert set(losses) == {"ce", "loss"}  # the step's loss is the terms' weighted means: here ce alone
         expected = ce
     elif method == "kd":
         expected = ce + 0.5 * kd_loss(logits, soft["t2"], 4.0)
@@ -180,7 +186,7 @@ def test_attention_transfer_compares_squared_activation_maps():
     batch, teachers = make_student_batch("at")
     student = create_model("resnet8_slim", 1, 10).eval()
     layer = CamLayer.of(student, PROBE)
-    losses = DistillationLoss("at", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10)(student, batch)
+    losses = means(DistillationLoss("at", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10)(student, batch))
     _, activation = features_of(student, standardised(batch))
     teacher = batch["teachers/t2/attention"].float() / 255 * batch["teachers/t2/attention_max"][:, None, None]
     expected = hand_map_distance((activation ** 2).mean(1), teacher)  # attention map: mean over channels of A^2
@@ -193,7 +199,7 @@ def test_detached_head_keeps_the_map_term_off_the_classifier():
         student = create_model("resnet8_slim", 1, 10).train()
         loss_fn = DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0,
                                    alpha=0.0, beta=1.0, num_classes=10, detach_head=detach)
-        losses = loss_fn(student, batch)
+        losses = means(loss_fn(student, batch))
         fc_grad, = torch.autograd.grad(losses["map"], student.fc.weight, allow_unused=True)
         assert (fc_grad is None or not fc_grad.any()) == detach
 
@@ -234,7 +240,7 @@ def test_maps_can_be_compared_on_a_coarser_grid():
     batch, teachers = make_student_batch("at")
     student = create_model("resnet8_slim", 1, 10).eval()
     layer = CamLayer.of(student, PROBE)
-    losses = DistillationLoss("at", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10, map_size=2)(student, batch)
+    losses = means(DistillationLoss("at", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10, map_size=2)(student, batch))
     _, activation = features_of(student, standardised(batch))
     teacher = batch["teachers/t2/attention"].float() / 255 * batch["teachers/t2/attention_max"][:, None, None]
     quarters = lambda m: m.unfold(1, 4, 4).unfold(2, 4, 4).mean((-1, -2))  # noqa: E731  8x8 -> 2x2 by 4x4 means
@@ -246,8 +252,8 @@ def test_teacher_gradcam_can_guide_the_student_attention_and_logits_can_come_fro
     batch, teachers = make_student_batch("explain-kd")
     student = create_model("resnet8_slim", 1, 10).eval()
     layer = CamLayer.of(student, PROBE)
-    losses = DistillationLoss("explain-kd", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10,
-                              student_map="attention", kd_teacher="t1")(student, batch)
+    losses = means(DistillationLoss("explain-kd", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10,
+                              student_map="attention", kd_teacher="t1")(student, batch))
     logits, activation = features_of(student, standardised(batch))
     teacher_map = batch["teachers/t2/cam"][0].float() / 255  # sample 0 chooses t2; sample 1's t1 map is empty
     teacher_map = F.interpolate(teacher_map[None, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
@@ -270,6 +276,29 @@ def test_shrinking_a_map_averages_cells_and_drops_no_evidence():
     torch.testing.assert_close(resize_maps(ramp, (8, 8))[0, 0, 1:7], torch.tensor([0.25, 0.75, 1.25, 1.75, 2.25, 2.75]))
 
 
+def area_shrunk_by_lcm(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The reference: repeat every cell so that both sides become the least common multiple of the input and
+    output sides, then take block means (each output cell the mean of the input over its footprint)."""
+    (h, w), (oh, ow) = maps.shape[-2:], size
+    lh, lw = math.lcm(h, oh), math.lcm(w, ow)
+    fine = maps.repeat_interleave(lh // h, dim=-2).repeat_interleave(lw // w, dim=-1)
+    return fine.reshape(*maps.shape[:-2], oh, lh // oh, ow, lw // ow).mean(dim=(-3, -1))
+
+
+@pytest.mark.parametrize("source, size", [((8, 8), (3, 3)), ((7, 5), (3, 2)), ((14, 14), (4, 6)), ((9, 6), (9, 4)),
+                                          ((12, 12), (4, 4)), ((5, 7), (1, 1))])
+def test_shrinking_by_area_weighs_fractional_overlaps(source, size):
+    maps = torch.rand(3, 2, *source, generator=torch.Generator().manual_seed(sum(source + size)))
+    torch.testing.assert_close(resize_maps(maps, size), area_shrunk_by_lcm(maps, size), rtol=1e-5, atol=1e-6)
+    rows = torch.zeros(1, 8, 1)
+    rows[0, 2] = 1.0  # from 8 rows to 3: input row 2 lies 2/3 in output row 0 and 1/3 in row 1
+    torch.testing.assert_close(resize_maps(rows, (3, 1))[0, :, 0] * 8 / 3, torch.tensor([2 / 3, 1 / 3, 0.0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as students train on CUDA: maps stay float32
+        shrunk = resize_maps(maps, size)
+    assert shrunk.dtype == torch.float32
+    torch.testing.assert_close(shrunk, area_shrunk_by_lcm(maps, size), rtol=1e-5, atol=1e-6)
+
+
 def test_a_predicted_store_explains_the_teachers_class_in_the_student_map():
     batch, teachers = make_student_batch("explain-kd")
     other = torch.tensor([5, 2])  # the classes the teachers' maps explain (their predictions), not the labels 3, 7
@@ -278,7 +307,7 @@ def test_a_predicted_store_explains_the_teachers_class_in_the_student_map():
     student = create_model("resnet8_slim", 1, 10).eval()
     layer = CamLayer.of(student, PROBE)
     loss = lambda target, b: DistillationLoss("explain-kd", teachers, layer, (0.3,), (0.32,), 4.0, 1.0, 1.0, 10,  # noqa: E731
-                                              target=target)(student, b)["map"]
+                                              target=target)(student, b)["map"].mean
     relabelled = {**batch, "labels": other}  # the map term depends on the explained class only
     torch.testing.assert_close(loss("predicted", batch), loss("label", relabelled))
     assert not torch.allclose(loss("predicted", batch), loss("label", batch))
@@ -290,8 +319,8 @@ def test_teachers_with_maps_of_different_sizes_are_each_resized_to_the_student_m
     batch["teachers/t1/cam"] = torch.randint(1, 256, (2, 2, 2), dtype=torch.uint8)
     batch["teachers/t1/cam_max"] = torch.tensor([1.0, 2.0])  # sample 1 chooses t1, and now has a map
     student = create_model("resnet8_slim", 1, 10).eval()
-    losses = DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 0.5, 2.0, 10,
-                              student_map="attention", kd_teacher="t1")(student, batch)
+    losses = means(DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 0.5, 2.0, 10,
+                              student_map="attention", kd_teacher="t1")(student, batch))
     _, activation = features_of(student, standardised(batch))
     up = lambda cam: F.interpolate(cam[None, None].float(), size=(8, 8), mode="bilinear", align_corners=False)[0, 0]  # noqa: E731
     chosen = torch.stack([up(batch["teachers/t2/cam"][0]), up(batch["teachers/t1/cam"][1])])  # t2 wins 0, t1 wins 1
@@ -337,7 +366,7 @@ def test_explain_kd_trains_under_bf16_autocast_in_channels_last(device):
         if fast:
             student = student.to(memory_format=torch.channels_last)
         with torch.autocast(where, dtype=torch.bfloat16, enabled=fast):
-            losses = loss_fn(student, batch)
+            losses = means(loss_fn(student, batch))
         losses["loss"].backward()
         results.append(({key: value.cpu() for key, value in losses.items()},
                         [p.grad.flatten().cpu() for p in student.parameters()]))

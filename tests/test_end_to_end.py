@@ -27,8 +27,9 @@ def run(tmp_path_factory):
     invoke("train-teachers", "--teachers", ",".join(TEACHERS), "--epochs", 3, "--out-dir", teachers)
     invoke("extract-teachers", "--teachers", ",".join(str(teachers / f"{t}.pt") for t in TEACHERS),
            "--store", store, "--block-size", 512)
+    (root / "kept").mkdir()
     for checkpoint in teachers.glob("*.pt"):  # stage two must not need the teachers
-        checkpoint.unlink()
+        checkpoint.rename(root / "kept" / checkpoint.name)
     return root
 
 
@@ -93,13 +94,61 @@ def test_one_teacher_methods_choose_by_validation_accuracy_and_never_read_the_te
     monkeypatch.setitem(DATASETS._entries, "digits", guarded)
     metrics = json.loads((run / "teachers" / "metrics.json").read_text())
     best = max(sorted(TEACHERS), key=lambda t: metrics[t]["val_top1"])  # recorded by train-teachers on val
+    figure = f"{metrics[best]['val_top1']:.4f}"  # extraction measures the same figure on the same 288 images
     for args in (["--method", "kd"], ["--method", "at"], ["--method", "explain-kd", "--kd-source", "best"]):
         result = invoke("train-student", "--store", run / "store.zarr", "--epochs", 1, "--out-dir",
                         run / "students", "--run-name", "chosen", *args)
-        assert f"logits from {best} (validation top-1 {metrics[best]['val_top1']:.4f}" in result.output
+        assert f"logits from {best} (top-1 {figure} on the 288 held-out val images, measured at extraction; its " \
+               f"checkpoint says {figure}, on the same images; best of 2 teachers)" in result.output
     named = invoke("train-student", "--store", run / "store.zarr", "--method", "kd", "--teacher", "vgg8_bn",
                    "--epochs", 1, "--out-dir", run / "students", "--run-name", "named")
     assert "logits from" not in named.output
+
+
+def val_top1(checkpoint) -> float:
+    """Top-1 over digits' validation split, counted here with a plain forward pass."""
+    import torch
+
+    from pipeline.data import get_dataset
+    from pipeline.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    val = get_dataset("digits", "val")
+    x = (torch.from_numpy(np.stack([val.image(i) for i in range(len(val))])).permute(0, 3, 1, 2).float() / 255 - 0.3) / 0.32
+    with torch.no_grad():
+        return float((model(x).argmax(1).numpy() == val.labels).mean())
+
+
+def test_a_teacher_whose_checkpoint_figure_is_of_other_data_is_judged_on_this_data(run, tmp_path):
+    """An impostor: the trained resnet8_slim with its classifier's rows turned by one class (it names the next
+    digit: wrong on this data), whose checkpoint claims 0.99 on data of the same name from another folder."""
+    import torch
+
+    from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
+
+    model, record = load_checkpoint(run / "kept" / "resnet8_slim.pt")
+    with torch.no_grad():
+        model.fc.weight.copy_(model.fc.weight.roll(1, 0))
+        model.fc.bias.copy_(model.fc.bias.roll(1, 0))
+    save_checkpoint(tmp_path / "impostor.pt", model, {
+        **record, "name": "impostor", "metrics": {"val_top1": 0.99},
+        "val_dataset": {**record["val_dataset"], "ids_sha256": "f" * 64}})  # digits, but other images
+    teachers = [tmp_path / "impostor.pt", run / "kept" / "vgg8_bn.pt"]
+    measured = {"impostor": val_top1(teachers[0]), "vgg8_bn": val_top1(teachers[1])}
+    assert measured["impostor"] < 0.2 < measured["vgg8_bn"]  # the premise: wrong here, the other one is not
+    store = tmp_path / "test.zarr"
+    result = invoke("extract-teachers", "--split", "test", "--teachers", ",".join(map(str, teachers)), "--store", store)
+    for name in measured:
+        assert f"teacher {name} on the 288 held-out val images: top-1 {measured[name]:.4f}" in result.output
+    table = invoke("cache", "info", store).output
+    assert "heldout_top1" in table and f"{measured['impostor']:.4f}" in table
+    result = invoke("train-student", "--split", "test", "--store", store, "--method", "kd", "--epochs", 1,
+                    "--out-dir", tmp_path / "students")
+    assert f"kd: logits from vgg8_bn (top-1 {measured['vgg8_bn']:.4f} on the 288 held-out val images, measured at " \
+           "extraction; its checkpoint says" in result.output
+    named = invoke("train-student", "--split", "test", "--store", store, "--method", "kd", "--epochs", 1, "--teacher",
+                   "impostor", "--out-dir", tmp_path / "named")
+    assert "logits from" not in named.output  # a named teacher is taken as named
 
 
 def test_extracting_again_reuses_the_finished_store(run):

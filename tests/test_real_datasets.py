@@ -110,8 +110,11 @@ def test_an_image_folder_of_32_px_images_is_seen_and_trained_at_32_px(tmp_path):
     assert opened.teacher_attrs("resnet8_slim")["map_shape"] == [8, 8]  # a 4x-downsampling net on 32 px inputs
     assert zarr.open_group(store)["view_boxes"][0, 0].tolist() == [0, 0, 32, 32]  # the whole image
     invoke("cache", "verify", store)
+    refused = invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--out-dir",
+                     tmp_path / "students", exit_code=1)  # the default recipe's logits come from the best teacher
+    assert "has no top-1 measured on this data's held-out split" in refused.output  # ... and this folder has no val
     invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--batch-size", 8,
-           "--out-dir", tmp_path / "students", "--device", "cpu")
+           "--out-dir", tmp_path / "students", "--device", "cpu", "--teacher", "resnet8_slim")
     for spec in ("224/256", "0"):
         with pytest.raises(PipelineError, match="after @ give the size images are seen at"):
             get_dataset(f"imagefolder:{root}@{spec}", "train")
@@ -186,7 +189,7 @@ def test_pretrained_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch):
     info = type(info)(**{**info.__dict__, "num_classes": 1000})
     teacher = load_teacher("torchvision:resnet18:IMAGENET1K_V1", info)
     assert teacher.name == "resnet18" and teacher.identity["arch"] == "torchvision:resnet18"
-    assert teacher.identity["transform"]["resize"] == 256 and teacher.identity["heldout_top1"] is None  # published: on the test split
+    assert teacher.identity["transform"]["resize"] == 256 and teacher.identity["checkpoint_val_top1"] is None  # published: on the test split
     assert torch.equal(teacher.model.fc.weight, torch.load(cached)["fc.weight"])
 
 
@@ -234,7 +237,7 @@ def test_three_torchvision_teachers_keep_their_own_map_resolution(imagenet):
 
     student = invoke("train-student", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
                      "--method", "explain-kd", "--arch", "torchvision:resnet18", "--epochs", 1, "--batch-size", 4,
-                     "--out-dir", root / "students")
+                     "--out-dir", root / "students", "--teacher", "resnet18")
     assert "chosen/resnet18=" in student.output
     assert (root / "students" / "explain-kd" / "checkpoint.pt").is_file()
 
@@ -259,7 +262,7 @@ def test_target_layer_option_and_topk_logits(imagenet, tmp_path):
     np.testing.assert_allclose(group["teachers/resnet18/logits"][:, 0].astype(np.float32), top, atol=1e-2)
     invoke("train-student", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
            "--method", "kd", "--arch", "torchvision:resnet18", "--epochs", 1, "--batch-size", 4,
-           "--out-dir", tmp_path / "students")
+           "--out-dir", tmp_path / "students", "--teacher", "resnet18")
     bad = invoke("extract-teachers", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store",
                  tmp_path / "x.zarr", "--teachers", teachers[0], "--target-layer", "vgg=features.3", exit_code=1)
     assert "--target-layer names unknown teacher(s) vgg; teachers are: resnet18" in bad.output
@@ -278,8 +281,17 @@ def test_cifar_end_to_end_with_a_small_teacher(tmp_path):
     make_cifar(tmp_path / "data", per_batch=8)
     invoke("train-teachers", "--dataset", "cifar10", "--data-root", tmp_path / "data", "--teachers", "resnet8",
            "--epochs", 1, "--out-dir", tmp_path / "teachers")
-    invoke("extract-teachers", "--dataset", "cifar10", "--data-root", tmp_path / "data",
-           "--teachers", tmp_path / "teachers" / "resnet8.pt", "--store", tmp_path / "c.zarr", "--block-size", 16)
+    imagenet_net = make_torchvision_teacher(tmp_path / "resnet18.pt", "resnet18", 10)  # its last maps are 1x1 at 32 px
+    result = invoke("extract-teachers", "--dataset", "cifar10", "--data-root", tmp_path / "data", "--teachers",
+                    f"{tmp_path / 'teachers' / 'resnet8.pt'},{imagenet_net}", "--store", tmp_path / "c.zarr",
+                    "--block-size", 16)
+    assert "teacher resnet8: Grad-CAM at features (closed-form), maps 8x8\n" in result.output
+    assert "teacher resnet18: Grad-CAM at layer3 (autograd), maps 2x2\n" in result.output  # not a word before
+    assert "warning: teacher resnet18's maps are only 2x2 (layer layer3); name a layer with larger maps with " \
+           "--target-layer resnet18=<module.path>, or feed larger images" in result.output
+    assert "warning: teacher resnet8" not in result.output
+    info = invoke("cache", "info", tmp_path / "c.zarr").output
+    assert any(" layer3 " in line and " 2x2 " in line for line in info.splitlines() if line.startswith("resnet18 "))
     group = zarr.open_group(tmp_path / "c.zarr", mode="r")
     assert group["images"].shape == (36, 32, 32, 3) and group["teachers/resnet8/cam"].shape == (36, 1, 8, 8)
     invoke("train-student", "--dataset", "cifar10", "--data-root", tmp_path / "data", "--store", tmp_path / "c.zarr",

@@ -9,6 +9,9 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from conftest import make_teacher
 from pipeline.cache import TeacherStore
@@ -16,6 +19,7 @@ from pipeline.cli import main
 from pipeline.config import ReportConfig
 from pipeline.data import get_dataset
 from pipeline.errors import PipelineError
+from pipeline.models.checkpoint import load_checkpoint
 from stages.report import (explanation_rows, plot_drops, plot_explanations, run, summarise, teacher_drops,
                            write_metrics)
 from test_cache import TEACHER, block_arrays, make_store
@@ -88,9 +92,21 @@ def test_explanation_grid_shows_cached_teacher_maps_and_student_maps(tmp_path):
               for name in store.teachers}
     y = torch.stack([torch.from_numpy(cached[name]["y_prob"]) for name in store.teachers], 1)
     o = torch.stack([torch.from_numpy(cached[name]["o_prob"]) for name in store.teachers], 1)
+    cams = {name: zarr.open_group(tmp_path / "test.zarr", mode="r")[f"teachers/{name}/cam"][picked, 0].astype(np.float32)
+            for name in store.teachers}  # the cached maps, read with plain zarr (their scale cancels in min-max)
+    model, _ = load_checkpoint(student)
+    pixels = torch.from_numpy(np.stack([test.image(i) for i in picked])).permute(0, 3, 1, 2)
+    x = torch.empty(pixels.shape).copy_((pixels.float() / 255 - 0.3) / 0.32)  # default strides (oneDNN's backward
+    # crashes on the channel stride 1 that a permuted (B, H, W, 1) batch keeps)
+    own = GradCAM(model=model, target_layers=[model.features])(  # the grad-cam package's maps of the student
+        input_tensor=x, targets=[ClassifierOutputTarget(int(label)) for label in test.labels[picked]])
     for i, row in enumerate(rows):
         assert list(row["maps"]) == [*store.teachers, "ce-s0"]
-        assert all(m.shape == (32, 32) and 0 <= m.min() and m.max() <= 1 for m in row["maps"].values())
+        np.testing.assert_array_equal(row["image"], test.image(picked[i]))
+        for name in store.teachers:  # upsampled to the image and min-max scaled, as the package scales maps
+            expected = scale_cam_image(scale_cam_image(cams[name][i:i + 1], (32, 32)))[0]
+            np.testing.assert_allclose(row["maps"][name], expected, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(row["maps"]["ce-s0"], own[i], atol=1e-4)
         drops = [max(0.0, float(y[i, m] - o[i, m])) / float(y[i, m]) for m in range(len(store.teachers))]
         for m, name in enumerate(store.teachers):
             assert row["drops"][name] == pytest.approx(drops[m])
@@ -101,7 +117,8 @@ def test_explanation_grid_shows_cached_teacher_maps_and_student_maps(tmp_path):
     plot_explanations(rows, tmp_path / "explanations.png")
     assert (tmp_path / "explanations.png").stat().st_size > 0
 
-    zarr.open_group(tmp_path / "test.zarr", mode="r+")["valid"][0] = False  # as if image 0 were unreadable
+    zarr.open_group(tmp_path / "test.zarr", mode="r+")["valid"][0] = False  # as if image 0 were unreadable ...
+    TeacherStore.open(tmp_path / "test.zarr", mode="r+").bind(None, 0, ["valid"])  # ... when extraction wrote it
     assert [row["label"] for row in explanation_rows(store, test, {}, 3)] == test.labels[[1, 180, 359]].tolist()
 
     report = dict(students_dir=str(tmp_path / "students"), store=str(tmp_path / "test.zarr"), explain_runs=["ce-s0"])
@@ -109,3 +126,14 @@ def test_explanation_grid_shows_cached_teacher_maps_and_student_maps(tmp_path):
         run(ReportConfig(**report | {"explain_runs": ["ce-s0", "kd-s0"]}))
     with pytest.raises(PipelineError, match="made from dataset.name='digits', not 'cluttered-digits'"):
         run(ReportConfig(**report | {"dataset": "cluttered-digits"}))  # a store of other data is refused
+
+
+def test_two_runs_of_one_variant_and_seed_stop_the_report_naming_both(tmp_path):
+    for run_name in ("kd-s1", "kd-s01", "ce-s1"):
+        make_teacher(tmp_path / "students" / run_name / "checkpoint.pt", "resnet8_slim")
+    result = CliRunner().invoke(main, ["report", "--students-dir", str(tmp_path / "students"), "--out-dir",
+                                       str(tmp_path / "report")])
+    assert result.exit_code == 1
+    assert f"Error: runs kd-s01 and kd-s1 under {tmp_path / 'students'} are both variant kd seed 1; rename or " \
+           "remove one" in result.output
+    assert not (tmp_path / "report").exists()  # nothing written from an ambiguous pairing

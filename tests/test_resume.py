@@ -25,7 +25,7 @@ def student(store, out, *extra, exit_code=0):
 
 
 def weights(out):
-    return torch.load(out / "explain-kd" / "checkpoint.pt", weights_only=False)["state_dict"]
+    return torch.load(out / "explain-kd" / "checkpoint.pt", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("save_every,kill_at_save", [(0, 1), (3, 3)])  # after epoch 1; within epoch 1 (step 9)
@@ -84,3 +84,20 @@ def test_a_state_of_an_earlier_version_is_refused_in_one_line(tmp_path):
                tmp_path / "resume.pt")  # one process's state, as versions before torchrun's wrote it
     with pytest.raises(PipelineError, match="was saved by an earlier version of this code .* delete it"):
         Resume(tmp_path / "resume.pt", {}).load()
+
+
+class Payload:
+    """A pickle that runs code when it is read back (here: creates a file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_state_holding_code_is_refused_without_running_it(tmp_path):
+    torch.save({"version": 2, "config": {}, "hook": Payload(tmp_path / "ran")}, tmp_path / "resume.pt")
+    with pytest.raises(PipelineError, match="cannot read the saved training state .* delete it"):
+        Resume(tmp_path / "resume.pt", {}).load()
+    assert not (tmp_path / "ran").exists()

@@ -23,14 +23,17 @@ def clean_store(teachers, tmp_path_factory):
     return store
 
 
-VIEWED = ("view_boxes", "view_flips", "teachers/vgg8_bn/y_prob", "teachers/vgg8_bn/logits", "teachers/resnet8_slim/cam")
+VIEWED = ("view_boxes", "view_flips", "teachers/vgg8_bn/y_prob", "teachers/vgg8_bn/logits", "teachers/resnet8_slim/cam",
+          "teachers/vgg8_bn/cam", "teachers/resnet8_slim/y_prob")
 
 
 def shard(store, array, block):
     """The shard file of `block` (of view 1, for arrays with a view axis)."""
     trailing = {"labels": "", "valid": "", "images": "/0/0/0", "view_boxes": "/1/0", "view_flips": "/1",
                 "teachers/vgg8_bn/y_prob": "/1", "teachers/vgg8_bn/logits": "/1/0",
-                "teachers/resnet8_slim/cam": "/1/0/0"}[array]
+                "teachers/resnet8_slim/cam": "/1/0/0", "teachers/vgg8_bn/cam": "/1/0/0",
+                "teachers/resnet8_slim/y_prob": "/1", "shard_digests": "/0/0",
+                "teachers/vgg8_bn/shard_digests": "/0/0"}[array]
     return store / array / "c" / f"{block}{trailing}"
 
 
@@ -82,6 +85,7 @@ CASES = [  # every kind of damage, and every array kind (shared, teacher; 1-, 2-
     ("deleted shard", "images"), ("truncated shard", "teachers/vgg8_bn/y_prob"),
     ("zero-length file", "teachers/vgg8_bn/logits"), ("flipped byte in chunk data", "view_boxes"),
     ("deleted shard", "view_flips"),
+    ("truncated shard", "shard_digests"), ("deleted shard", "teachers/vgg8_bn/shard_digests"),  # the digest records
 ]
 
 
@@ -112,7 +116,7 @@ def test_every_kind_of_damage_is_found_and_repaired_by_recomputing_only_its_bloc
 @pytest.mark.parametrize("kind,array,workers", [
     *((kind, "teachers/vgg8_bn/logits", 0) for kind in DAMAGE),
     ("flipped byte in chunk data", "teachers/vgg8_bn/logits", 2), ("zero-length file", "labels", 2),
-    ("zero-length file", "valid", 0),
+    ("zero-length file", "valid", 0), ("zero-length file", "shard_digests", 0),
 ])
 def test_a_student_stops_on_damage_with_one_line_naming_it_and_the_repair(kind, array, workers, clean_store, tmp_path):
     store = tmp_path / "store.zarr"
@@ -124,6 +128,53 @@ def test_a_student_stops_on_damage_with_one_line_naming_it_and_the_repair(kind, 
             f"verify --repair {store}`, then the `pipeline extract-teachers` command that wrote it") \
         in result.output.splitlines()
     assert "Traceback" not in result.output and result.output.count("Error") == 1
+
+
+MISPLACED = "its shard file is not the one written there (moved from another block, view or array, or left from an " \
+    "earlier extraction)"
+
+
+@pytest.mark.parametrize("first,second", [
+    (("teachers/vgg8_bn/cam", 2), ("teachers/vgg8_bn/cam", 5)),  # two blocks of one array
+    (("teachers/vgg8_bn/y_prob", 4), ("teachers/resnet8_slim/y_prob", 4)),  # one block of two teachers
+    (("view_boxes", 1), ("view_boxes", 6)),  # a shared array (`valid` is all True: its files are alike)
+])
+def test_swapped_shard_files_fail_verify_naming_both_stop_a_student_and_are_repaired(
+        first, second, teachers, clean_store, tmp_path):
+    """Each file is sound on its own (its chunks decode, its checksums hold); only its place is wrong."""
+    store = tmp_path / "store.zarr"
+    shutil.copytree(clean_store, store)
+    a, b = shard(store, *first), shard(store, *second)
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    result = invoke("cache", "verify", store, exit_code=1)
+    for array, block in (first, second):
+        assert f"FAIL damaged: {array} block {block}: {said(array, MISPLACED)}\n" in result.output
+    assert result.output.count("FAIL damaged:") == 2
+    result = invoke("train-student", "--store", store, "--method", "explain-kd", "--epochs", 2, "--out-dir",
+                    tmp_path / "s", exit_code=1)  # two epochs read both views
+    assert result.output.count("Error") == 1 and f"{said(first[0], MISPLACED)}; run `pipeline cache verify" in result.output
+    invoke("cache", "verify", "--repair", store, exit_code=1)
+    invoke(*two_view_args(teachers, store))
+    assert "OK" in invoke("cache", "verify", store).output
+    assert_same_store(store, clean_store)
+
+
+def test_labels_that_fail_their_reads_are_rewritten_from_the_data_set_by_the_extract_command(
+        teachers, clean_store, tmp_path):
+    """No repair needed for rows the data set holds (as after a write killed before its digest was recorded)."""
+    store = tmp_path / "store.zarr"
+    shutil.copytree(clean_store, store)
+    a, b = shard(store, "labels", 2), shard(store, "labels", 5)
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    result = invoke(*two_view_args(teachers, store))
+    assert "restoring labels block 2 of" in result.output and "restoring labels block 5 of" in result.output
+    assert ": 0 of 9 blocks to extract" in result.output
+    assert "OK" in invoke("cache", "verify", store).output
+    assert_same_store(store, clean_store)
 
 
 def test_two_damaged_blocks_are_listed_and_repaired_by_the_quick_check(teachers, clean_store, tmp_path):
@@ -200,6 +251,6 @@ def test_every_chunk_holds_a_checksum(clean_store):
     group = zarr.open_group(clean_store, mode="r")
     arrays = [array for _, array in group.arrays()] + [
         array for _, teacher in group["teachers"].groups() for _, array in teacher.arrays()]
-    assert len(arrays) == 5 + 2 * 9
+    assert len(arrays) == 6 + 2 * 10  # shared arrays and their digests; each teacher's 8 fields, mark and digests
     for array in arrays:
         assert [c.to_dict()["name"] for c in array.compressors][-1] == "crc32c", array.path

@@ -73,6 +73,27 @@ def test_order_depends_on_seed_and_epoch_only(tmp_path):
     assert sorted(sum(epoch_rows(stream), [])) == list(range(N))
 
 
+@pytest.mark.parametrize("rank,ranks", [(0, 1), (1, 2)])
+def test_each_epochs_rows_come_in_the_order_the_seed_fixes(tmp_path, rank, ranks):
+    """The order written out with numpy: the epoch's block permutation (seed, epoch), every `ranks`-th block
+    from `rank` on, windows of 2 blocks, and each window's rows permuted by the (seed, epoch, worker 1) stream."""
+    store = make_store(tmp_path / "s.zarr")  # 23 rows in 6 blocks of 4 (the last of 3); labels are row numbers
+    stream = BlockStream(str(store.path), ["labels"], list(range(6)), batch_size=5, seed=11, rank=rank, ranks=ranks)
+    for epoch in range(3):
+        blocks = np.random.default_rng([11, epoch]).permutation(6)[rank::ranks]
+        shuffle = np.random.default_rng([11, epoch, 1])
+        expected = []
+        for first in range(0, len(blocks), 2):
+            rows = np.concatenate([np.arange(4 * b, min(4 * b + 4, N)) for b in blocks[first:first + 2]])
+            expected += rows[shuffle.permutation(len(rows))].tolist()
+        stream.set_epoch(epoch)
+        batches = epoch_rows(stream)
+        assert sum(batches, []) == expected
+        assert [len(b) for b in batches] == [n for first in range(0, len(blocks), 2)  # each window's own batches
+                                             for size in [sum(min(4, N - 4 * b) for b in blocks[first:first + 2])]
+                                             for n in [5] * (size // 5) + [size % 5] * bool(size % 5)]
+
+
 def test_only_the_given_blocks_are_read(tmp_path):
     store = make_store(tmp_path / "s.zarr")
     stream = BlockStream(str(store.path), ["labels"], [0, 5], batch_size=8, seed=0)
@@ -81,7 +102,7 @@ def test_only_the_given_blocks_are_read(tmp_path):
 
 
 TEACHER = {"arch": "toy", "source": "toy", "weights_sha256": "w", "target_layer": "f", "cam_path": "closed-form",
-           "transform": {"mean": [0.5], "std": [0.5]}, "heldout_top1": 0.5, "map_shape": [2, 2], "code_sha256": "c"}
+           "transform": {"mean": [0.5], "std": [0.5]}, "heldout": {"split": "val", "samples": 10, "top1": 0.5, "mean_drop": 0.3}, "map_shape": [2, 2], "code_sha256": "c"}
 
 
 def make_aligned_store(path, invalid=(2, 9, 10, 11, 17)):
@@ -89,6 +110,8 @@ def make_aligned_store(path, invalid=(2, 9, 10, 11, 17)):
     store = make_store(path)
     r = np.arange(N)
     store.group["images"][...] = np.broadcast_to((r % 256).astype(np.uint8)[:, None, None, None], (N, 2, 2, 1))
+    for block in range(store.num_blocks):
+        store.bind(None, block, ["images"])  # rewritten here: bound to their place anew, as a writer does
     store.add_teacher("t", TEACHER)
     for block in range(store.num_blocks):
         start, stop = store.block_rows(block)
@@ -135,6 +158,7 @@ def test_workers_keep_every_field_aligned_skip_invalid_rows_and_yield_exactly_th
 def test_learning_rate_schedule_spans_exactly_the_batches_workers_yield(tmp_path):
     import math
 
+    from pipeline.objective import Term
     from pipeline.train import fit
 
     store = make_aligned_store(tmp_path / "s.zarr")
@@ -149,8 +173,7 @@ def test_learning_rate_schedule_spans_exactly_the_batches_workers_yield(tmp_path
 
     def loss_fn(model, batch):
         seen.append(len(batch["labels"]))
-        loss = model(batch["images"].float().flatten(1)).pow(2).mean()
-        return {"loss": loss}
+        return {"loss": Term.over(model(batch["images"].float().flatten(1)).pow(2)[:, 0])}
 
     model = torch.nn.Linear(4, 1)
     history = fit(model, batches, loss_fn, epochs=3, steps_per_epoch=stream.num_batches, lr=0.1, weight_decay=0.0,
@@ -165,7 +188,7 @@ def test_each_epoch_reads_one_view_per_block_cycling_and_renders_its_box(tmp_pat
     """Three views: view v of row r has logits 100 v + r and a box shifted right by v + r % 2 pixels,
     flipped for v = 2 xor r % 3 = 0; the student's image must be that row's box of its stored image,
     and its values that view's."""
-    from pipeline.views import ViewPolicy, epoch_view
+    from pipeline.views import ViewPolicy
 
     identity = {"name": "toy", "split": "train", "num_samples": N, "num_classes": 1, "image_shape": [3, 4, 1],
                 "ids_sha256": "x"}
@@ -195,7 +218,8 @@ def test_each_epoch_reads_one_view_per_block_cycling_and_renders_its_box(tmp_pat
             for row, image, logit in zip(batch["index"].tolist(), batch["images"], batch["teachers/t/logits"]):
                 view = int(logit[0]) // 100
                 assert int(logit[0]) == 100 * view + row
-                assert view == epoch_view(7, epoch, row // 4, 3)
+                # block b's views in a seeded order (seed, b), cycled: one view per epoch, each once in 3 epochs
+                assert view == np.random.default_rng([7, row // 4, 0x71E35]).permutation(3)[epoch % 3]
                 used[row // 4].append((epoch, view)) if row % 4 == 0 else None
                 source = np.pad(images[row, :, :, 0], ((0, 0), (0, 3)))  # black right of the image
                 right = view + row % 2
