@@ -10,7 +10,6 @@ bytes are those of hard-to-compress values.
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +21,8 @@ from PIL import Image
 
 from pipeline.config import ExtractConfig
 from pipeline.devices import resolve_device
-from stages.extract_teachers import run as extract
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_torchvision_teacher  # noqa: E402
+from pipeline.extraction import extract_teachers as extract
+from pipeline.fabricate import make_torchvision_teacher
 
 
 def fabricate_imagenet(root: Path, images: int, classes_present: int = 8, width: int = 500) -> None:

@@ -31,14 +31,13 @@ from pipeline.devices import autocast, prepare_model, resolve_device, to_device
 from pipeline.distill import DistillationLoss, teacher_fields
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, explain, module_path, probe_input
+from pipeline.extraction import explain_batch, extract_teachers
 from pipeline.fabricate import make_cifar, make_teacher
 from pipeline.models import create_model
 from pipeline.objective import loss_of
 from pipeline.stream import BlockStream
+from pipeline.student import train_student
 from pipeline.teachers import Teacher, Transform
-from stages.extract_teachers import explain_batch
-from stages.extract_teachers import run as extract
-from stages.train_student import run as train
 
 TEACHERS = ("t0", "t1", "t2")
 DIGITS_TEACHERS = ("resnet20", "wrn16_2", "vgg8_bn")  # the default pipeline's teachers
@@ -222,7 +221,7 @@ def digits_store(folder: Path) -> Path:
     store = folder / "digits.zarr"
     if store.exists():  # made by an earlier section of this run
         return store
-    extract(ExtractConfig(dataset="digits", teachers=checkpoints, store=str(store)))
+    extract_teachers(ExtractConfig(dataset="digits", teachers=checkpoints, store=str(store)))
     return store
 
 
@@ -230,7 +229,7 @@ def student_figures(store: Path, folder: Path, scale: Scale) -> list[Figure]:
     """Wall time of a whole `train-student` run (same student, store, epochs) per method, over ce's."""
     runs = {"ce": {"method": "ce"}, "kd": {"method": "kd"}, "explain-kd": {"method": "explain-kd"},
             "explain-kd, design recipe": {"method": "explain-kd", "recipe": "design"}}
-    setups = {name: (lambda options=options: train(TrainStudentConfig(
+    setups = {name: (lambda options=options: train_student(TrainStudentConfig(
         dataset="digits", store=str(store), epochs=scale.student_epochs, out_dir=str(folder / "students"),
         **options))) for name, options in runs.items()}
     seconds = median_seconds(setups, scale.student_repeats)

@@ -1,4 +1,4 @@
-"""Fabricated inputs for tests and `pipeline bench`: untrained teacher checkpoints, CIFAR files of
+"""Fabricated inputs for tests, `pipeline bench` and benchmarks/: untrained teacher checkpoints, CIFAR files of
 random images (no weights or data sets can be downloaded where they run)."""
 
 import pickle
@@ -25,6 +25,17 @@ def make_teacher(path: Path, arch: str, seed: int = 0, zero_head: bool = False, 
     save_checkpoint(path, model, {
         "name": arch, "arch": arch, "in_channels": info.image_shape[2], "num_classes": info.num_classes,
         "transform": {"mean": list(info.mean), "std": list(info.std)}, "metrics": {"top1": 0.5, "val_top1": 0.5},
+    })
+    return path
+
+
+def make_torchvision_teacher(path: Path, arch: str, num_classes: int, seed: int = 0) -> Path:
+    """A torchvision architecture with random weights, saved as this project's checkpoint."""
+    torch.manual_seed(seed)
+    model = create_model(f"torchvision:{arch}", 3, num_classes)
+    save_checkpoint(path, model, {
+        "name": arch, "arch": f"torchvision:{arch}", "in_channels": 3, "num_classes": num_classes,
+        "transform": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, "metrics": {"top1": 0.5, "val_top1": 0.5},
     })
     return path
 

@@ -16,7 +16,6 @@ from the data set when it opens the store. A block whose record of the shared ar
 is damaged loses all its shared files, and every teacher recomputes it.
 """
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

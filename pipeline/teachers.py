@@ -31,16 +31,15 @@ from pipeline.models.checkpoint import load_checkpoint, weights_sha256
 
 SOURCES = ("checkpoint", "torchvision", "timm")
 # under pipeline/: what computes a teacher's cached values, besides its data set's own module
-EXTRACTION_CODE = ("explain.py", "teachers.py", "cache.py", "views.py", "devices.py", "heldout.py", "scoring.py",
-                   "data/base.py", "data/files.py", "models")
+EXTRACTION_CODE = ("extraction.py", "explain.py", "teachers.py", "cache.py", "views.py", "devices.py", "heldout.py",
+                   "scoring.py", "data/base.py", "data/files.py", "models")
 
 
 def extraction_code_sha256(dataset: str) -> str:
     """A hash of the source of everything that computes a teacher's cached values on data set
-    `dataset` (and of stage one itself), so that a store never mixes blocks computed by different
-    code; another data set's module does not count."""
+    `dataset`, so that a store never mixes blocks computed by different code; another data set's
+    module does not count."""
     import pipeline
-    import stages.extract_teachers
     from pipeline.data import DATASETS, PATH_DATASETS
 
     kind = dataset.partition(":")[0]
@@ -48,8 +47,7 @@ def extraction_code_sha256(dataset: str) -> str:
     root = Path(pipeline.__file__).parent
     files = sorted(f for name in EXTRACTION_CODE for f in ([root / name] if name.endswith(".py")
                                                            else (root / name).rglob("*.py")))
-    files += [Path(sys.modules[getattr(loader, "func", loader).__module__].__file__),
-              Path(stages.extract_teachers.__file__)]
+    files.append(Path(sys.modules[getattr(loader, "func", loader).__module__].__file__))
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(root.parent).as_posix().encode() + b"\0" + path.read_bytes())

@@ -9,9 +9,7 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.fabricate import make_cifar, make_teacher  # noqa: F401 (the tests' helpers too)
-from pipeline.models import create_model
-from pipeline.models.checkpoint import save_checkpoint
+from pipeline.fabricate import make_cifar, make_teacher, make_torchvision_teacher  # noqa: F401 (the tests' helpers too)
 from pipeline.train import Resume
 
 
@@ -94,14 +92,3 @@ def make_imagenet(root: Path, classes=IMAGENET_WNIDS[1:4], train_per_class: int 
     if meta:
         torch.save(({w: (f"class {w}",) for w in IMAGENET_WNIDS}, []), root / "meta.bin")
     return root
-
-
-def make_torchvision_teacher(path: Path, arch: str, num_classes: int, seed: int = 0) -> Path:
-    """A torchvision architecture with random weights, saved as this project's checkpoint."""
-    torch.manual_seed(seed)
-    model = create_model(f"torchvision:{arch}", 3, num_classes)
-    save_checkpoint(path, model, {
-        "name": arch, "arch": f"torchvision:{arch}", "in_channels": 3, "num_classes": num_classes,
-        "transform": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, "metrics": {"top1": 0.5, "val_top1": 0.5},
-    })
-    return path

@@ -27,7 +27,7 @@ from pipeline.models.checkpoint import load_checkpoint
 from pipeline.objective import loss_of
 from pipeline.stream import BlockStream
 from pipeline.train import Resume
-from stages.train_student import run as train
+from pipeline.student import train_student as train
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from pipeline.config import ReportConfig
 from pipeline.data import get_dataset
 from pipeline.errors import PipelineError
 from pipeline.models.checkpoint import load_checkpoint
-from stages.report import (explanation_rows, plot_drops, plot_explanations, run, summarise, teacher_drops,
-                           write_metrics)
+from pipeline.report import (explanation_rows, make_report, plot_drops, plot_explanations, summarise, teacher_drops,
+                             write_metrics)
 from test_cache import TEACHER, block_arrays, make_store
 
 
@@ -123,9 +123,9 @@ def test_explanation_grid_shows_cached_teacher_maps_and_student_maps(tmp_path):
 
     report = dict(students_dir=str(tmp_path / "students"), store=str(tmp_path / "test.zarr"), explain_runs=["ce-s0"])
     with pytest.raises(PipelineError, match="--explain-runs kd-s0: no such run"):
-        run(ReportConfig(**report | {"explain_runs": ["ce-s0", "kd-s0"]}))
+        make_report(ReportConfig(**report | {"explain_runs": ["ce-s0", "kd-s0"]}))
     with pytest.raises(PipelineError, match="made from dataset.name='digits', not 'cluttered-digits'"):
-        run(ReportConfig(**report | {"dataset": "cluttered-digits"}))  # a store of other data is refused
+        make_report(ReportConfig(**report | {"dataset": "cluttered-digits"}))  # a store of other data is refused
 
 
 def test_two_runs_of_one_variant_and_seed_stop_the_report_naming_both(tmp_path):
