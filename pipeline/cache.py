@@ -334,9 +334,9 @@ class TeacherStore:
             self.teacher_attrs(name).get("fingerprint") == fingerprint({k: identity.get(k) for k in TEACHER_IDENTITY})
 
     def check_teacher(self, name: str, identity: dict, replace: bool = False) -> str | None:
-        """None where `name` is unregistered or registered with this identity; else what differs, as a
-        sentence, which stops the run unless `replace`."""
-        if name not in self.teachers or self.holds(name, identity):
+        """For a teacher the store does not hold with this identity: None where `name` is unregistered, else
+        what differs, as a sentence, which stops the run unless `replace`."""
+        if name not in self.teachers:
             return None
         have = self.teacher_attrs(name)
         changed = [k for k in TEACHER_IDENTITY if have.get(k) != identity.get(k)]

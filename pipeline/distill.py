@@ -25,11 +25,6 @@ def kd_per_row(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temper
     return F.kl_div(log_student, teacher_probs, reduction="none").sum(1) * temperature**2
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) at temperature T, averaged over the batch."""
-    return kd_per_row(student_logits, teacher_probs, temperature).mean()
-
-
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(..., h, w) -> (..., *size): shrunk by area (each cell the mean of the input over its footprint,
     fractional overlaps weighted, so no evidence is dropped or counted twice), enlarged bilinearly."""
@@ -78,11 +73,6 @@ def map_term(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "
     diff = (normalize_maps(student, norm) - normalize_maps(teacher, norm)).pow(2)
     distance = torch.where(has_target, diff.sum(1) if norm == "l2" else diff.mean(1), torch.zeros_like(diff[:, 0]))
     return Term(distance.sum(), has_target.sum().to(distance.dtype), weight)
-
-
-def map_loss(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "l2") -> torch.Tensor:
-    """`map_term`'s mean over the samples whose teacher map counts (0 when none does)."""
-    return map_term(student_cam, teacher_cam, norm).mean
 
 
 def teacher_fields(method: str, teachers: list[str], logit_fields: tuple[str, ...] = ("logits",)) -> list[str]:

@@ -95,8 +95,8 @@ class Extraction:
                                 "use --logits full or a smaller K")
         return cls(dataset, teachers, views, logits, heldout)
 
-    def open_store(self, cfg: ExtractConfig, judge: Callable[[list[Teacher]], dict[str, dict]]) -> TeacherStore:
-        """The store, created (or checked) and every teacher registered in it, judged first by `judge` on the
+    def open_store(self, cfg: ExtractConfig, judge_new: Callable[[list[Teacher]], dict[str, dict]]) -> TeacherStore:
+        """The store, created (or checked) and every teacher registered in it, judged first by `judge_new` on the
         held-out split (once, when it is registered; a changed teacher is refused before it is judged)."""
         replace = cfg.on_change == "replace"
         with TeacherStore.locked(cfg.store):  # parallel extractors of one store create it once
@@ -112,7 +112,7 @@ class Extraction:
             new = [t for t in self.teachers if not store.holds(t.name, t.identity)]
             for t in new:
                 store.check_teacher(t.name, t.identity, replace)
-            judged = judge(new) if new and self.heldout is not None else {}
+            judged = judge_new(new) if new and self.heldout is not None else {}
             for t in new:
                 if judged.get(t.name):
                     print(f"teacher {t.name} on the {judged[t.name]['samples']} held-out {judged[t.name]['split']} "

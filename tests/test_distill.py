@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.augment import Augmentation, Moves, apply, check_flip, shift
 from pipeline.data import get_dataset, normalize
-from pipeline.distill import DistillationLoss, kd_loss, map_loss, resize_maps, teacher_fields
+from pipeline.distill import DistillationLoss, kd_per_row, map_term, resize_maps, teacher_fields
 from pipeline.scoring import best_explainer, decided_by_tie, selection_weights
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, probe_input
@@ -25,23 +25,23 @@ def means(terms: dict) -> dict:
     return {key: term.mean for key, term in terms.items()} | {"loss": loss_of(terms)}
 
 
-def test_kd_loss_golden_value():
+def test_kd_golden_value():
     teacher = torch.tensor([[0.75, 0.25]])
     student_logits = torch.zeros(1, 2)
     expected = 4 * (0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5))  # T^2 * KL, T = 2
-    assert kd_loss(student_logits, teacher, temperature=2.0).item() == pytest.approx(expected, rel=1e-6)
-    assert kd_loss(torch.tensor([[3.0, 1.0]]), F.softmax(torch.tensor([[3.0, 1.0]]), 1), 1.0).item() == \
+    assert kd_per_row(student_logits, teacher, temperature=2.0).mean().item() == pytest.approx(expected, rel=1e-6)
+    assert kd_per_row(torch.tensor([[3.0, 1.0]]), F.softmax(torch.tensor([[3.0, 1.0]]), 1), 1.0).mean().item() == \
         pytest.approx(0.0, abs=1e-7)
 
 
-def test_map_loss_golden_value_and_empty_teacher_maps_are_skipped():
+def test_map_term_golden_value_and_empty_teacher_maps_are_skipped():
     student = torch.tensor([[[3.0, 4.0]], [[1.0, 0.0]]])
     teacher = torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]]])  # second teacher map is empty
     # sample 0: [0.6, 0.8] - [0, 1] -> 0.36 + 0.04; sample 1 carries no target
-    assert map_loss(student, teacher).item() == pytest.approx(0.40, rel=1e-6)
-    assert map_loss(student, torch.zeros_like(teacher)).item() == 0.0
+    assert map_term(student, teacher).mean.item() == pytest.approx(0.40, rel=1e-6)
+    assert map_term(student, torch.zeros_like(teacher)).mean.item() == 0.0
     # mean-normalised: sample 0 [6/7, 8/7] - [0, 2] -> ((6/7)^2 + (6/7)^2) / 2 cells
-    assert map_loss(student, teacher, "mean").item() == pytest.approx((6 / 7) ** 2, rel=1e-6)
+    assert map_term(student, teacher, "mean").mean.item() == pytest.approx((6 / 7) ** 2, rel=1e-6)
 
 
 def test_best_explainer_prefers_lowest_drop_and_breaks_ties_by_confidence_not_by_being_unsure():
@@ -122,9 +122,9 @@ def test_distillation_loss_components(method):
         assert set(losses) == {"ce", "loss"}  # the step's loss is the terms' weighted means: here ce alone
         expected = ce
     elif method == "kd":
-        expected = ce + 0.5 * kd_loss(logits, soft["t2"], 4.0)
+        expected = ce + 0.5 * kd_per_row(logits, soft["t2"], 4.0).mean()
     elif method == "kd-avg":
-        expected = ce + 0.5 * kd_loss(logits, (soft["t1"] + soft["t2"]) / 2, 4.0)
+        expected = ce + 0.5 * kd_per_row(logits, (soft["t1"] + soft["t2"]) / 2, 4.0).mean()
     else:
         chosen = torch.stack([soft["t2"][0], soft["t1"][1]])
         assert losses["chosen/t1"].item() == 0.5 and losses["chosen/t2"].item() == 0.5
@@ -133,7 +133,7 @@ def test_distillation_loss_components(method):
         expected_map = hand_map_distance(cam[:1], F.interpolate(teacher_map[None, None], size=(8, 8), mode="bilinear",
                                                                 align_corners=False)[:, 0])
         torch.testing.assert_close(losses["map"], expected_map, rtol=1e-4, atol=1e-6)
-        expected = ce + 0.5 * kd_loss(logits, chosen, 4.0) + 2.0 * expected_map
+        expected = ce + 0.5 * kd_per_row(logits, chosen, 4.0).mean() + 2.0 * expected_map
     torch.testing.assert_close(losses["loss"], expected, rtol=1e-4, atol=1e-6)
     losses["loss"].backward()
     assert student.fc.weight.grad is not None
@@ -260,7 +260,7 @@ def test_teacher_gradcam_can_guide_the_student_attention_and_logits_can_come_fro
     expected = hand_map_distance((activation ** 2).mean(1)[:1], teacher_map)
     torch.testing.assert_close(losses["map"], expected, rtol=1e-4, atol=1e-6)
     soft_t1 = F.softmax(batch["teachers/t1/logits"].float() / 4.0, 1)  # every sample: t1's logits
-    torch.testing.assert_close(losses["kd"], kd_loss(logits, soft_t1, 4.0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses["kd"], kd_per_row(logits, soft_t1, 4.0).mean(), rtol=1e-4, atol=1e-6)
 
 
 def test_shrinking_a_map_averages_cells_and_drops_no_evidence():
