@@ -32,8 +32,8 @@ from PIL import Image
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
-from pipeline.cache import TeacherStore
 from pipeline.data import get_dataset
+from pipeline.store.teacher_store import TeacherStore
 from pipeline.stream import BlockStream
 from pipeline.views import ViewPolicy, draft_scale
 
@@ -45,8 +45,7 @@ def views_store(path: Path, dataset, views: int, block_size: int, draft: bool) -
     """A complete K-view store of `dataset`: the policy's boxes, and one teacher of random logits."""
     policy = ViewPolicy.of(dataset.info, views, draft=draft)
     store = TeacherStore.create(path, dataset.identity(), dataset.labels, None, "label", block_size, views=policy)
-    store.add_teacher("t", {"arch": "synthetic", "weights_sha256": "0", "target_layer": "x", "transform": {},
-                            "code_sha256": "", "map_shape": [7, 7], "heldout_top1": 0.5})
+    store.add_teacher("t", {"arch": "synthetic", "weights_sha256": "0", "target_layer": "x", "transform": {}, "map_shape": [7, 7], "heldout_top1": 0.5})
     rng = np.random.default_rng(0)
     for block in range(store.num_blocks):
         rows = range(*store.block_rows(block))

@@ -16,11 +16,11 @@ from unittest import mock
 import pandas as pd
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline import cache
+from pipeline.store import teacher_store
 from pipeline.bench import TEACHERS, bytes_under, evict, median_seconds, stream_pass, synthetic_store, zarr_pass
 from pipeline.distill import teacher_fields
 
-CODECS = {"zstd 5, bitshuffle (shipped)": cache.compressors,
+CODECS = {"zstd 5, bitshuffle (shipped)": teacher_store.compressors,
           "lz4 5, bitshuffle": lambda: (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()),
           "zstd 1, shuffle": lambda: (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec())}
 LAYOUTS = [(256, 4), (1024, 4), (4096, 1), (4096, 4), (4096, 16), (16384, 4)]  # (block size, chunks per block)
@@ -29,7 +29,7 @@ LAYOUTS = [(256, 4), (1024, 4), (4096, 1), (4096, 4), (4096, 16), (16384, 4)]  #
 def trial(folder: Path, samples: int, block: int, chunks: int, codec: str, zarr_too: bool) -> dict:
     path = folder / f"{block}-{chunks}-{codec[:4]}.zarr"
     began = time.perf_counter()
-    with mock.patch.object(cache, "compressors", CODECS[codec]):
+    with mock.patch.object(teacher_store, "compressors", CODECS[codec]):
         store = synthetic_store(path, samples, 1000, 7, block, {"mode": "topk", "k": 10}, chunks_per_block=chunks)
     written = time.perf_counter() - began
     fields = ["labels", *teacher_fields("explain-kd", list(TEACHERS), store.logit_fields)]

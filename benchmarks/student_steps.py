@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from pipeline.bench import digits_store, median_seconds, sync
-from pipeline.cache import TeacherStore
 from pipeline.config import RECIPES
 from pipeline.data import get_dataset
 from pipeline.devices import autocast, prepare_model, resolve_device
 from pipeline.distill import DistillationLoss, teacher_fields
-from pipeline.objective import loss_of
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
+from pipeline.objective import loss_of
+from pipeline.store.teacher_store import TeacherStore
 
 METHODS = {"ce": ("ce", {}), "kd": ("kd", {"kd_teacher": 0}),
            "explain-kd": ("explain-kd", {**RECIPES["validated"], "kd_teacher": 0}),

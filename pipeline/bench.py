@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline.cache import TeacherStore, default_block_size, quantize_cam, topk_logit_fields
+from pipeline.store.codec import quantize_cam, topk_logit_fields
+
 from pipeline.config import BENCH_SECTIONS, ExtractConfig, TrainStudentConfig
 from pipeline.data import get_dataset, normalize
 from pipeline.devices import autocast, prepare_model, resolve_device, to_device
@@ -35,6 +36,7 @@ from pipeline.extraction import explain_batch, extract_teachers
 from pipeline.fabricate import make_cifar, make_teacher
 from pipeline.models import create_model
 from pipeline.objective import loss_of
+from pipeline.store.teacher_store import TeacherStore, default_block_size
 from pipeline.stream import BlockStream
 from pipeline.student import train_student
 from pipeline.teachers import Teacher, Transform
@@ -116,7 +118,7 @@ def synthetic_store(path: Path, samples: int, classes: int, map_side: int, block
                                 chunks_per_block=chunks_per_block)
     for t, name in enumerate(teachers):
         store.add_teacher(name, {"arch": "synthetic", "weights_sha256": str(t), "target_layer": "x",
-                                 "transform": {}, "code_sha256": "", "map_shape": [map_side, map_side],
+                                 "transform": {}, "map_shape": [map_side, map_side],
                                  "heldout": {"split": "val", "samples": 100, "top1": 0.5 + t / 100,
                                              "mean_drop": 0.5}})
     for block in range(store.num_blocks):

@@ -68,24 +68,31 @@ def stage_command(name: str, cls, stage_path: str):
         def command(params_file, **options):
             import importlib
 
-            try:
-                importlib.import_module(f"stages.{stage_path}").run(build_config(cls, params_file, options))
-            except PipelineError as error:
-                raise click.ClickException(own_line(error)) from None
-            except OSError as error:
-                if error.errno != errno.ENOSPC:
-                    raise
-                raise click.ClickException(
-                    "no space left on device; finished blocks and checkpoints are kept: "
-                    "free space (or move --store / --out-dir) and rerun the same command"
-                ) from None
+            importlib.import_module(f"stages.{stage_path}").run(build_config(cls, params_file, options))
 
         return command
 
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Commands(click.Group):
+    """The command group that turns the library's errors into one line each (and exit status 1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as error:
+            raise click.ClickException(own_line(error)) from None
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise click.ClickException(
+                "no space left on device; finished blocks and checkpoints are kept: "
+                "free space (or move --store / --out-dir) and rerun the same command"
+            ) from None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="explain-kd-pipeline")
 def main():
     """Multi-teacher knowledge distillation guided by Grad-CAM explanations.
@@ -142,71 +149,64 @@ def _report():
 
 
 @main.group()
-def cache():
-    """Inspect, check and edit a teacher store."""
+def store():
+    """Inspect, check and edit a teacher store (`pipeline cache` is the same group)."""
+
+
+main.add_command(click.Group("cache", commands=store.commands, hidden=True, help="The same as `pipeline store`."))
 
 
 def open_store(path: str, mode: str = "r"):
-    from pipeline.cache import TeacherStore
+    from pipeline.store.teacher_store import TeacherStore
 
-    try:
-        return TeacherStore.open(path, mode=mode)
-    except PipelineError as error:
-        raise click.ClickException(str(error)) from None
+    return TeacherStore.open(path, mode=mode)
 
 
-@cache.command("info")
-@click.argument("store")
-def cache_info(store):
+@store.command("info")
+@click.argument("path")
+def store_info(path):
     """Per teacher: accuracy on the cached split, mean confidence drop, share of samples where it
     is the best explainer, map resolution, bytes on disk, finished blocks."""
-    from pipeline.cache_report import describe
+    from pipeline.store.info import describe
 
-    try:
-        click.echo(describe(open_store(store)))
-    except PipelineError as error:  # damage met while reading
-        raise click.ClickException(str(error)) from None
+    click.echo(describe(open_store(path)))
 
 
-@cache.command("verify")
-@click.argument("store")
+@store.command("verify")
+@click.argument("path")
 @click.option("--quick", is_flag=True, help="read only each shard file's index (present, not empty, index "
               "checksum, chunks inside the file), not every chunk and value")
 @click.option("--repair", is_flag=True, help="delete the damaged shard files and mark their blocks unfinished, "
               "so that the `pipeline extract-teachers` command that wrote the store recomputes just those")
-def cache_verify(store, quick, repair):
+def store_verify(path, quick, repair):
     """Check completeness, shapes, fingerprints and every shard: by default every chunk is decoded (its
     crc32c checksum) and every value range-checked; exit 0 only if all hold."""
-    from pipeline.cache_report import verify
-    from pipeline.integrity import find_damage, repair_damage
+    from pipeline.store.info import verify
+    from pipeline.store.integrity import find_damage, repair_damage
 
-    opened = open_store(store, mode="r+" if repair else "r")
+    opened = open_store(path, mode="r+" if repair else "r")
     damage = find_damage(opened, quick)
     problems = verify(opened, damage, quick)
     for problem in problems:
         click.echo(f"FAIL {problem}")
     if repair and damage:
         repair_damage(opened, damage)
-        click.echo(f"repaired {store}: {len(damage)} damaged shard(s) deleted and their blocks marked unfinished; "
+        click.echo(f"repaired {path}: {len(damage)} damaged shard(s) deleted and their blocks marked unfinished; "
                    "now rerun the `pipeline extract-teachers` command that wrote it")
     if problems:
-        raise click.ClickException(f"{store}: {len(problems)} problem(s)")
+        raise click.ClickException(f"{path}: {len(problems)} problem(s)")
     checked = "shard files and indexes present" if quick else "every chunk's checksum, values valid"
-    click.echo(f"OK {store}: complete, shapes valid, fingerprints match, {checked}")
+    click.echo(f"OK {path}: complete, shapes valid, fingerprints match, {checked}")
 
 
-@cache.command("drop-teacher")
-@click.argument("store")
+@store.command("drop-teacher")
+@click.argument("path")
 @click.argument("teacher")
-def cache_drop_teacher(store, teacher):
-    """Remove one teacher's arrays from STORE; the other teachers stay as they are."""
-    opened = open_store(store, mode="r+")
-    try:
-        opened.drop_teacher(teacher)
-    except PipelineError as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"dropped {teacher} from {store}; it holds: {', '.join(opened.teachers) or 'no teachers'}")
-
+def store_drop_teacher(path, teacher):
+    """Remove one teacher's arrays from the store at PATH; the other teachers stay as they are."""
+    opened = open_store(path, mode="r+")
+    opened.drop_teacher(teacher)
+    click.echo(f"dropped {teacher} from {path}; it holds: {', '.join(opened.teachers) or 'no teachers'}")
 
 
 @main.command("bench")
@@ -221,7 +221,4 @@ def bench(quick, json_path, repeats, only):
     prints one markdown table (figure, value, peer, goal, met?); on a CUDA machine adds GPU figures."""
     from pipeline.bench import run_bench
 
-    try:
-        click.echo(run_bench(quick, json_path, repeats, only))
-    except PipelineError as error:
-        raise click.ClickException(str(error)) from None
+    click.echo(run_bench(quick, json_path, repeats, only))

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.augment import Augmentation, Moves, apply, model_input
-from pipeline.cache import dequantize_cam, full_logits
 from pipeline.explain import CamLayer, attention_map, captured, grad_cam
 from pipeline.objective import Term
 from pipeline.scoring import selection_weights
+from pipeline.store.codec import dequantize_cam, full_logits
+from pipeline.store.layout import teacher_array, teacher_arrays
 
 
 def kd_per_row(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -80,7 +81,7 @@ def teacher_fields(method: str, teachers: list[str], logit_fields: tuple[str, ..
     per_teacher = {"ce": (), "kd": logit_fields, "kd-avg": logit_fields,
                    "at": (*logit_fields, "attention", "attention_max"),
                    "explain-kd": (*logit_fields, "cam", "cam_max", "cam_class", "y_prob", "o_prob")}[method]
-    return [f"teachers/{name}/{field}" for name in teachers for field in per_teacher]
+    return teacher_arrays(teachers, per_teacher)
 
 
 class DistillationLoss:
@@ -122,7 +123,7 @@ class DistillationLoss:
         x, labels, moves = model_input(batch, self.augmentation, self.mean, self.std)
         if self.method == "ce":
             return {"ce": Term.over(F.cross_entropy(model(x).float(), labels, reduction="none"))}
-        field = lambda key: torch.stack([batch[f"teachers/{t}/{key}"] for t in self.teachers], 1)  # noqa: E731
+        field = lambda key: torch.stack([batch[teacher_array(t, key)] for t in self.teachers], 1)  # noqa: E731
         # every teacher's values are stacked (B, M, ...) and computed on at once: a step's fixed cost per op
         teacher_logits = torch.stack([full_logits(batch, t, self.num_classes) for t in self.teachers], 1)
         soft = F.softmax(teacher_logits / self.temperature, dim=2)  # (B, M, C)
@@ -154,7 +155,7 @@ class DistillationLoss:
         if use_cam or self.method == "at":
             key = "cam" if use_cam else "attention"
             size = (self.map_size, self.map_size) if self.map_size else tuple(student_map.shape[-2:])
-            maps = self.teacher_maps([dequantize_cam(batch[f"teachers/{t}/{key}"], batch[f"teachers/{t}/{key}_max"])
+            maps = self.teacher_maps([dequantize_cam(batch[teacher_array(t, key)], batch[teacher_array(t, f"{key}_max")])
                                       for t in self.teachers], x.shape[-2:], size, moves)
             losses["map"] = map_term(resize_maps(student_map, size), (weights[..., None, None] * maps).sum(1),
                                      self.map_norm, beta)
@@ -165,7 +166,7 @@ class DistillationLoss:
         the map of the most-weighted teacher explains (the store's `cam_class`)."""
         if self.target == "label":
             return labels
-        classes = torch.stack([batch[f"teachers/{t}/cam_class"] for t in self.teachers], 1).long()
+        classes = torch.stack([batch[teacher_array(t, "cam_class")] for t in self.teachers], 1).long()
         return classes.gather(1, weights.argmax(1, keepdim=True))[:, 0]
 
     def forward(self, model: nn.Module, x: torch.Tensor, need_activation: bool) -> tuple:

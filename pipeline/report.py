@@ -15,7 +15,9 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from pipeline.cache import TeacherStore, dequantize_cam
+from pipeline.store.codec import dequantize_cam
+from pipeline.store.layout import teacher_array, teacher_arrays
+
 from pipeline.config import ReportConfig
 from pipeline.data import SampleSet, get_test_split, normalize
 from pipeline.errors import PipelineError
@@ -23,6 +25,7 @@ from pipeline.evaluation import top1
 from pipeline.explain import CamLayer, explain, probe_input, upsample_minmax
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.scoring import best_explainer, confidence_drop
+from pipeline.store.teacher_store import TeacherStore
 
 RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 
@@ -110,9 +113,9 @@ def teacher_drops(store: TeacherStore) -> dict[str, np.ndarray]:
     for name in store.teachers:
         parts = []
         for block in store.finished_blocks([name]):
-            rows = store.read_rows(*store.block_rows(block), ["valid", f"teachers/{name}/y_prob",
-                                                                 f"teachers/{name}/o_prob"])
-            y, o = (torch.from_numpy(rows[f"teachers/{name}/{k}"][rows["valid"]]) for k in ("y_prob", "o_prob"))
+            rows = store.read_rows(*store.block_rows(block), ["valid", teacher_array(name, "y_prob"),
+                                                                 teacher_array(name, "o_prob")])
+            y, o = (torch.from_numpy(rows[teacher_array(name, k)][rows["valid"]]) for k in ("y_prob", "o_prob"))
             parts.append(confidence_drop(y, o).numpy())
         drops[name] = np.concatenate(parts) if parts else np.zeros(0)
     return drops
@@ -146,9 +149,9 @@ def explanation_rows(store: TeacherStore, test: SampleSet, runs: dict[str, Path]
     labels = torch.as_tensor(test.labels[indices])
     size = tuple(test.info.image_shape[:2])
     rows = [{"image": image.numpy(), "label": int(label), "maps": {}, "drops": {}} for image, label in zip(images, labels)]
-    fields = [f"teachers/{name}/{key}" for name in store.teachers for key in ("cam", "cam_max", "y_prob", "o_prob")]
+    fields = teacher_arrays(store.teachers, ("cam", "cam_max", "y_prob", "o_prob"))
     cached = [store.read_rows(int(i), int(i) + 1, fields) for i in indices]
-    column = lambda name, key: np.concatenate([c[f"teachers/{name}/{key}"] for c in cached])  # noqa: E731
+    column = lambda name, key: np.concatenate([c[teacher_array(name, key)] for c in cached])  # noqa: E731
     y, o = [], []
     for name in store.teachers:
         cams = dequantize_cam(column(name, "cam"), column(name, "cam_max"))

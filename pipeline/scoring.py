@@ -1,4 +1,4 @@
-"""Explanation scores and teacher selection: the one home for both (training, reports, `cache info`).
+"""Explanation scores and teacher selection: the one home for both (training, reports, `pipeline store info`).
 
 A teacher's explanation of a sample is scored by the Grad-CAM++ confidence drop
 max(0, Y - O) / Y (lower is better). Drops within DROP_TIE of the lowest count as equal

@@ -11,7 +11,7 @@ sample, rendered at the data set's size from the stored image or the image file.
 
 In one process (no workers), a stream whose arrays decode to at most `hold_bytes` keeps the
 blocks it has read, checked, and reads each from disk once per run (a file damaged after that
-read is found by the next run or `cache verify`); with workers every epoch reads them again
+read is found by the next run or `pipeline store verify`); with workers every epoch reads them again
 (each epoch's workers are new processes).
 """
 
@@ -20,8 +20,9 @@ import math
 import numpy as np
 import torch
 
-from pipeline.cache import TeacherStore
 from pipeline.errors import PipelineError
+from pipeline.store.layout import is_viewed
+from pipeline.store.teacher_store import TeacherStore
 from pipeline.views import PixelSource, ViewPolicy, epoch_view, image_decoder
 
 HOLD_BYTES = 2**30
@@ -59,7 +60,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         self.stored = wanted + ["valid"] + (["view_boxes", "view_flips"] if "images" in self.fields else [])
         self.valid_rows = {b: int(store.read_rows(*store.block_rows(b), ["valid"])["valid"].sum()) for b in self.blocks}
         decoded = len(self.blocks) * store.block_size * sum(
-            math.prod(store.layout(f).row_shape) * store.layout(f).dtype.itemsize * (self.views if store.is_viewed(f) else 1)
+            math.prod(store.layout(f).row_shape) * store.layout(f).dtype.itemsize * (self.views if is_viewed(f) else 1)
             for f in self.stored)
         self.held: dict[tuple[int, int], dict] | None = {} if workers == 0 and decoded <= hold_bytes else None
 

@@ -13,8 +13,6 @@ import torch
 
 from pipeline import __version__
 from pipeline.augment import Augmentation, check_flip
-from pipeline.cache import TeacherStore
-from pipeline.cache_report import teacher_table
 from pipeline.config import TrainStudentConfig
 from pipeline.data import get_dataset, get_val_split
 from pipeline.ddp import Ranks
@@ -25,6 +23,8 @@ from pipeline.explain import CamLayer, probe_input
 from pipeline.heldout import checkpoint_note, judged_top1
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
+from pipeline.store.info import teacher_table
+from pipeline.store.teacher_store import TeacherStore
 from pipeline.stream import BlockStream
 from pipeline.train import Resume, fit
 

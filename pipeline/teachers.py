@@ -12,10 +12,8 @@ state_dict file or a checkpoint without a transform is fed as the data set's own
 transform feeds images (its mean, std and resize/crop).
 """
 
-import hashlib
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -30,28 +28,6 @@ from pipeline.explain import CamLayer, Explanation, captured, explain, probe_inp
 from pipeline.models.checkpoint import load_checkpoint, weights_sha256
 
 SOURCES = ("checkpoint", "torchvision", "timm")
-# under pipeline/: what computes a teacher's cached values, besides its data set's own module
-EXTRACTION_CODE = ("extraction.py", "explain.py", "teachers.py", "cache.py", "views.py", "devices.py", "heldout.py",
-                   "scoring.py", "data/base.py", "data/files.py", "models")
-
-
-def extraction_code_sha256(dataset: str) -> str:
-    """A hash of the source of everything that computes a teacher's cached values on data set
-    `dataset`, so that a store never mixes blocks computed by different code; another data set's
-    module does not count."""
-    import pipeline
-    from pipeline.data import DATASETS, PATH_DATASETS
-
-    kind = dataset.partition(":")[0]
-    loader = DATASETS.get(f"{kind}:<path>" if kind in PATH_DATASETS else dataset)
-    root = Path(pipeline.__file__).parent
-    files = sorted(f for name in EXTRACTION_CODE for f in ([root / name] if name.endswith(".py")
-                                                           else (root / name).rglob("*.py")))
-    files.append(Path(sys.modules[getattr(loader, "func", loader).__module__].__file__))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root.parent).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -144,7 +120,7 @@ def load_teacher(spec: str, info: DatasetInfo, target_layers: dict[str, str] | N
     identity = {
         "arch": loaded.arch, "source": spec, "weights_sha256": weights_sha256(model),
         "target_layer": layer.target_layer, "cam_path": layer.path, "transform": transform.as_dict(),
-        "map_shape": list(box["activation"].shape[-2:]), "code_sha256": extraction_code_sha256(info.name),
+        "map_shape": list(box["activation"].shape[-2:]),
         "heldout_data": heldout and {k: heldout[k] for k in ("name", "split", "num_samples", "ids_sha256")},
         "checkpoint_val_top1": loaded.held_out_top1,  # shown beside the figure measured on `heldout`:
         "checkpoint_val_data": None if loaded.validated_on is None else  # was it measured on the same images?

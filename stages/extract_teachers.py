@@ -1,8 +1,8 @@
 """Stage: run every teacher once over a split and cache its artefacts in a teacher store."""
 
-from pipeline.cache import TeacherStore
 from pipeline.config import ExtractConfig
 from pipeline.extraction import extract_teachers
+from pipeline.store.teacher_store import TeacherStore
 
 
 def run(cfg: ExtractConfig) -> TeacherStore:

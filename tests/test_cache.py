@@ -9,8 +9,11 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import TeacherStore, default_block_size, dequantize_cam, full_logits, quantize_cam, topk_logit_fields
+from pipeline.store.codec import dequantize_cam, full_logits, quantize_cam, topk_logit_fields
+
 from pipeline.errors import PipelineError
+from pipeline.store.layout import digest_array, is_viewed
+from pipeline.store.teacher_store import TeacherStore, default_block_size
 from pipeline.views import ViewPolicy
 
 N, C, MAP = 10, 5, (3, 3)
@@ -23,7 +26,7 @@ def identity(num_samples=N, ids="abc"):
 
 TEACHER = {"arch": "resnet8", "source": "checkpoint:x.pt", "weights_sha256": "w1", "target_layer": "features",
            "cam_path": "closed-form", "transform": {"mean": [0.5], "std": [0.25]}, "heldout": {"split": "val", "samples": 10, "top1": 0.9, "mean_drop": 0.3},
-           "map_shape": list(MAP), "code_sha256": "c1"}
+           "map_shape": list(MAP)}
 
 
 def block_arrays(rng, rows, views=1):
@@ -58,7 +61,7 @@ def test_round_trip_and_plain_zarr(tmp_path):
     assert store.pending_blocks("t1") == []
 
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")  # plain zarr, no project code
-    assert group.attrs["format"] == "teacher-cache" and group.attrs["version"] == 7
+    assert group.attrs["format"] == "teacher-store" and group.attrs["version"] == 8
     np.testing.assert_array_equal(group["labels"][:], np.arange(N) % C)
     assert group["images"].shape == (N, 4, 4, 1)
     assert group["teachers/t1/cam"].shards == (4, 1, *MAP) and group["teachers/t1/cam"].chunks == (2, 1, *MAP)
@@ -98,7 +101,7 @@ def written_store(path, block_size=4, logits=None, n=N, chunks_per_block=2, view
     ({"mode": "topk", "k": 2}, 9, 4, 2, 3),  # three views, each its own shard file
 ])
 def test_direct_shard_reads_equal_zarrs_for_every_row_range(tmp_path, logits, n, block_size, chunks_per_block, views):
-    """The reader decodes shard files itself (pipeline.shards); zarr's own read path is the reference."""
+    """The reader decodes shard files itself (pipeline.store.shards); zarr's own read path is the reference."""
     store = written_store(tmp_path / "s.zarr", block_size, logits, n, chunks_per_block, views)
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")
     arrays = [*store.shared_arrays, *(f"teachers/t1/{f}" for f in store.teacher_fields)]
@@ -107,7 +110,7 @@ def test_direct_shard_reads_equal_zarrs_for_every_row_range(tmp_path, logits, n,
             for stop in range(start + 1, n + 1):  # within a chunk, across chunks and blocks, the partial last block
                 rows = store.read_rows(start, stop, arrays, view)
                 for array in arrays:
-                    expected = group[array][start:stop, view] if store.is_viewed(array) else group[array][start:stop]
+                    expected = group[array][start:stop, view] if is_viewed(array) else group[array][start:stop]
                     assert rows[array].dtype == group[array].dtype
                     np.testing.assert_array_equal(rows[array], expected, err_msg=f"{array} {start}:{stop} view {view}")
     assert len(list((tmp_path / "s.zarr" / "teachers" / "t1" / "cam").rglob("c/0/*/0/0"))) == views
@@ -127,8 +130,8 @@ def edit_metadata(path, edit):
     (lambda m: m.update(shape=[10, 2]),  # two views in a store of one
      "y_prob: its zarr.json describes 10 rows in shards of 4, chunks of 2 and 2 views, not 10, 4, 2 and 1"),
     (lambda m: m["codecs"][0]["configuration"]["codecs"][0].update(configuration={"endian": "big"}),
-     "array teachers/t1/y_prob is not laid out as a teacher-cache v7 array"),
-    (lambda m: m.pop("data_type"), "array teachers/t1/y_prob is not laid out as a teacher-cache v7 array"),
+     "array teachers/t1/y_prob is not laid out as a teacher-store v8 array"),
+    (lambda m: m.pop("data_type"), "array teachers/t1/y_prob is not laid out as a teacher-store v8 array"),
 ])
 def test_an_array_laid_out_otherwise_than_the_store_is_refused_not_misread(tmp_path, edit, message):
     """Rows are placed by the store's block size: an array whose shards differ would be read at wrong offsets."""
@@ -182,7 +185,7 @@ def test_a_shard_left_from_another_teacher_or_an_earlier_extraction_is_refused(t
     assert store.read_rows(4, 8, ["teachers/t1/cam"])  # the file written there, back
     other_binding = other.recorded_digests("t1", 1)
     assert (other_binding != store.recorded_digests("t1", 1)).any()  # another writer: other digests
-    store.writable(store.digest_array("t1"))[1] = other_binding  # the other teacher's record, with the same bytes
+    store.writable(digest_array("t1"))[1] = other_binding  # the other teacher's record, with the same bytes
     with pytest.raises(PipelineError, match="teachers/t1/cam block 1: its shard file is not the one written there"):
         store.read_rows(4, 8, ["teachers/t1/cam"])
 
@@ -237,11 +240,30 @@ def test_unknown_format_or_version_is_refused(tmp_path):
     make_store(tmp_path / "s.zarr")
     group = zarr.open_group(tmp_path / "s.zarr", mode="r+")
     group.attrs["version"] = 99
-    with pytest.raises(PipelineError, match="is not a teacher-cache v7 store \\(format='teacher-cache', version=99\\)"):
+    with pytest.raises(PipelineError, match="is not a teacher-store v8 store \\(format='teacher-store', version=99\\)"):
         TeacherStore.open(tmp_path / "s.zarr")
     with pytest.raises(PipelineError, match="no teacher store at"):
         TeacherStore.open(tmp_path / "missing.zarr")
 
+
+
+@pytest.mark.parametrize("format_name", ["teacher-cache", "teacher-store"])
+def test_a_store_of_an_earlier_version_is_refused_and_replaced_only_on_request(tmp_path, format_name):
+    make_store(tmp_path / "s.zarr")
+    zarr.open_group(tmp_path / "s.zarr", mode="r+").attrs.update({"format": format_name, "version": 7})
+    with pytest.raises(PipelineError, match=f"is not a teacher-store v8 store \\(format='{format_name}', version=7\\)"):
+        make_store(tmp_path / "s.zarr")
+    labels, images = np.arange(N) % C, np.zeros((N, 4, 4, 1), np.uint8)
+    store = TeacherStore.create(tmp_path / "s.zarr", identity(), labels, images, target="label", block_size=4,
+                                chunks_per_block=2, replace=True)
+    assert (store.attrs["format"], store.attrs["version"], store.teachers) == ("teacher-store", 8, [])
+
+
+def test_a_store_made_by_another_extraction_version_is_stale(tmp_path, monkeypatch):
+    make_store(tmp_path / "s.zarr")
+    monkeypatch.setattr("pipeline.store.teacher_store.EXTRACTION_VERSION", 2)
+    with pytest.raises(PipelineError, match="has extraction_version=1, not 2; use a new --store path"):
+        make_store(tmp_path / "s.zarr")
 
 def test_unknown_teacher_lists_the_stored_ones(tmp_path):
     store = make_store(tmp_path / "s.zarr")
@@ -314,7 +336,7 @@ def test_default_block_size_is_the_largest_that_leaves_32_blocks(samples, expect
 
 def test_verify_refuses_view_arrays_of_another_dtype(tmp_path):
     """view_flips read as uint8 would still decode (one byte a value): verify names the wrong dtype."""
-    from pipeline.cache_report import verify
+    from pipeline.store.info import verify
 
     written_store(tmp_path / "s.zarr", views=2)
     edit_metadata(tmp_path / "s.zarr" / "view_flips" / "zarr.json", lambda m: m.update(data_type="uint8"))

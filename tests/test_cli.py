@@ -35,6 +35,8 @@ def test_help_explains_every_option(command):
     (["train-student", "--store", "nowhere.zarr"], "no teacher store at nowhere.zarr"),
     (["train-student", "--method", "kd", "--kd-source", "best"], "--kd-source best applies to explain-kd with"),
     (["evaluate", "--params", "nowhere.yaml"], "params file nowhere.yaml does not exist"),
+    (["store", "info", "nowhere.zarr"], "no teacher store at nowhere.zarr"),
+    (["cache", "drop-teacher", "nowhere.zarr", "resnet20"], "no teacher store at nowhere.zarr"),
 ])
 def test_bad_input_is_one_line_error(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -92,3 +94,14 @@ def test_recipes_fill_in_what_is_not_given():
     assert (design.student_map, design.kd_source, design.beta) == ("gradcam", "selected", 1.0)
     assert TrainStudentConfig(policy="global").kd_source == "selected"  # one teacher already
     assert TrainStudentConfig(method="at").beta == 1.0
+
+
+def listed_commands(output: str) -> set[str]:
+    return {line.split()[0] for line in output.split("Commands:")[1].splitlines() if line.strip()}
+
+
+def test_cache_is_the_store_group_under_its_former_name():
+    store, cache = (CliRunner().invoke(main, [group, "--help"]) for group in ("store", "cache"))
+    assert listed_commands(store.output) == listed_commands(cache.output) == {"info", "verify", "drop-teacher"}
+    assert "store" in listed_commands(CliRunner().invoke(main, ["--help"]).output)
+    assert "cache" not in listed_commands(CliRunner().invoke(main, ["--help"]).output)  # hidden: one name shown

@@ -14,8 +14,8 @@ from distributed import Client, LocalCluster
 
 from conftest import assert_same_store, extract_args, invoke
 from pipeline import cluster
-from pipeline.cache import TeacherStore
 from pipeline.cluster import connect
+from pipeline.store.teacher_store import TeacherStore
 
 
 def split_test_args(teachers, store, *extra):

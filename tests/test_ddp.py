@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import Killed, extract_args, invoke, save_then_die
-from pipeline.cache import TeacherStore
 from pipeline.config import TrainStudentConfig
 from pipeline.data import get_dataset
 from pipeline.ddp import Ranks
@@ -25,9 +24,10 @@ from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.objective import loss_of
+from pipeline.store.teacher_store import TeacherStore
 from pipeline.stream import BlockStream
-from pipeline.train import Resume
 from pipeline.student import train_student as train
+from pipeline.train import Resume
 
 
 @pytest.fixture(scope="module")

@@ -183,6 +183,6 @@ def test_a_store_pushed_to_a_remote_trains_a_student_in_a_fresh_clone_without_ex
     assert not (clone / "data_cache/stores/digits-train.zarr").exists()
     run(clone, *dvc, "pull", "--with-deps", "extract_teachers")
     store = clone / "data_cache/stores/digits-train.zarr"
-    assert run(clone, "pipeline", "cache", "verify", str(store)).startswith(f"OK {store}")  # arrived whole
+    assert run(clone, "pipeline", "store", "verify", str(store)).startswith(f"OK {store}")  # arrived whole
     assert repro(clone, "train_student@ce") == ["train_student@ce"]  # no teacher training, no extraction
     assert (clone / "data_cache/students/ce/checkpoint.pt").is_file()

@@ -140,7 +140,7 @@ def test_a_teacher_whose_checkpoint_figure_is_of_other_data_is_judged_on_this_da
     result = invoke("extract-teachers", "--split", "test", "--teachers", ",".join(map(str, teachers)), "--store", store)
     for name in measured:
         assert f"teacher {name} on the 288 held-out val images: top-1 {measured[name]:.4f}" in result.output
-    table = invoke("cache", "info", store).output
+    table = invoke("store", "info", store).output
     assert "heldout_top1" in table and f"{measured['impostor']:.4f}" in table
     result = invoke("train-student", "--split", "test", "--store", store, "--method", "kd", "--epochs", 1,
                     "--out-dir", tmp_path / "students")

@@ -11,12 +11,12 @@ import zarr
 from PIL import Image
 
 from conftest import IMAGENET_WNIDS, invoke, make_cifar, make_imagenet, make_teacher, make_torchvision_teacher
-from pipeline.cache import TeacherStore
 from pipeline.data import DATA_ROOT_ENV, get_dataset, normalize
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint, weights_sha256
+from pipeline.store.teacher_store import TeacherStore
 from pipeline.teachers import load_teacher, torchvision_weights
 
 
@@ -109,7 +109,7 @@ def test_an_image_folder_of_32_px_images_is_seen_and_trained_at_32_px(tmp_path):
     opened = TeacherStore.open(store)
     assert opened.teacher_attrs("resnet8_slim")["map_shape"] == [8, 8]  # a 4x-downsampling net on 32 px inputs
     assert zarr.open_group(store)["view_boxes"][0, 0].tolist() == [0, 0, 32, 32]  # the whole image
-    invoke("cache", "verify", store)
+    invoke("store", "verify", store)
     refused = invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--out-dir",
                      tmp_path / "students", exit_code=1)  # the default recipe's logits come from the best teacher
     assert "has no top-1 measured on this data's held-out split" in refused.output  # ... and this folder has no val
@@ -232,8 +232,8 @@ def test_three_torchvision_teachers_keep_their_own_map_resolution(imagenet):
     paths = {name: group[f"teachers/{name}"].attrs["cam_path"] for name in shapes}
     assert paths == {"resnet18": "closed-form", "vgg11": "autograd", "densenet121": "closed-form"}
     assert group["teachers/resnet18/logits"].shape == (10, 1, 5)
-    assert invoke("cache", "verify", store).output.startswith("OK")
-    assert "skipped    1 unreadable image(s)" in invoke("cache", "info", store).output
+    assert invoke("store", "verify", store).output.startswith("OK")
+    assert "skipped    1 unreadable image(s)" in invoke("store", "info", store).output
 
     student = invoke("train-student", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
                      "--method", "explain-kd", "--arch", "torchvision:resnet18", "--epochs", 1, "--batch-size", 4,
@@ -290,7 +290,7 @@ def test_cifar_end_to_end_with_a_small_teacher(tmp_path):
     assert "warning: teacher resnet18's maps are only 2x2 (layer layer3); name a layer with larger maps with " \
            "--target-layer resnet18=<module.path>, or feed larger images" in result.output
     assert "warning: teacher resnet8" not in result.output
-    info = invoke("cache", "info", tmp_path / "c.zarr").output
+    info = invoke("store", "info", tmp_path / "c.zarr").output
     assert any(" layer3 " in line and " 2x2 " in line for line in info.splitlines() if line.startswith("resnet18 "))
     group = zarr.open_group(tmp_path / "c.zarr", mode="r")
     assert group["images"].shape == (36, 32, 32, 3) and group["teachers/resnet8/cam"].shape == (36, 1, 8, 8)

@@ -14,7 +14,6 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from conftest import make_teacher
-from pipeline.cache import TeacherStore
 from pipeline.cli import main
 from pipeline.config import ReportConfig
 from pipeline.data import get_dataset
@@ -22,6 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.report import (explanation_rows, make_report, plot_drops, plot_explanations, summarise, teacher_drops,
                              write_metrics)
+from pipeline.store.teacher_store import TeacherStore
 from test_cache import TEACHER, block_arrays, make_store
 
 

@@ -97,19 +97,19 @@ def test_every_kind_of_damage_is_found_and_repaired_by_recomputing_only_its_bloc
     shutil.copytree(clean_store, store)
     damage(shard(store, array, 5))
 
-    result = invoke("cache", "verify", store, exit_code=1)
+    result = invoke("store", "verify", store, exit_code=1)
     assert f"FAIL damaged: {array} block 5: {said(array, what)}\n" in result.output
     assert result.output.count("FAIL damaged:") == 1
     if kind != "flipped byte in chunk data":  # the quick check reads indexes only, not chunk data
-        result = invoke("cache", "verify", "--quick", store, exit_code=1)
+        result = invoke("store", "verify", "--quick", store, exit_code=1)
         assert f"FAIL damaged: {array} block 5: {said(array, what)}\n" in result.output
 
-    result = invoke("cache", "verify", "--repair", store, exit_code=1)
+    result = invoke("store", "verify", "--repair", store, exit_code=1)
     assert "repaired" in result.output and not shard(store, array, 5).exists()
     result = invoke(*two_view_args(teachers, store))
     recomputed = 0 if array in ("labels", "images") else 1  # shared rows come from the data set, teachers' blocks
     assert f": {recomputed} of 9 blocks to extract" in result.output  # are recomputed only where they broke
-    assert "OK" in invoke("cache", "verify", store).output
+    assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
 
@@ -124,7 +124,7 @@ def test_a_student_stops_on_damage_with_one_line_naming_it_and_the_repair(kind, 
     DAMAGE[kind][0](shard(store, array, 3))
     result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 2, "--num-workers", workers,
                     "--out-dir", tmp_path / "s", exit_code=1)  # two epochs read both views of every block
-    assert (f"Error: store {store} is damaged: {array} block 3: {said(array, DAMAGE[kind][1])}; run `pipeline cache "
+    assert (f"Error: store {store} is damaged: {array} block 3: {said(array, DAMAGE[kind][1])}; run `pipeline store "
             f"verify --repair {store}`, then the `pipeline extract-teachers` command that wrote it") \
         in result.output.splitlines()
     assert "Traceback" not in result.output and result.output.count("Error") == 1
@@ -148,16 +148,16 @@ def test_swapped_shard_files_fail_verify_naming_both_stop_a_student_and_are_repa
     a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
     a.write_bytes(b_bytes)
     b.write_bytes(a_bytes)
-    result = invoke("cache", "verify", store, exit_code=1)
+    result = invoke("store", "verify", store, exit_code=1)
     for array, block in (first, second):
         assert f"FAIL damaged: {array} block {block}: {said(array, MISPLACED)}\n" in result.output
     assert result.output.count("FAIL damaged:") == 2
     result = invoke("train-student", "--store", store, "--method", "explain-kd", "--epochs", 2, "--out-dir",
                     tmp_path / "s", exit_code=1)  # two epochs read both views
-    assert result.output.count("Error") == 1 and f"{said(first[0], MISPLACED)}; run `pipeline cache verify" in result.output
-    invoke("cache", "verify", "--repair", store, exit_code=1)
+    assert result.output.count("Error") == 1 and f"{said(first[0], MISPLACED)}; run `pipeline store verify" in result.output
+    invoke("store", "verify", "--repair", store, exit_code=1)
     invoke(*two_view_args(teachers, store))
-    assert "OK" in invoke("cache", "verify", store).output
+    assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
 
@@ -173,7 +173,7 @@ def test_labels_that_fail_their_reads_are_rewritten_from_the_data_set_by_the_ext
     result = invoke(*two_view_args(teachers, store))
     assert "restoring labels block 2 of" in result.output and "restoring labels block 5 of" in result.output
     assert ": 0 of 9 blocks to extract" in result.output
-    assert "OK" in invoke("cache", "verify", store).output
+    assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
 
@@ -182,12 +182,12 @@ def test_two_damaged_blocks_are_listed_and_repaired_by_the_quick_check(teachers,
     shutil.copytree(clean_store, store)
     truncate(shard(store, "teachers/resnet8_slim/cam", 8))  # the last, partial block (1149 = 8 * 128 + 125)
     shard(store, "teachers/vgg8_bn/y_prob", 2).unlink()
-    result = invoke("cache", "verify", "--quick", "--repair", store, exit_code=1)
+    result = invoke("store", "verify", "--quick", "--repair", store, exit_code=1)
     assert result.output.count("FAIL damaged:") == 2
     assert "FAIL damaged: teachers/resnet8_slim/cam block 8: its shard index fails its checksum" in result.output
     assert "FAIL damaged: teachers/vgg8_bn/y_prob block 2: its shard file is missing (view 1)" in result.output
     assert ": 2 of 9 blocks to extract" in invoke(*two_view_args(teachers, store)).output
-    assert "OK" in invoke("cache", "verify", store).output
+    assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
 
@@ -196,29 +196,28 @@ def test_a_lost_teacher_folder_or_images_array_is_noticed_and_rebuilt(teachers, 
     shutil.copytree(clean_store, store)
     shutil.rmtree(store / "teachers/vgg8_bn")
     shutil.rmtree(store / "images")
-    result = invoke("cache", "verify", store, exit_code=1)
+    result = invoke("store", "verify", store, exit_code=1)
     assert "FAIL damaged: teacher 'vgg8_bn' is registered but its folder teachers/vgg8_bn is gone" in result.output
     assert "FAIL images: missing" in result.output and result.output.count("FAIL damaged:") == 1
     result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 1, "--out-dir", tmp_path,
                     exit_code=1)
     assert result.output.count("\n") == 1 and "teacher 'vgg8_bn' is registered but its folder" in result.output
-    invoke("cache", "drop-teacher", store, "vgg8_bn")
+    invoke("store", "drop-teacher", store, "vgg8_bn")
     result = invoke(*two_view_args(teachers, store))
     assert "restoring the lost array images" in result.output and ": 9 of 9 blocks to extract" in result.output
-    assert "OK" in invoke("cache", "verify", store).output
+    assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
 
 def test_a_block_mixing_zero_and_other_chunks_keeps_every_chunk(tmp_path):
     """zarr leaves a chunk equal to the fill value out of its shard (an empty index entry) unless told;
     the store's writes must keep it, or a lost chunk could not be told from a chunk of zeros."""
-    from pipeline.cache import TeacherStore
+    from pipeline.store.teacher_store import TeacherStore
     identity = {"name": "toy", "split": "train", "num_samples": 8, "num_classes": 3, "image_shape": [2, 2, 1],
                 "ids_sha256": "x"}
     store = TeacherStore.create(tmp_path / "s.zarr", identity, np.zeros(8), None, "label", block_size=8,
                                 chunks_per_block=2)
-    store.add_teacher("t", {"arch": "a", "weights_sha256": "w", "target_layer": "l", "transform": {},
-                            "code_sha256": "c", "map_shape": [2, 2]})
+    store.add_teacher("t", {"arch": "a", "weights_sha256": "w", "target_layer": "l", "transform": {}, "map_shape": [2, 2]})
     arrays = {field: np.zeros((8, *shape[1:]), dtype) for field, (shape, dtype) in store.teacher_shapes([2, 2]).items()}
     arrays["cam"][4:] = 7  # chunk 0 all zeros, chunk 1 not
     store.write_samples(0, {"valid": np.arange(8) >= 4, "view_boxes": np.zeros((8, 1, 4), np.int32),
@@ -237,12 +236,12 @@ def test_a_damaged_finished_mark_is_reported_and_its_block_recomputed(teachers, 
     shutil.copytree(clean_store, store)
     mark = store / "teachers/vgg8_bn/progress/c/4"
     flip(mark, mark.stat().st_size - 2)  # inside the mark's crc32c
-    result = invoke("cache", "info", store, exit_code=1)
+    result = invoke("store", "info", store, exit_code=1)
     assert "teachers/vgg8_bn/progress: it does not decode (checksum mismatch)" in result.output
-    result = invoke("cache", "verify", "--repair", store, exit_code=1)
+    result = invoke("store", "verify", "--repair", store, exit_code=1)
     assert "FAIL damaged: teachers/vgg8_bn/progress block 4: finished mark does not decode\n" in result.output
     assert ": 1 of 9 blocks to extract" in invoke(*two_view_args(teachers, store)).output
-    assert "OK" in invoke("cache", "verify", store).output
+    assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
 

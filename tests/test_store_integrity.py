@@ -12,7 +12,8 @@ import torch
 import zarr
 
 from conftest import assert_same_store, extract_args, invoke, make_teacher, store_arrays
-from pipeline.cache import VERSION, TeacherStore
+from pipeline.store.layout import FORMAT, VERSION
+from pipeline.store.teacher_store import TeacherStore
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +96,14 @@ def test_adding_a_teacher_extracts_only_it_and_dropping_leaves_the_rest(teachers
     assert TeacherStore.open(store).teachers == ["resnet8_slim", "vgg8_bn"]
     assert TeacherStore.open(store).pending_blocks("vgg8_bn") == []
 
-    result = invoke("cache", "drop-teacher", store, "vgg8_bn")
+    result = invoke("store", "drop-teacher", store, "vgg8_bn")
     assert "it holds: resnet8_slim" in result.output
     after = store_arrays(store)
     assert sorted(after) == sorted(before)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name])
-    invoke("cache", "verify", store)
-    invoke("cache", "drop-teacher", store, "nope", exit_code=1)
+    invoke("store", "verify", store)
+    invoke("store", "drop-teacher", store, "nope", exit_code=1)
 
 
 def test_student_refuses_a_store_of_other_data_or_an_incomplete_one(teachers, tmp_path):
@@ -133,11 +134,11 @@ def test_empty_maps_are_stored_as_zeros_never_nan(tmp_path):
         assert (arrays[f"teachers/{arch}/cam_max"] == 0).all()
         for field in ("logits", "cam_max", "y_prob", "o_prob"):
             assert np.isfinite(arrays[f"teachers/{arch}/{field}"].astype(np.float64)).all()
-    assert "OK" in invoke("cache", "verify", store).output
+    assert "OK" in invoke("store", "verify", store).output
 
 
 def test_verify_and_info_report_what_is_wrong(clean_store, tmp_path):
-    result = invoke("cache", "info", clean_store)
+    result = invoke("store", "info", clean_store)
     assert "complete   yes" in result.output and "best_by_tie" in result.output and "ties decided" in result.output
     assert "resnet8_slim" in result.output and "8x8" in result.output and "4x4" in result.output
 
@@ -155,17 +156,17 @@ def test_verify_and_info_report_what_is_wrong(clean_store, tmp_path):
     store = TeacherStore.open(broken, mode="r+")
     for block in (0, 2):  # values a faulty writer wrote there, bound to their place as it would have
         store.bind("vgg8_bn", block)
-    result = invoke("cache", "verify", broken, exit_code=1)
+    result = invoke("store", "verify", broken, exit_code=1)
     assert "FAIL vgg8_bn/y_prob: NaN or infinite values in block 0" in result.output
     assert "FAIL vgg8_bn/cam_class: a map of a class other than the label in block 2" in result.output
     assert "FAIL resnet8_slim: 1 of 36 blocks unfinished (first: 7)" in result.output
-    assert "complete   no" in invoke("cache", "info", broken).output
+    assert "complete   no" in invoke("store", "info", broken).output
 
 
 def test_interrupted_creation_is_redone_and_foreign_stores_are_refused(teachers, clean_store, tmp_path):
     half = tmp_path / "half.zarr"
-    zarr.open_group(half, mode="w").attrs.update({"format": "teacher-cache", "version": VERSION})  # killed in create()
-    result = invoke("cache", "info", half, exit_code=1)
+    zarr.open_group(half, mode="w").attrs.update({"format": FORMAT, "version": VERSION})  # killed in create()
+    result = invoke("store", "info", half, exit_code=1)
     assert "was interrupted while being created" in result.output
     invoke(*extract_args(teachers, half))
     assert_same_store(half, clean_store)
@@ -174,7 +175,7 @@ def test_interrupted_creation_is_redone_and_foreign_stores_are_refused(teachers,
     zarr.open_group(foreign, mode="w").attrs["title"] = "somebody else's data"
     for mode in ("error", "replace"):  # replace recomputes our own stores only, never deletes others' data
         result = invoke(*extract_args(teachers, foreign, "--on-change", mode), exit_code=1)
-        assert f"is not a teacher-cache v{VERSION} store (format=None, version=None)" in result.output
+        assert f"is not a {FORMAT} v{VERSION} store (format=None, version=None)" in result.output
         assert zarr.open_group(foreign, mode="r").attrs["title"] == "somebody else's data"
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import TeacherStore
+from pipeline.store.teacher_store import TeacherStore
 from pipeline.stream import BlockStream
 
 N = 23
@@ -102,7 +102,7 @@ def test_only_the_given_blocks_are_read(tmp_path):
 
 
 TEACHER = {"arch": "toy", "source": "toy", "weights_sha256": "w", "target_layer": "f", "cam_path": "closed-form",
-           "transform": {"mean": [0.5], "std": [0.5]}, "heldout": {"split": "val", "samples": 10, "top1": 0.5, "mean_drop": 0.3}, "map_shape": [2, 2], "code_sha256": "c"}
+           "transform": {"mean": [0.5], "std": [0.5]}, "heldout": {"split": "val", "samples": 10, "top1": 0.5, "mean_drop": 0.3}, "map_shape": [2, 2]}
 
 
 def make_aligned_store(path, invalid=(2, 9, 10, 11, 17)):

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from conftest import invoke, make_imagenet
-from pipeline.cache import TeacherStore
 from pipeline.data import get_dataset, normalize
 from pipeline.errors import PipelineError
+from pipeline.store.teacher_store import TeacherStore
 from pipeline.teachers import load_teacher
 
 
@@ -48,7 +48,7 @@ def test_a_timm_teachers_store_verifies(imagenet, tmp_path):
     store = tmp_path / "timm.zarr"
     invoke("extract-teachers", "--dataset", "ilsvrc2012", "--data-root", imagenet, "--split", "val",
            "--teachers", f"timm:resnet18:{tmp_path / 'r18.pth'}", "--store", store)
-    assert invoke("cache", "verify", store).output.startswith(f"OK {store}: complete")
+    assert invoke("store", "verify", store).output.startswith(f"OK {store}: complete")
     config = timm.data.resolve_data_config({}, model=timm.create_model("resnet18", pretrained=False))
     recorded = TeacherStore.open(store).teacher_attrs("resnet18")["transform"]
     assert (recorded["crop"], recorded["interpolation"], recorded["mean"]) == (

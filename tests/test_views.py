@@ -8,11 +8,12 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import invoke, make_imagenet, make_torchvision_teacher
-from pipeline.cache import TeacherStore, dequantize_cam, full_logits
 from pipeline.data import DatasetInfo, Geometry, get_dataset, normalize
 from pipeline.data.files import ImageFile
 from pipeline.errors import PipelineError
 from pipeline.explain import explain
+from pipeline.store.codec import dequantize_cam, full_logits
+from pipeline.store.teacher_store import TeacherStore
 from pipeline.stream import BlockStream
 from pipeline.teachers import load_teacher
 from pipeline.views import PixelSource, ViewPolicy, draft_scale, image_decoder
@@ -216,7 +217,7 @@ def test_three_torchvision_teachers_four_views_topk_logits_and_a_resumed_student
     assert group.group["teachers/densenet121/logits"].shape == (12, 4, 10)
     boxes = group.group["view_boxes"][...]
     assert (boxes[:, 1:] != boxes[:, :1]).any(axis=2).all()  # every random view differs from the eval view
-    assert invoke("cache", "verify", store).output.startswith("OK")
+    assert invoke("store", "verify", store).output.startswith("OK")
 
     for path in teachers:  # stage two must not need them
         path.unlink()

@@ -6,7 +6,7 @@ its last bytes are no longer the index) and every chunk lies inside the file. Th
 check also decodes every chunk, which checks each chunk's own crc32c checksum.
 
 The full check also checks that each file is the one written there (its binding digest,
-pipeline.shards.Binding), so a file swapped with another or left from an earlier extraction
+pipeline.store.shards.Binding), so a file swapped with another or left from an earlier extraction
 is found; the quick check cannot (it reads no file whole).
 
 Repair deletes the damaged files and marks their blocks unfinished, for the teacher whose
@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache import DIGESTS, SAMPLE_ARRAYS, TeacherStore
 from pipeline.errors import PipelineError
-from pipeline.shards import ShardDamage, check_index, decode_chunks
+from pipeline.store.layout import (DIGESTS, PROGRESS, SAMPLE_ARRAYS, field_of, owner_of, teacher_array,
+                                   teacher_arrays)
+from pipeline.store.shards import ShardDamage, check_index, decode_chunks
+from pipeline.store.teacher_store import TeacherStore
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Damage:
 
     @property
     def teacher(self) -> str | None:
-        return self.array.split("/")[1] if self.array.startswith("teachers/") else None
+        return owner_of(self.array)
 
     def __str__(self) -> str:
         return f"{self.array} block {self.block}: {self.what}"
@@ -85,7 +87,7 @@ def finished_marks(store: TeacherStore, name: str) -> tuple[np.ndarray, list[Dam
             try:
                 done[block] = store.progress(name, block)
             except PipelineError:
-                damage.append(Damage(f"teachers/{name}/progress", block, "finished mark does not decode"))
+                damage.append(Damage(teacher_array(name, PROGRESS), block, "finished mark does not decode"))
         return done, damage
 
 
@@ -100,7 +102,7 @@ def find_damage(store: TeacherStore, quick: bool = False) -> list[Damage]:
         except PipelineError:  # its folder is gone: `verify` says so
             continue
         damage += bad_marks
-        arrays = [f"teachers/{name}/{field}" for field in (*store.teacher_fields, DIGESTS)]
+        arrays = teacher_arrays([name], (*store.teacher_fields, DIGESTS))
         checks += [(array, int(block)) for block in np.flatnonzero(done) for array in arrays
                    if sound_layout(store, array)]  # `verify` reports the others
     for array, block in tqdm(checks, desc="verify " + ("shard files" if quick else "every chunk"), unit="shard",
@@ -114,7 +116,7 @@ def find_damage(store: TeacherStore, quick: bool = False) -> list[Damage]:
 def repair_damage(store: TeacherStore, damage: list[Damage]) -> None:
     """Delete the damaged files and unmark their blocks (see the module's docstring)."""
     for item in damage:
-        lost = [item.array] if not item.array.endswith("/progress") else []  # a mark is not sharded: unmarking
+        lost = [item.array] if field_of(item.array) != PROGRESS else []  # a mark is not sharded: unmarking
         if item.array == DIGESTS:  # rewrites it; the shared files' digests lost: their files are rewritten
             lost += store.shared_arrays
         for array in lost:
@@ -122,4 +124,4 @@ def repair_damage(store: TeacherStore, damage: list[Damage]) -> None:
                 path.unlink(missing_ok=True)
         teachers = [item.teacher] if item.teacher else store.teachers if item.array in (*SAMPLE_ARRAYS, DIGESTS) else []
         for name in teachers:
-            store.group["teachers"][name]["progress"][item.block] = False
+            store.unmark(name, item.block)

@@ -1,4 +1,4 @@
-"""The teacher cache: one Zarr v3 group per data set split (format v6, see README).
+"""A teacher store's reading and writing: one Zarr v3 group per data set split (pipeline.store.layout).
 
 Rows are sharded along N; a *block* is the unit of writing, so no two writers ever touch
 one shard and a block is marked done in `progress` only after its data is written (a
@@ -10,7 +10,7 @@ Every chunk ends in a crc32c checksum (and so does every shard's index), and eve
 is written even when it holds only zeros, so a damaged chunk fails to decode and an
 absent shard file of a finished block is damage, never zarr's fill value. Every shard file
 is bound to its place: when a block is written, the digest of each of its files, taken with
-its array path, block, view and the fingerprint of its writer (pipeline.shards.Binding), is
+its array path, block, view and the fingerprint of its writer (pipeline.store.shards.Binding), is
 recorded in `shard_digests` (the store's, for its shared arrays, and each teacher's), and
 every read checks it, so a file moved to another place or left from an earlier extraction
 is damage too. zarr's own codecs are untouched: plain zarr still reads the store.
@@ -28,27 +28,18 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
-from pipeline.shards import DIGEST_BYTES, FORMAT, VERSION, Binding, ShardDamage, ShardLayout, read_shard_rows
+from pipeline.store.layout import (DIGESTS, EXTRACTION_VERSION, FORMAT, FORMER_FORMATS, PROGRESS, SAMPLE_ARRAYS,
+                                   SCORE_FIELDS, SHARED_ARRAYS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, TOPK_FIELDS,
+                                   VERSION, VIEWED_SHARED, digest_array, is_digests, is_viewed, owner_of, teacher_array)
+from pipeline.store.shards import DIGEST_BYTES, Binding, ShardDamage, ShardLayout, read_shard_rows
 from pipeline.views import ViewPolicy
 
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
-SHARED_ARRAYS = ("labels", "images", "valid", "view_boxes", "view_flips")  # one per store; "images" only for small images
-SAMPLE_ARRAYS = ("valid", "view_boxes", "view_flips")  # written by extraction with each block, before its teachers'
-VIEWED_SHARED = ("view_boxes", "view_flips")  # shared arrays with a view axis (as every teacher array has)
-DIGESTS = "shard_digests"  # per block, the digest of each of its shard files (the store's and each teacher's)
-TEACHER_MARKS = ("progress", DIGESTS)  # a teacher's arrays that hold no rows
-SCORE_FIELDS = ("cam", "cam_max", "cam_class", "y_prob", "o_prob", "attention", "attention_max")
-TOPK_FIELDS = ("logits", "logit_classes", "tail_logsumexp")  # `--logits topk:K` stores these instead of all C logits
-# what makes two stores the same (the root fingerprint covers these attributes)
-STORE_IDENTITY = ("dataset", "target", "block_size", "logits", "views")
-# what makes two teachers the same, the code that computed their values and the split they were judged on included
-TEACHER_IDENTITY = ("arch", "weights_sha256", "target_layer", "transform", "code_sha256", "heldout_data")
 
 
 BLOCK_SIZES, MIN_BLOCKS = (256, 1024, 4096, 16384), 32
@@ -95,20 +86,6 @@ def fingerprint(record: dict) -> str:
 def _short(value):
     """Hashes in messages: the first 12 hex digits tell two apart."""
     return value[:12] + "..." if isinstance(value, str) and len(value) == 64 else value
-
-
-def quantize_cam(cam: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(B, h, w) float maps -> uint8 maps whose max is 255, and the per-sample scale (0: empty map)."""
-    scale = cam.flatten(1).amax(1).float()
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    u8 = torch.where(scale[:, None, None] > 0, cam.float() / safe[:, None, None] * 255, torch.zeros_like(cam.float()))
-    return u8.round().clamp(0, 255).to(torch.uint8).cpu().numpy(), scale.cpu().numpy().astype(np.float32)
-
-
-def dequantize_cam(cam: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(..., h, w) uint8 maps and their (...) scales -> float maps."""
-    cam, scale = torch.as_tensor(cam), torch.as_tensor(scale)
-    return cam.float() / 255 * scale.float().reshape(*scale.shape, *([1] * (cam.dim() - scale.dim())))
 
 
 class TeacherStore:
@@ -168,6 +145,7 @@ class TeacherStore:
         record = cls.record(identity, target, block_size, logits, views)
         if (path / "zarr.json").exists():
             found = zarr.open_group(path, mode="r").attrs
+            ours = found.get("format") in (FORMAT, *FORMER_FORMATS)
             if not (found.get("format") == FORMAT and "fingerprint" not in found):
                 try:
                     store = cls.open(path, mode="r+")
@@ -175,7 +153,7 @@ class TeacherStore:
                     store.restore_missing_rows(labels, images)
                     return store
                 except PipelineError as error:
-                    if not (replace and found.get("format") == FORMAT):  # never delete what is not ours
+                    if not (replace and ours):  # never delete what is not ours
                         raise
                     print(f"replacing {path}: {error}")
                     shutil.rmtree(path)
@@ -190,7 +168,7 @@ class TeacherStore:
         cls._create_rows(group, "valid", np.ones(n, dtype=bool), block_size, chunk)
         for name, (shape, dtype) in view_shapes(n, views.count).items():
             cls._create_rows(group, name, np.zeros(shape, dtype), block_size, chunk, viewed=True)
-        group.create_group("teachers")
+        group.create_group(TEACHERS)
         group.attrs.update({**record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,
                             "stores_images": "images" in group, "teachers": []})
         store = cls(group, path)
@@ -199,10 +177,12 @@ class TeacherStore:
             store.bind(None, block)
         group.attrs["fingerprint"] = fingerprint(record)  # last: the store is complete
         return store
+
     @staticmethod
     def record(identity: dict, target: str, block_size: int, logits: dict | None, views: ViewPolicy) -> dict:
         """What a store is made from (STORE_IDENTITY): its fingerprint's input, checked on every reopening."""
-        return dict(zip(STORE_IDENTITY, (identity, target, block_size, logits or {"mode": "full"}, views.as_dict())))
+        return dict(zip(STORE_IDENTITY, (identity, target, block_size, logits or {"mode": "full"}, views.as_dict(),
+                                         EXTRACTION_VERSION)))
 
     @staticmethod
     def _create_rows(group: zarr.Group, name: str, data: np.ndarray, block_size: int, chunk: int,
@@ -272,11 +252,6 @@ class TeacherStore:
     def num_views(self) -> int:
         return self.attrs["views"]["count"]
 
-    @staticmethod
-    def is_viewed(array: str) -> bool:
-        """Whether `array` has a view axis: every teacher array but its marks, and the views' own."""
-        return array in VIEWED_SHARED or (array.startswith("teachers/") and array.rsplit("/", 1)[1] not in TEACHER_MARKS)
-
     def block_rows(self, block: int) -> tuple[int, int]:
         start = block * self.block_size
         return start, min(start + self.block_size, self.num_samples)
@@ -294,11 +269,11 @@ class TeacherStore:
             raise PipelineError(
                 f"store {self.path} has no teacher {name!r}; it holds: {', '.join(self.teachers) or 'none'}"
             )
-        if name not in self.group["teachers"].group_keys():
+        if name not in self.group[TEACHERS].group_keys():
             raise PipelineError(f"store {self.path} is damaged: teacher {name!r} is registered but its folder "
-                                f"teachers/{name} is gone; run `pipeline cache drop-teacher {self.path} {name}`, "
+                                f"{TEACHERS}/{name} is gone; run `pipeline store drop-teacher {self.path} {name}`, "
                                 "then the `pipeline extract-teachers` command that wrote it")
-        return self.group["teachers"][name]
+        return self.group[TEACHERS][name]
 
     @property
     def logits_mode(self) -> dict:
@@ -357,13 +332,13 @@ class TeacherStore:
             print(f"{changed}: recomputing it")
             self.drop_teacher(name)
         identity = {**identity, "fingerprint": fingerprint({k: identity.get(k) for k in TEACHER_IDENTITY})}
-        if name not in self.teachers and name in self.group["teachers"].group_keys():
-            del self.group["teachers"][name]  # its registration was interrupted before any block was written
-        group = self.group["teachers"].create_group(name)
+        if name not in self.teachers and name in self.group[TEACHERS].group_keys():
+            del self.group[TEACHERS][name]  # its registration was interrupted before any block was written
+        group = self.group[TEACHERS].create_group(name)
         chunk, block = self.attrs["chunk_rows"], self.block_size
         for field, (shape, dtype) in self.teacher_shapes(map_shape).items():
             create_sharded(group, field, shape, dtype, block, chunk, viewed=True)
-        group.create_array("progress", shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False,
+        group.create_array(PROGRESS, shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False,
                            compressors=compressors())  # an absent mark is "not finished": the block is recomputed
         self.create_digests(group, name)
         group.attrs.update(identity)
@@ -375,8 +350,8 @@ class TeacherStore:
         if name not in self.teachers:
             self.teacher_group(name)  # fails listing the store's teachers
         self.group.attrs["teachers"] = [t for t in self.teachers if t != name]
-        if name in self.group["teachers"].group_keys():
-            del self.group["teachers"][name]
+        if name in self.group[TEACHERS].group_keys():
+            del self.group[TEACHERS][name]
         self.forget_layouts()
 
     def forget_layouts(self) -> None:
@@ -389,11 +364,15 @@ class TeacherStore:
     def progress(self, name: str, block: int | None = None) -> np.ndarray:
         """Which blocks teacher `name` has finished (or whether it finished `block`); a damaged mark
         stops with the repair command."""
-        marks = self.teacher_group(name)["progress"]
+        marks = self.teacher_group(name)[PROGRESS]
         try:
             return marks[... if block is None else block]
         except Exception as error:
-            raise self.damaged(f"teachers/{name}/progress", None, error) from None
+            raise self.damaged(teacher_array(name, PROGRESS), None, error) from None
+
+    def unmark(self, name: str, block: int) -> None:
+        """Mark `block` of teacher `name` unfinished: the next extraction recomputes it."""
+        self.teacher_group(name)[PROGRESS][block] = False
 
     def pending_blocks(self, name: str) -> list[int]:
         return [int(b) for b in np.flatnonzero(~self.progress(name))]
@@ -407,9 +386,9 @@ class TeacherStore:
             if data.shape[1:] != group[field].shape[1:] or len(data) != stop - start:
                 raise ValueError(f"block {block} of {name}/{field} has shape {data.shape}, "
                                  f"expected ({stop - start}, {', '.join(map(str, group[field].shape[1:]))})")
-            self.writable(f"teachers/{name}/{field}")[start:stop] = data.astype(group[field].dtype, copy=False)
+            self.writable(teacher_array(name, field))[start:stop] = data.astype(group[field].dtype, copy=False)
         self.bind(name, block)
-        group["progress"][block] = True
+        group[PROGRESS][block] = True
 
     def write_samples(self, block: int, arrays: dict[str, np.ndarray]) -> None:
         """A block's `valid` (which rows hold a readable image) and its views' boxes and flips (SAMPLE_ARRAYS);
@@ -456,14 +435,14 @@ class TeacherStore:
     def read_block_rows(self, field: str, block: int, start: int, stop: int, view: int = 0,
                         records: dict | None = None) -> np.ndarray:
         """Rows [start, stop) of `field` (at `view`), all in `block`, read straight from its shard file
-        (pipeline.shards) and checked to be the file written there (`records`: digests already read)."""
+        (pipeline.store.shards) and checked to be the file written there (`records`: digests already read)."""
         first = block * self.block_size
-        bound = self.bound(field, block, view if self.is_viewed(field) else 0, records)
+        bound = self.bound(field, block, view if is_viewed(field) else 0, records)
         try:
             return read_shard_rows(self.shard_file(field, block, view), self.layout(field), start - first, stop - first,
                                    bound)
         except ShardDamage as damage:
-            where = f" (view {view})" if self.is_viewed(field) and self.num_views > 1 else ""
+            where = f" (view {view})" if is_viewed(field) and self.num_views > 1 else ""
             raise self.damaged(field, block, f"{damage}{where}") from None
 
     def layout(self, path: str) -> ShardLayout:
@@ -475,9 +454,9 @@ class TeacherStore:
                 raise self.damaged(path, None, "its array metadata (zarr.json) is missing") from None
             except ValueError:
                 raise self.damaged(path, None, "its array metadata (zarr.json) is not JSON") from None
-            layout = ShardLayout.of(metadata, path, self.is_viewed(path))
+            layout = ShardLayout.of(metadata, path, is_viewed(path))
             found = (layout.rows, layout.shard_rows, layout.chunk_rows, layout.views)
-            if path.rsplit("/", 1)[-1] == DIGESTS:  # one row of digests per block
+            if is_digests(path):  # one row of digests per block
                 files = len(self.bound_files(owner_of(path)))
                 if found + layout.row_shape != (self.num_blocks, 1, 1, 0, files, DIGEST_BYTES):
                     raise self.damaged(path, None, f"its zarr.json describes {layout.rows} rows of {layout.row_shape} "
@@ -485,7 +464,7 @@ class TeacherStore:
                                                    f"({files}, {DIGEST_BYTES}) in shards of 1")
             else:
                 expected = (self.num_samples, self.block_size, self.attrs["chunk_rows"],
-                            self.num_views if self.is_viewed(path) else 0)
+                            self.num_views if is_viewed(path) else 0)
                 if found != expected:
                     raise self.damaged(path, None, "its zarr.json describes {} rows in shards of {}, chunks of {} and "
                                                    "{} views, not {}, {}, {} and {}".format(*found, *expected))
@@ -511,22 +490,17 @@ class TeacherStore:
 
     def block_chunks(self, array: str, block: int) -> int:
         """How many chunks `block` of `array` holds (a digest array: one)."""
-        start, stop = (0, 1) if array.rsplit("/", 1)[-1] == DIGESTS else self.block_rows(block)
+        start, stop = (0, 1) if is_digests(array) else self.block_rows(block)
         return math.ceil((stop - start) / self.layout(array).chunk_rows)
 
     # -- binding every shard file to its place -----------------------------------------------
 
-    @staticmethod
-    def digest_array(owner: str | None) -> str:
-        """The array of the digests of `owner`'s shard files: a teacher's, or (None) the shared arrays'."""
-        return DIGESTS if owner is None else f"teachers/{owner}/{DIGESTS}"
-
     def bound_files(self, owner: str | None) -> list[tuple[str, int]]:
         """(array, view) of every shard file of one block that `owner` writes, in the order of its digests."""
         if owner not in self._files:
-            arrays = self.shared_arrays if owner is None else [f"teachers/{owner}/{f}" for f in self.teacher_fields]
+            arrays = self.shared_arrays if owner is None else [teacher_array(owner, f) for f in self.teacher_fields]
             self._files[owner] = [(array, view) for array in arrays
-                                  for view in range(self.num_views if self.is_viewed(array) else 1)]
+                                  for view in range(self.num_views if is_viewed(array) else 1)]
         return self._files[owner]
 
     def create_digests(self, group: zarr.Group, owner: str | None) -> None:
@@ -546,7 +520,7 @@ class TeacherStore:
     def recorded_digests(self, owner: str | None, block: int, missing_ok: bool = False) -> np.ndarray:
         """(files, 16) the digests recorded for `block`'s shard files of `owner` (zeros: none, with `missing_ok`
         where the record itself is missing)."""
-        array = self.digest_array(owner)
+        array = digest_array(owner)
         path = self.shard_file(array, block)
         if missing_ok and not path.is_file():
             return np.zeros((len(self.bound_files(owner)), DIGEST_BYTES), np.uint8)
@@ -559,7 +533,7 @@ class TeacherStore:
         """The binding of `block`'s shard file of `array` (at `view`) and the digest recorded for it (kept in
         `records` for the next file of the block); None for the digest arrays themselves (their chunks'
         checksums are their check)."""
-        if array.rsplit("/", 1)[-1] == DIGESTS:
+        if is_digests(array):
             return None
         owner, records = owner_of(array), {} if records is None else records
         if (owner, block) not in records:
@@ -578,56 +552,19 @@ class TeacherStore:
             if arrays is None or array in arrays:
                 data = self.shard_file(array, block, view).read_bytes()
                 digests[i] = np.frombuffer(Binding(array, block, view, writer).digest(data), np.uint8)
-        self.writable(self.digest_array(owner))[block] = digests
+        self.writable(digest_array(owner))[block] = digests
 
     def damaged(self, array: str, block: int | None, what: str | Exception) -> PipelineError:
         """The one-line error for damage found while reading (`what`: a text or the decoding error)."""
         where = f"{array}" + (f" block {block}" if block is not None else "")
         what = what if isinstance(what, str) else f"it does not decode ({decoding_error(what)})"
         return PipelineError(
-            f"store {self.path} is damaged: {where}: {what}; run `pipeline cache verify --repair {self.path}`, "
+            f"store {self.path} is damaged: {where}: {what}; run `pipeline store verify --repair {self.path}`, "
             "then the `pipeline extract-teachers` command that wrote it"
         )
-
-
-def owner_of(array: str) -> str | None:
-    """The teacher whose array `array` is ("teachers/<name>/..."), or None for the store's shared arrays."""
-    return array.split("/")[1] if array.startswith("teachers/") else None
 
 
 def decoding_error(error: Exception) -> str:
     """What a failed chunk read says, in a few words (zarr's crc32c codec: "checksum do not match")."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return "checksum mismatch" if "checksum" in text else text[:80]
-
-
-def full_logits(rows: dict, name: str, num_classes: int) -> torch.Tensor:
-    """(B, C) float32 logits of teacher `name` from store rows of either logits mode.
-
-    Top-k rows are restored to a full vector: the K stored (float16) logits, and every other
-    class at the logit that gives it an equal share of the tail, whose log-mass
-    `tail_logsumexp` (the log-sum-exp of the C - K other logits) was computed at extraction
-    from the float32 logits. The softmax of the result is exact at T = 1 for the top K and
-    for the total of the rest, up to the float16 rounding of the K values, for any row:
-    nothing is computed as 1 minus a sum, which cancels on confident rows.
-    """
-    values = torch.as_tensor(rows[f"teachers/{name}/logits"]).float()
-    if f"teachers/{name}/logit_classes" not in rows:
-        return values
-    classes = torch.as_tensor(rows[f"teachers/{name}/logit_classes"]).long()
-    tail = torch.as_tensor(rows[f"teachers/{name}/tail_logsumexp"]).float()
-    fill = tail - math.log(num_classes - values.shape[1])
-    return fill[:, None].repeat(1, num_classes).scatter(1, classes, values)
-
-
-def topk_logit_fields(logits: torch.Tensor, k: int) -> dict[str, np.ndarray]:
-    """float32 logits (B, C) -> the top-k store arrays: the K largest (float16), their classes, and
-    the log-sum-exp of the other C - K logits (float32), the tail's log-mass that `full_logits` uses."""
-    values, classes = logits.topk(k, dim=1)
-    tail = logits.float().scatter(1, classes, float("-inf"))
-    return {"logits": values.half().numpy(), "logit_classes": classes.numpy(),
-            "tail_logsumexp": torch.logsumexp(tail, dim=1).numpy()}
-
-
-def cached_predictions(rows: dict, name: str, num_classes: int) -> np.ndarray:
-    return full_logits(rows, name, num_classes).argmax(1).numpy()

@@ -20,11 +20,7 @@ import numpy as np
 from numcodecs import blosc
 
 from pipeline.errors import PipelineError
-
-FORMAT, VERSION = "teacher-cache", 7  # 2: `valid`, logits modes, attention maps; 3: top-k tail log-mass, cam_class;
-# 4: a crc32c checksum on every chunk, every chunk written; 5: K views per sample; 6: views rendered by PIL from a
-# decode at the policy's JPEG draft scale (a v5 store's file views were resized from the full decode by torch);
-# 7: every shard file bound to its place by a digest (shard_digests), teachers judged on the held-out split
+from pipeline.store.layout import FORMAT, VERSION
 
 INDEX_ENTRY_BYTES, CHECKSUM_BYTES, BLOSC_HEADER_BYTES = 16, 4, 16
 DIGEST_BYTES = 16  # of a shard file's binding digest (SHA-256, its first 16 bytes)

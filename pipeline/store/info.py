@@ -1,4 +1,4 @@
-"""What `pipeline cache info` and `pipeline cache verify` say about a teacher store.
+"""What `pipeline store info` and `pipeline store verify` say about a teacher store.
 
 Both walk the store one block at a time, so they work on stores far larger than memory.
 """
@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.cache import (DIGESTS, STORE_IDENTITY, TEACHER_IDENTITY, TeacherStore, cached_predictions, fingerprint,
-                            view_shapes)
 from pipeline.errors import PipelineError
-from pipeline.integrity import Damage, finished_marks, sound_layout
 from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
+from pipeline.store.codec import cached_predictions
+from pipeline.store.integrity import Damage, finished_marks, sound_layout
+from pipeline.store.layout import DIGESTS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, digest_array, teacher_array
+from pipeline.store.teacher_store import TeacherStore, fingerprint, view_shapes
 
 
 def bytes_on_disk(path: Path) -> int:
@@ -28,12 +29,12 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
     shared_rows = 0
     classes = store.attrs["dataset"]["num_classes"]
     for block in store.finished_blocks(names) if names else []:
-        fields = ["labels", "valid"] + [f"teachers/{n}/{f}" for n in names
+        fields = ["labels", "valid"] + [teacher_array(n, f) for n in names
                                         for f in (*store.logit_fields, "y_prob", "o_prob")]
         rows = store.read_rows(*store.block_rows(block), fields)
         valid = rows["valid"]
-        y = torch.from_numpy(np.stack([rows[f"teachers/{n}/y_prob"] for n in names], 1)[valid])
-        o = torch.from_numpy(np.stack([rows[f"teachers/{n}/o_prob"] for n in names], 1)[valid])
+        y = torch.from_numpy(np.stack([rows[teacher_array(n, "y_prob")] for n in names], 1)[valid])
+        o = torch.from_numpy(np.stack([rows[teacher_array(n, "o_prob")] for n in names], 1)[valid])
         best, tie = best_explainer(y, o), decided_by_tie(y, o)
         drops = confidence_drop(y, o)
         for m, name in enumerate(names):
@@ -56,7 +57,7 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
             "best_explainer": s["best"] / shared_rows if shared_rows else float("nan"),
             "best_by_tie": s["tie"] / shared_rows if shared_rows else float("nan"),
             "layer": attrs.get("target_layer"), "map": "x".join(map(str, attrs.get("map_shape", []))),
-            "bytes": bytes_on_disk(store.path / "teachers" / name),
+            "bytes": bytes_on_disk(store.path / TEACHERS / name),
             "blocks": f"{done}/{store.num_blocks}",
         })
     return pd.DataFrame(table)
@@ -75,7 +76,7 @@ def logits_text(mode: dict) -> str:
 
 
 def describe(store: TeacherStore) -> str:
-    """The text of `pipeline cache info`."""
+    """The text of `pipeline store info`."""
     attrs, dataset = store.attrs, store.attrs["dataset"]
     names = store.teachers
     complete = names and len(store.finished_blocks(names)) == store.num_blocks
@@ -139,7 +140,7 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
             continue
         if t_attrs.get("fingerprint") != fingerprint({k: t_attrs.get(k) for k in TEACHER_IDENTITY}):
             problems.append(f"{name}: fingerprint does not match its identity attributes")
-        if not sound_layout(store, store.digest_array(name)):
+        if not sound_layout(store, digest_array(name)):
             bad_shapes.append(f"{name}/{DIGESTS}: missing, or not one row of digests per block for its files")
         for field, (shape, dtype) in store.teacher_shapes(t_attrs.get("map_shape", [])).items():
             if field not in group:
@@ -159,24 +160,24 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
             if {(name, block), (None, block)} & damaged:
                 continue
             at = f"block {block}" + (f" view {view}" if store.num_views > 1 else "")
-            fields = ["valid", "labels", "view_boxes", *(f"teachers/{name}/{f}" for f in store.teacher_fields)]
+            fields = ["valid", "labels", "view_boxes", *(teacher_array(name, f) for f in store.teacher_fields)]
             rows = store.read_rows(*store.block_rows(block), fields, view)
             for field in ("logits", "tail_logsumexp", "cam_max", "y_prob", "o_prob", "attention_max"):
-                if f"teachers/{name}/{field}" in rows:
-                    values = rows[f"teachers/{name}/{field}"].astype(np.float64)
+                if teacher_array(name, field) in rows:
+                    values = rows[teacher_array(name, field)].astype(np.float64)
                     if not np.isfinite(values).all():
                         problems.append(f"{name}/{field}: NaN or infinite values in {at}")
             valid = rows["valid"]  # skipped unreadable images hold zeros
             boxes = rows["view_boxes"][valid]
             if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
                 problems.append(f"view_boxes: an empty box of a readable image in {at}")
-            y, o = rows[f"teachers/{name}/y_prob"][valid], rows[f"teachers/{name}/o_prob"][valid]
+            y, o = rows[teacher_array(name, "y_prob")][valid], rows[teacher_array(name, "o_prob")][valid]
             if (y <= 0).any() or (y > 1).any() or (o < 0).any() or (o > 1).any():
                 problems.append(f"{name}: y_prob/o_prob outside (0, 1] / [0, 1] in {at}")
             for field in ("cam_max", "attention_max"):
-                if (rows[f"teachers/{name}/{field}"] < 0).any():
+                if (rows[teacher_array(name, field)] < 0).any():
                     problems.append(f"{name}/{field}: negative scale in {at}")
-            explained = rows[f"teachers/{name}/cam_class"][valid]
+            explained = rows[teacher_array(name, "cam_class")][valid]
             if attrs["target"] == "label" and (explained != rows["labels"][valid]).any():
                 problems.append(f"{name}/cam_class: a map of a class other than the label in {at}")
             if ((explained < 0) | (explained >= attrs["dataset"]["num_classes"])).any():

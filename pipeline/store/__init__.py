@@ -1,0 +1,5 @@
+"""The teacher store: one Zarr v3 group per data set split holding every teacher's logits, Grad-CAM maps
+and explanation scores. `layout` is the only module that spells an array key and states the format and
+extraction versions; `teacher_store` reads and writes; `shards` reads shard files directly; `codec` turns
+stored values into tensors; `integrity` finds and repairs damage; `info` is what `pipeline store info` and
+`verify` print."""
