@@ -16,9 +16,9 @@ from unittest import mock
 import pandas as pd
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.store import teacher_store
 from pipeline.bench import TEACHERS, bytes_under, evict, median_seconds, stream_pass, synthetic_store, zarr_pass
-from pipeline.distill import teacher_fields
+from pipeline.methods import method_of
+from pipeline.store import teacher_store
 
 CODECS = {"zstd 5, bitshuffle (shipped)": teacher_store.compressors,
           "lz4 5, bitshuffle": lambda: (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()),
@@ -32,7 +32,7 @@ def trial(folder: Path, samples: int, block: int, chunks: int, codec: str, zarr_
     with mock.patch.object(teacher_store, "compressors", CODECS[codec]):
         store = synthetic_store(path, samples, 1000, 7, block, {"mode": "topk", "k": 10}, chunks_per_block=chunks)
     written = time.perf_counter() - began
-    fields = ["labels", *teacher_fields("explain-kd", list(TEACHERS), store.logit_fields)]
+    fields = ["labels", *method_of("explain-kd").arrays(list(TEACHERS), store.logit_fields)]
     setups = {"ours": lambda: stream_pass(store, fields)}
     if zarr_too:
         setups["zarr"] = lambda: zarr_pass(store, fields)

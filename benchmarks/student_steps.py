@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from pipeline.bench import digits_store, median_seconds, sync
-from pipeline.config import RECIPES
 from pipeline.data import get_dataset
 from pipeline.devices import autocast, prepare_model, resolve_device
-from pipeline.distill import DistillationLoss, teacher_fields
+from pipeline.distill import DistillationLoss, LossSettings
 from pipeline.explain import CamLayer, probe_input
+from pipeline.methods import method_of
+from pipeline.methods.explain_kd import RECIPES
 from pipeline.models import create_model
 from pipeline.objective import loss_of
 from pipeline.store.teacher_store import TeacherStore
@@ -40,8 +41,9 @@ def step_runner(method: str, options: dict, store: TeacherStore, batch: dict, de
     beta = options.pop("beta", 1.0)
     if "kd_teacher" in options:
         options["kd_teacher"] = store.teachers[options["kd_teacher"]]
-    loss_fn = DistillationLoss(method, store.teachers, layer, info.mean, info.std, 4.0, 0.5, beta,
-                               info.num_classes, **options)
+    kd_teacher = options.pop("kd_teacher", None)
+    loss_fn = DistillationLoss(method_of(method), store.teachers, layer, info.mean, info.std, info.num_classes,
+                               LossSettings(alpha=0.5, beta=beta, **options), kd_teacher=kd_teacher)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
 
     def run():
@@ -67,7 +69,7 @@ def main() -> None:
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         store = TeacherStore.open(digits_store(Path(folder)))
-        fields = ["images", "labels", *teacher_fields("explain-kd", store.teachers, store.logit_fields)]
+        fields = ["images", "labels", *method_of("explain-kd").arrays(store.teachers, store.logit_fields)]
         rows = store.read_rows(0, store.num_samples, fields)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, {args.steps} steps per timed run, medians of {args.repeats}\n")

@@ -26,19 +26,21 @@ import zarr
 
 from pipeline.store.codec import quantize_cam, topk_logit_fields
 
-from pipeline.config import BENCH_SECTIONS, ExtractConfig, TrainStudentConfig
+from pipeline.config import BENCH_SECTIONS, ExtractConfig
 from pipeline.data import get_dataset, normalize
 from pipeline.devices import autocast, prepare_model, resolve_device, to_device
-from pipeline.distill import DistillationLoss, teacher_fields
+from pipeline.distill import DistillationLoss, LossSettings
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, explain, module_path, probe_input
 from pipeline.extraction import explain_batch, extract_teachers
 from pipeline.fabricate import make_cifar, make_teacher
+from pipeline.methods import method_of
 from pipeline.models import create_model
 from pipeline.objective import loss_of
 from pipeline.store.teacher_store import TeacherStore, default_block_size
 from pipeline.stream import BlockStream
 from pipeline.student import train_student
+from pipeline.student_config import TrainStudentConfig
 from pipeline.teachers import Teacher, Transform
 
 TEACHERS = ("t0", "t1", "t2")
@@ -61,7 +63,7 @@ class Figure:
 
 @dataclass
 class Scale:
-    """How big each measurement is: `full` for the figures README shows, `quick` to check it all runs."""
+    """How big each measurement is: `full` for the figures docs/performance.md shows, `quick` to check it all runs."""
 
     reader_samples: int
     reader_block: int
@@ -177,7 +179,7 @@ def reader_figures(folder: Path, scale: Scale) -> list[Figure]:
     7x7 maps) whose files are evicted from the page cache before every pass."""
     store = synthetic_store(folder / "reader.zarr", scale.reader_samples, 1000, 7, scale.reader_block,
                             logits={"mode": "topk", "k": 10})
-    fields = ["labels", *teacher_fields("explain-kd", list(TEACHERS), store.logit_fields)]
+    fields = ["labels", *method_of("explain-kd").arrays(list(TEACHERS), store.logit_fields)]
     files = folder / "per-sample"
     files.mkdir()
     rows = store.read_rows(0, scale.per_sample_files, fields)
@@ -249,7 +251,7 @@ def online_figure(path: Path, scale: Scale) -> Figure:
     over the student's step from cached rows."""
     info = get_dataset("digits", "train").info
     store = TeacherStore.open(path)
-    fields = ["images", "labels", *teacher_fields("explain-kd", store.teachers, store.logit_fields)]
+    fields = ["images", "labels", *method_of("explain-kd").arrays(store.teachers, store.logit_fields)]
     batch = next(iter(BlockStream(str(store.path), fields, [0], 64)))
     teachers = []
     for arch in DIGITS_TEACHERS:
@@ -258,8 +260,8 @@ def online_figure(path: Path, scale: Scale) -> Figure:
     student = create_model("resnet8_slim", info.image_shape[2], info.num_classes)
     layer = CamLayer.of(student.eval(), probe_input(info.image_shape))
     student.train()
-    loss_fn = DistillationLoss("explain-kd", store.teachers, layer, info.mean, info.std, 4.0, 1.0, 0.5,
-                               info.num_classes, student_map="attention", kd_teacher=store.teachers[-1])
+    loss_fn = DistillationLoss(method_of("explain-kd"), store.teachers, layer, info.mean, info.std, info.num_classes,
+                               LossSettings(beta=0.5, student_map="attention"), kd_teacher=store.teachers[-1])
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
     x = (batch["images"].permute(0, 3, 1, 2).float() / 255 - torch.tensor(info.mean).view(1, -1, 1, 1)) / \
         torch.tensor(info.std).view(1, -1, 1, 1)

@@ -6,13 +6,12 @@ Each command's options are generated from its config dataclass (pipeline/config.
 
 import dataclasses
 import errno
+import importlib
 import typing
 
 import click
 
-from pipeline.config import (
-    BENCH_SECTIONS, EvaluateConfig, ExtractConfig, ReportConfig, TrainStudentConfig, TrainTeachersConfig, load_config,
-)
+from pipeline.config import BENCH_SECTIONS, load_config
 from pipeline.errors import PipelineError
 
 
@@ -59,24 +58,59 @@ def own_line(error: PipelineError) -> str:
     return text.rsplit("PipelineError: ", 1)[-1].strip() if text.startswith("Caught PipelineError") else text
 
 
-def stage_command(name: str, cls, stage_path: str):
-    """Register `pipeline <name>`, which runs stages.<stage_path>.run(config)."""
+STAGES = {  # command -> its module under stages/, its config class (module:name) and its help; each is built
+    # when it is asked for, so a command imports what it runs and no other stage's code
+    "train-teachers": ("train_teachers", "pipeline.config:TrainTeachersConfig", """Train each teacher with cross-entropy; save <out-dir>/<arch>.pt and test metrics.
 
-    def decorate(doc_function):
-        @main.command(name, help=doc_function.__doc__)
-        @config_options(cls)
-        def command(params_file, **options):
-            import importlib
+    Example: pipeline train-teachers --teachers resnet20,vgg8_bn --epochs 8
+    """),
+    "extract-teachers": ("extract_teachers", "pipeline.config:ExtractConfig", """Run every teacher once over a split; write logits, Grad-CAM maps and Y/O scores to a Zarr store.
 
-            importlib.import_module(f"stages.{stage_path}").run(build_config(cls, params_file, options))
+    Rerunning the same command resumes an interrupted extraction; a new teacher is added
+    to an existing store. Example: pipeline extract-teachers --dataset digits --target predicted
+    """),
+    "train-student": ("train_student", "pipeline.student_config:TrainStudentConfig", """Train a student from a teacher store (no teacher is loaded).
 
-        return command
+    --method chooses what it learns (labels, one or all teachers' logits, attention maps, or
+    explain-kd's per-sample teacher choice by explanation, --policy); both list their choices below.
+    Example: pipeline train-student --method explain-kd --epochs 15 (--recipe design: the method's original
+    formulation)
+    """),
+    "evaluate": ("evaluate", "pipeline.config:EvaluateConfig", """Test top-1/top-5 and Grad-CAM confidence drop of every student next to the teachers.
 
-    return decorate
+    Example: pipeline evaluate --students-dir data_cache/students --out data_cache/metrics.json
+    """),
+    "report": ("report", "pipeline.config:ReportConfig", """Aggregate student runs (<variant>-s<seed>): test top-1 mean, std and the paired difference
+    to the baseline with its 95 % interval; writes results.csv, results.md and a figure.
+
+    Example: pipeline report --dataset cluttered-digits --students-dir data_cache/cluttered/students
+    """),
+}
+
+
+def stage_command(name: str) -> click.Command:
+    """`pipeline <name>`, which runs stages.<stage>.run(config), its options made from its config class."""
+    stage, config, help_text = STAGES[name]
+    module, _, class_name = config.partition(":")
+    cls = getattr(importlib.import_module(module), class_name)
+
+    @click.command(name, help=help_text)
+    @config_options(cls)
+    def command(params_file, **options):
+        importlib.import_module(f"stages.{stage}").run(build_config(cls, params_file, options))
+
+    return command
 
 
 class Commands(click.Group):
-    """The command group that turns the library's errors into one line each (and exit status 1)."""
+    """The command group that builds a stage's command when it is asked for, and turns the library's errors
+    into one line each (and exit status 1)."""
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *STAGES])
+
+    def get_command(self, ctx, name):
+        return stage_command(name) if name in STAGES else super().get_command(ctx, name)
 
     def invoke(self, ctx):
         try:
@@ -103,49 +137,9 @@ def main():
     """
 
 
-@stage_command("train-teachers", TrainTeachersConfig, "train_teachers")
-def _train_teachers():
-    """Train each teacher with cross-entropy; save <out-dir>/<arch>.pt and test metrics.
-
-    Example: pipeline train-teachers --teachers resnet20,vgg8_bn --epochs 8
-    """
 
 
-@stage_command("extract-teachers", ExtractConfig, "extract_teachers")
-def _extract_teachers():
-    """Run every teacher once over a split; write logits, Grad-CAM maps and Y/O scores to a Zarr store.
 
-    Rerunning the same command resumes an interrupted extraction; a new teacher is added
-    to an existing store. Example: pipeline extract-teachers --dataset digits --target predicted
-    """
-
-
-@stage_command("train-student", TrainStudentConfig, "train_student")
-def _train_student():
-    """Train a student from a teacher store (no teacher is loaded).
-
-    Methods: ce (labels only), kd (one teacher's logits), kd-avg (mean of the teachers'
-    softened outputs), at (attention transfer), explain-kd (per sample, the teacher with the
-    lowest confidence drop: its cached Grad-CAM is the target of a student map, plus KD).
-    Example: pipeline train-student --method explain-kd --epochs 15 (--recipe design: DESIGN.md as written)
-    """
-
-
-@stage_command("evaluate", EvaluateConfig, "evaluate")
-def _evaluate():
-    """Test top-1/top-5 and Grad-CAM confidence drop of every student next to the teachers.
-
-    Example: pipeline evaluate --students-dir data_cache/students --out data_cache/metrics.json
-    """
-
-
-@stage_command("report", ReportConfig, "report")
-def _report():
-    """Aggregate student runs (<variant>-s<seed>): test top-1 mean, std and the paired difference
-    to the baseline with its 95 % interval; writes results.csv, results.md and a figure.
-
-    Example: pipeline report --dataset cluttered-digits --students-dir data_cache/cluttered/students
-    """
 
 
 @main.group()

@@ -1,4 +1,5 @@
-"""One dataclass per stage; the CLI builds its options from these fields and their help.
+"""One dataclass per stage (stage two's is pipeline.student_config); the CLI builds its options from their
+fields and their help.
 
 A stage's config = the dataclass defaults, then params.yaml's `data` section and the
 stage's own section (when --params is given), then options given on the command line.
@@ -7,26 +8,16 @@ stage's own section (when --params is given), then options given on the command 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
 from pipeline.errors import PipelineError
 
-METHODS = ("ce", "kd", "kd-avg", "at", "explain-kd")
-POLICIES = ("per-sample", "global", "weighted", "correct", "random")
 TARGETS = ("label", "predicted")
 DEFAULT_TEACHERS = ("resnet20", "wrn16_2", "vgg8_bn")
 MAP_NORMS = ("l2", "mean")
 BENCH_SECTIONS = ("reader", "student", "online", "stage-one", "bytes", "memory", "gpu")  # `pipeline bench --only`
-# explain-kd's map and logit settings: `validated` was chosen on validation in the first round of
-# the cluttered-digits study, and in the reruns it is never worse than kd and far above ce (README,
-# Verdict); `design` is DESIGN.md's formulation as written, which collapses on cluttered-digits at
-# beta 10. Any of the three options still overrides a recipe.
-RECIPES = {
-    "validated": {"student_map": "attention", "kd_source": "best", "beta": 0.5},
-    "design": {"student_map": "gradcam", "kd_source": "selected", "beta": 10.0},
-}
-AT_BETA = 1.0  # attention transfer's validated beta (cluttered-digits study, at-b1)
 FLIP_HELP = ("augmentation: random horizontal flips, for data sets whose classes are mirror-symmetric "
              "(CIFAR, ImageNet; refused for digits)")
 
@@ -55,6 +46,7 @@ class DataConfig:
 
 @dataclass
 class TrainTeachersConfig(DataConfig):
+    section: ClassVar[str] = "train_teachers"  # its section of params.yaml
     teachers: list[str] = setting(DEFAULT_TEACHERS, "teacher architectures to train (model registry names)")
     out_dir: str = setting("data_cache/teachers", "folder for <arch>.pt checkpoints and metrics.json")
     epochs: int = setting(8, "training epochs per teacher")
@@ -72,6 +64,7 @@ class TrainTeachersConfig(DataConfig):
 
 @dataclass
 class ExtractConfig(DataConfig):
+    section: ClassVar[str] = "extract_teachers"  # its section of params.yaml
     split: str = setting("train", "data set split to cache")
     teachers: list[str] = setting(
         [f"data_cache/teachers/{name}.pt" for name in DEFAULT_TEACHERS],
@@ -149,85 +142,8 @@ class ExtractConfig(DataConfig):
 
 
 @dataclass
-class TrainStudentConfig(DataConfig):
-    split: str = setting("train", "data set split the store was extracted from")
-    store: str = setting("data_cache/stores/digits-train.zarr", "teacher store to learn from")
-    method: str = setting("explain-kd", "ce | kd | kd-avg | at | explain-kd")
-    teacher: str | None = setting(None, "kd, at and explain-kd --kd-source best: the one teacher's name (default: "
-                                  "the best validation accuracy recorded in the store; never test accuracy)")
-    policy: str = setting("per-sample", "explain-kd teacher choice: per-sample (lowest confidence drop) | "
-                          "global (the one teacher with the lowest mean drop) | weighted (softmax of -drop) | "
-                          "correct (per-sample among teachers that classify the sample correctly) | random (per sample a "
-                          "seeded, uniformly random teacher: the control for the explanation score)")
-    policy_temperature: float = setting(0.1, "weighted policy: weights proportional to Y * exp(-drop / t)")
-    detach_head: bool = setting(False, "explain-kd: the student map uses detached classifier weights, so the "
-                                "map term shapes features only")
-    recipe: str = setting("validated", "explain-kd defaults of --student-map, --kd-source and --beta: validated "
-                          "(attention, best, 0.5: the studies' best on validation) | design (gradcam, selected, 10: "
-                          "DESIGN.md as written)")
-    student_map: str | None = setting(None, "explain-kd: the student map the teacher's Grad-CAM is compared with: "
-                                      "gradcam (its own differentiable Grad-CAM) | attention (mean of squared "
-                                      "activations) (default: per --recipe)")
-    kd_source: str | None = setting(None, "explain-kd: logits from the selected teacher(s) (selected) or from the "
-                                    "best held-out teacher, as kd (best); the maps follow --policy either way "
-                                    "(default: per --recipe)")
-    beta_warmup: int = setting(0, "epochs over which the map weight beta ramps up linearly (0: none)")
-    shift: int = setting(0, "augmentation: random translation by up to this many pixels (0: none)")
-    flip: bool = setting(False, FLIP_HELP)
-    map_follows: bool = setting(True, "with --shift / --flip: cached teacher maps move with their images")
-    map_norm: str = setting("l2", "map term: per-sample normalisation of both maps: l2 (unit L2 norm, summed "
-                            "squared distance) | mean (mean 1, mean squared distance over cells)")
-    map_size: int = setting(0, "map term: both maps are resized (bilinear) to this side length before they are "
-                            "compared (0: the student's map size)")
-    arch: str = setting("resnet8_slim", "student architecture (model registry name, or torchvision:<arch>)")
-    out_dir: str = setting("data_cache/students", "the run writes <out-dir>/<run-name>/")
-    run_name: str | None = setting(None, "name of the run folder (default: the method)")
-    temperature: float = setting(4.0, "KD temperature T (the KD term is scaled by T^2)")
-    alpha: float = setting(1.0, "weight of the KD term (cross-entropy has weight 1)")
-    beta: float | None = setting(None, "weight of the map term: explain-kd (default: per --recipe) or at (default: 1)")
-    epochs: int = setting(15, "training epochs")
-    batch_size: int = setting(64, "training batch size (under torchrun per process: the global batch is that "
-                              "times the processes)")
-    lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, cosine decay)")
-    weight_decay: float = setting(5e-4, "L2 weight decay")
-    seed: int = setting(0, "seed for initialisation and batch order")
-    num_workers: int = setting(0, "DataLoader worker processes streaming store blocks")
-    mix_blocks: int = setting(2, "store blocks shuffled together, so batches mix shards")
-    views: str = setting("all", "which of the store's views students see: all (each epoch one per sample, every "
-                         "view once in K epochs) | eval (view 0 only, as a one-view store)")
-    allow_partial: bool = setting(False, "train on the finished blocks of an incomplete store (says so)")
-    resume: bool = setting(False, "continue the run from the training state it saved (<out-dir>/<run-name>/resume.pt, "
-                           "written at the end of every epoch) to the weights an uninterrupted run reaches")
-    save_every: int = setting(0, "also save the training state every this many steps (0: at epochs' ends only)")
-    device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
-    variant: str | None = setting(None, "a study's run: the settings of this entry of the --params file's "
-                                  "`variants` (name -> settings) go over its train_student section")
-
-    def __post_init__(self):
-        check_choice("method", self.method, METHODS)
-        check_choice("policy", self.policy, POLICIES)
-        check_choice("recipe", self.recipe, tuple(RECIPES))
-        defaults = dict(RECIPES[self.recipe]) if self.method == "explain-kd" else {
-            "student_map": "gradcam", "kd_source": "selected", "beta": AT_BETA if self.method == "at" else 0.0}
-        if self.policy == "global":  # one teacher for logits and maps already
-            defaults["kd_source"] = "selected"
-        for key, value in defaults.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        check_choice("student map", self.student_map, ("gradcam", "attention"))
-        check_choice("kd source", self.kd_source, ("selected", "best"))
-        check_choice("map norm", self.map_norm, MAP_NORMS)
-        check_choice("views", self.views, ("all", "eval"))
-        if self.map_size < 0:
-            raise PipelineError(f"--map-size must be 0 (the student's map size) or a side length >= 1; got {self.map_size}")
-        if self.kd_source == "best" and (self.method != "explain-kd" or self.policy == "global"):
-            raise PipelineError("--kd-source best applies to explain-kd with --policy per-sample, weighted, "
-                                "correct or random (the others already learn from one teacher's logits); "
-                                "drop --kd-source best")
-
-
-@dataclass
 class EvaluateConfig(DataConfig):
+    section: ClassVar[str] = "evaluate"  # its section of params.yaml
     students_dir: str = setting("data_cache/students", "every <run>/checkpoint.pt below it is evaluated")
     teacher_metrics: str = setting("data_cache/teachers/metrics.json", "teacher metrics from train-teachers")
     out: str = setting("data_cache/metrics.json", "metrics JSON to write (read by `dvc metrics show`)")
@@ -240,6 +156,7 @@ class EvaluateConfig(DataConfig):
 
 @dataclass
 class ReportConfig(DataConfig):
+    section: ClassVar[str] = "report"  # its section of params.yaml
     students_dir: str = setting("data_cache/students", "every <run>/checkpoint.pt below it is a run; runs named "
                                 "<variant>-s<seed> are grouped by variant")
     out_dir: str = setting("reports", "writes results.csv, results.md, runs.csv and accuracy.png here (with --store "
@@ -255,15 +172,6 @@ class ReportConfig(DataConfig):
                                   "difference to the baseline with its 95 % interval")
 
 
-STAGE_SECTIONS = {
-    TrainTeachersConfig: "train_teachers",
-    ExtractConfig: "extract_teachers",
-    TrainStudentConfig: "train_student",
-    EvaluateConfig: "evaluate",
-    ReportConfig: "report",
-}
-
-
 def load_config(cls, params_file: str | Path | None = None, **overrides):
     """Build `cls` from defaults, then params.yaml (`data` + the stage section, then the settings of the
     variant named, for students), then overrides (None = unset)."""
@@ -275,7 +183,7 @@ def load_config(cls, params_file: str | Path | None = None, **overrides):
             raise PipelineError(f"params file {path} does not exist; pass an existing --params file")
         params = yaml.safe_load(path.read_text()) or {}
         values.update(params.get("data") or {})
-        values.update(params.get(STAGE_SECTIONS[cls]) or {})
+        values.update(params.get(cls.section) or {})
     variant = overrides.get("variant") or values.get("variant")
     if variant is not None:
         variants = params.get("variants") or {}
@@ -292,6 +200,6 @@ def load_config(cls, params_file: str | Path | None = None, **overrides):
     unknown = sorted(set(values) - known)
     if unknown:
         raise PipelineError(
-            f"unknown {STAGE_SECTIONS[cls]} setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            f"unknown {cls.section} setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
         )
     return cls(**values)

@@ -1,23 +1,30 @@
-"""Distillation losses and per-sample teacher selection.
+"""The student's loss: what every method (pipeline.methods) builds its terms from.
 
 Student loss = CE(s, y) + alpha * KD + beta * MAP, where KD is Hinton's
-T^2 * KL(softmax(t/T) || softmax(s/T)) on the selected teacher's logits and MAP compares
-the student's own (differentiable) Grad-CAM with the selected teacher's cached map, both
-resized to one grid (the student's map size by default) and normalised per sample.
+T^2 * KL(softmax(t/T) || softmax(s/T)) on a weighted mix of the teachers' logits and MAP compares
+a student map (its own differentiable Grad-CAM, or its attention map) with the same mix of the
+teachers' cached maps, both resized to one grid (the student's map size by default) and
+normalised per sample.
 """
 
+import dataclasses
 import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.augment import Augmentation, Moves, apply, model_input
-from pipeline.explain import CamLayer, attention_map, captured, grad_cam
+from pipeline.explain import CamLayer, captured
 from pipeline.objective import Term
-from pipeline.scoring import selection_weights
+from pipeline.policies import POLICIES
 from pipeline.store.codec import dequantize_cam, full_logits
-from pipeline.store.layout import teacher_array, teacher_arrays
+from pipeline.store.layout import teacher_array
+
+if TYPE_CHECKING:
+    from pipeline.methods import Method
 
 
 def kd_per_row(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -76,106 +83,60 @@ def map_term(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "
     return Term(distance.sum(), has_target.sum().to(distance.dtype), weight)
 
 
-def teacher_fields(method: str, teachers: list[str], logit_fields: tuple[str, ...] = ("logits",)) -> list[str]:
-    """Store arrays a method reads, besides images and labels (`logit_fields`: the store's logits mode)."""
-    per_teacher = {"ce": (), "kd": logit_fields, "kd-avg": logit_fields,
-                   "at": (*logit_fields, "attention", "attention_max"),
-                   "explain-kd": (*logit_fields, "cam", "cam_max", "cam_class", "y_prob", "o_prob")}[method]
-    return teacher_arrays(teachers, per_teacher)
+@dataclass(frozen=True)
+class LossSettings:
+    """The student loss's settings (TrainStudentConfig's fields of the same names; `of` takes them from one).
+
+    Maps are compared on a `map_size` x `map_size` grid (0: the student's map size) after `map_norm`
+    (config.MAP_NORMS); `beta` ramps up over `beta_warmup` epochs; with `map_follows`, cached teacher maps
+    move with their images under augmentation; `student_map` is what explain-kd compares them with.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 1.0
+    beta: float = 0.0
+    beta_warmup: int = 0
+    policy: str = "per-sample"
+    policy_temperature: float = 0.1
+    detach_head: bool = False
+    student_map: str = "gradcam"
+    map_follows: bool = True
+    map_norm: str = "l2"
+    map_size: int = 0
+
+    @classmethod
+    def of(cls, config) -> "LossSettings":
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 class DistillationLoss:
-    """loss_fn for train.fit: maps a batch of store rows to its loss terms (pipeline.objective): ce, kd and
-    map, and the share of rows each teacher was chosen for (logged only).
+    """loss_fn for train.fit: maps a batch of store rows to the loss terms of `method` (pipeline.methods), and
+    for explain-kd the share of rows each teacher was chosen for (logged only).
 
-    `teachers` are the store's teacher names the method draws on (for `kd` and `at`, the one
-    teacher). With `augmentation`, images are moved at random; with `map_follows` the cached
-    teacher maps move with them (logits do not depend on position). Maps are compared on a
-    `map_size` x `map_size` grid (0: the student's map size) after `map_norm` (config.MAP_NORMS).
-    `target` is the store's: with `predicted` the student's Grad-CAM explains the class the
-    chosen teacher's map explains. `random_choice` (N,) holds the teacher of every store row for
-    the `random` policy. Cached maps cover the student's image exactly: teachers and student saw
-    one view (pipeline.views), each at its own resolution.
+    `teachers` are the store's teacher names the method draws on (for `kd` and `at`, the one teacher). With
+    `augmentation`, images are moved at random (and, with `map_follows`, the cached maps with them: logits do not
+    depend on position). `target` is the store's: with `predicted` the student's Grad-CAM explains the class the
+    chosen teacher's map explains. `drawn` (N,) holds the teacher of every store row for a policy that draws one.
+    `kd_teacher` names the one teacher whose logits explain-kd learns from (--kd-source best). Cached maps cover
+    the student's image exactly: teachers and student saw one view (pipeline.views), each at its own resolution.
     """
 
-    def __init__(self, method: str, teachers: list[str], student_layer: CamLayer | None, mean, std,
-                 temperature: float, alpha: float, beta: float, num_classes: int, *,
-                 policy: str = "per-sample", policy_temperature: float = 0.1, detach_head: bool = False,
-                 beta_warmup: int = 0, augmentation: Augmentation | None = None, map_follows: bool = True,
-                 student_map: str = "gradcam", kd_teacher: str | None = None, map_norm: str = "l2",
-                 map_size: int = 0, target: str = "label", random_choice: torch.Tensor | None = None):
+    def __init__(self, method: "Method", teachers: list[str], student_layer: CamLayer | None, mean, std,
+                 num_classes: int, settings: LossSettings = LossSettings(), *, augmentation: Augmentation | None = None,
+                 kd_teacher: str | None = None, target: str = "label", drawn: torch.Tensor | None = None):
         self.method, self.teachers, self.layer = method, teachers, student_layer
-        self.num_classes = num_classes
-        self.mean, self.std = mean, std
-        self.temperature, self.alpha, self.beta = temperature, alpha, beta
-        self.policy, self.policy_temperature, self.detach_head = policy, policy_temperature, detach_head
-        self.beta_warmup, self.augmentation, self.map_follows = beta_warmup, augmentation, map_follows
-        self.student_map, self.kd_teacher = student_map, kd_teacher
-        self.map_norm, self.map_size = map_norm, map_size
-        self.target, self.random_choice = target, random_choice
+        self.mean, self.std, self.num_classes, self.settings = mean, std, num_classes, settings
+        self.policy = POLICIES.get(settings.policy)()
+        self.augmentation, self.kd_teacher, self.target, self.drawn = augmentation, kd_teacher, target, drawn
         self.epoch = 0
+
+    def __call__(self, model: nn.Module, batch: dict) -> dict[str, Term]:
+        return self.method.terms(Step(self, model, batch))
 
     def beta_now(self) -> float:
         """beta, ramped linearly over the first `beta_warmup` epochs."""
-        return self.beta * min(1.0, (self.epoch + 1) / self.beta_warmup) if self.beta_warmup else self.beta
-
-    def __call__(self, model: nn.Module, batch: dict) -> dict[str, Term]:
-        x, labels, moves = model_input(batch, self.augmentation, self.mean, self.std)
-        if self.method == "ce":
-            return {"ce": Term.over(F.cross_entropy(model(x).float(), labels, reduction="none"))}
-        field = lambda key: torch.stack([batch[teacher_array(t, key)] for t in self.teachers], 1)  # noqa: E731
-        # every teacher's values are stacked (B, M, ...) and computed on at once: a step's fixed cost per op
-        teacher_logits = torch.stack([full_logits(batch, t, self.num_classes) for t in self.teachers], 1)
-        soft = F.softmax(teacher_logits / self.temperature, dim=2)  # (B, M, C)
-        losses = {}
-        if self.method == "explain-kd":
-            choice = None if self.random_choice is None else self.random_choice[batch["index"].cpu()].to(x.device)
-            weights = selection_weights(self.policy, field("y_prob"), field("o_prob"),
-                                        teacher_logits.argmax(2) == labels[:, None], self.policy_temperature, choice)
-            for m, name in enumerate(self.teachers):
-                losses[f"chosen/{name}"] = Term.over(weights[:, m], weight=0.0)
-        else:  # kd and at: the one teacher; kd-avg: all alike
-            weights = torch.full(soft.shape[:2], 1.0 / soft.shape[1], device=soft.device)
-        beta = self.beta_now()
-        use_cam = self.method == "explain-kd" and beta > 0
-        if use_cam and self.student_map == "gradcam":
-            logits, student_map, _ = grad_cam(model, x, self.explained_class(batch, labels, weights), self.layer,
-                                              create_graph=True, detach_head=self.detach_head)
-        else:
-            logits, activation = self.forward(model, x, need_activation=use_cam or self.method == "at")
-            student_map = attention_map(activation) if activation is not None else None
-        logits = logits.float()  # losses in float32 (under bf16 autocast the KL of bf16 logits is 4 % off)
-        student_map = student_map.float() if student_map is not None else None
-        losses["ce"] = Term.over(F.cross_entropy(logits, labels, reduction="none"))
-        kd_weights = weights if self.kd_teacher is None else F.one_hot(
-            torch.full(weights.shape[:1], self.teachers.index(self.kd_teacher), device=weights.device),
-            len(self.teachers)).float()  # logits from one teacher, maps chosen per sample
-        losses["kd"] = Term.over(kd_per_row(logits, (kd_weights[..., None] * soft).sum(1), self.temperature),
-                                 self.alpha)
-        if use_cam or self.method == "at":
-            key = "cam" if use_cam else "attention"
-            size = (self.map_size, self.map_size) if self.map_size else tuple(student_map.shape[-2:])
-            maps = self.teacher_maps([dequantize_cam(batch[teacher_array(t, key)], batch[teacher_array(t, f"{key}_max")])
-                                      for t in self.teachers], x.shape[-2:], size, moves)
-            losses["map"] = map_term(resize_maps(student_map, size), (weights[..., None, None] * maps).sum(1),
-                                     self.map_norm, beta)
-        return losses
-
-    def explained_class(self, batch: dict, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The class the student's Grad-CAM explains: the label, or on a `predicted` store the class
-        the map of the most-weighted teacher explains (the store's `cam_class`)."""
-        if self.target == "label":
-            return labels
-        classes = torch.stack([batch[teacher_array(t, "cam_class")] for t in self.teachers], 1).long()
-        return classes.gather(1, weights.argmax(1, keepdim=True))[:, 0]
-
-    def forward(self, model: nn.Module, x: torch.Tensor, need_activation: bool) -> tuple:
-        """(logits, the CAM layer's activation when an attention map needs it)."""
-        if not need_activation:
-            return model(x), None
-        with captured(model, self.layer.target_layer) as box:
-            logits = model(x)
-        return logits, box["activation"]
+        beta, warmup = self.settings.beta, self.settings.beta_warmup
+        return beta * min(1.0, (self.epoch + 1) / warmup) if warmup else beta
 
     def teacher_maps(self, maps: list[torch.Tensor], image_size, map_size, moves: Moves | None) -> torch.Tensor:
         """Cached (B, h, w) maps, one per teacher -> (B, M, *map_size): moved like their images, resized,
@@ -187,10 +148,81 @@ class DistillationLoss:
         out = [None] * len(maps)
         for members in sizes.values():
             group = torch.stack([maps[m] for m in members], 1)  # (B, teachers of this size, h, w)
-            if moves is not None and self.map_follows:
+            if moves is not None and self.settings.map_follows:
                 group = apply(resize_maps(group, tuple(image_size)), moves)  # a sample's maps move as its channels
             group = resize_maps(group, tuple(map_size))
-            group = normalize_maps(group.flatten(2), self.map_norm).view(group.shape)
+            group = normalize_maps(group.flatten(2), self.settings.map_norm).view(group.shape)
             for i, m in enumerate(members):
                 out[m] = group[:, i]
         return torch.stack(out, 1)
+
+
+class Step:
+    """One batch of one method's loss: the student's input, the teachers' cached values, and the pieces of
+    loss every method shares. Every teacher's values are stacked (B, M, ...) and computed on at once (a step's
+    fixed cost is per op)."""
+
+    def __init__(self, loss: DistillationLoss, model: nn.Module, batch: dict):
+        self.loss, self.model, self.batch = loss, model, batch
+        self.settings, self.teachers, self.layer, self.policy = loss.settings, loss.teachers, loss.layer, loss.policy
+        self.kd_teacher = loss.kd_teacher
+        self.x, self.labels, self.moves = model_input(batch, loss.augmentation, loss.mean, loss.std)
+
+    def field(self, key: str) -> torch.Tensor:
+        """(B, M) or (B, M, ...): each teacher's array `key`."""
+        return torch.stack([self.batch[teacher_array(t, key)] for t in self.teachers], 1)
+
+    @functools.cached_property
+    def teacher_logits(self) -> torch.Tensor:
+        """(B, M, C) float32, from either logits mode."""
+        return torch.stack([full_logits(self.batch, t, self.loss.num_classes) for t in self.teachers], 1)
+
+    def uniform(self) -> torch.Tensor:
+        """(B, M) equal weights: one teacher, or the mean of all."""
+        return torch.full((len(self.labels), len(self.teachers)), 1.0 / len(self.teachers), device=self.x.device)
+
+    def only(self, teacher: str) -> torch.Tensor:
+        """(B, M) all weight on `teacher`."""
+        return F.one_hot(torch.full(self.labels.shape, self.teachers.index(teacher), device=self.x.device),
+                         len(self.teachers)).float()
+
+    def drawn(self) -> torch.Tensor | None:
+        """(B,) this batch's rows' drawn teachers, for a policy that draws one."""
+        drawn = self.loss.drawn
+        return None if drawn is None else drawn[self.batch["index"].cpu()].to(self.x.device)
+
+    def forward(self, need_activation: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float32 logits, the CAM layer's activation when an attention map needs it). Losses are taken in
+        float32: under bf16 autocast the KL of bf16 logits is 4 % off."""
+        if not need_activation:
+            return self.model(self.x).float(), None
+        with captured(self.model, self.layer.target_layer) as box:
+            logits = self.model(self.x)
+        return logits.float(), box["activation"]
+
+    def ce(self, logits: torch.Tensor) -> Term:
+        return Term.over(F.cross_entropy(logits, self.labels, reduction="none"))
+
+    def kd(self, logits: torch.Tensor, weights: torch.Tensor) -> Term:
+        """KD towards the (B, M) `weights`' mix of the teachers' softened outputs, weighted alpha."""
+        soft = F.softmax(self.teacher_logits / self.settings.temperature, dim=2)  # (B, M, C)
+        target = (weights[..., None] * soft).sum(1)
+        return Term.over(kd_per_row(logits, target, self.settings.temperature), self.settings.alpha)
+
+    def map_term(self, student_map: torch.Tensor, weights: torch.Tensor, key: str, beta: float) -> Term:
+        """The student map against the (B, M) `weights`' mix of the teachers' cached maps `key` ("cam" or
+        "attention"), each moved like its image, resized and normalised; weighted `beta`."""
+        settings = self.settings
+        size = (settings.map_size, settings.map_size) if settings.map_size else tuple(student_map.shape[-2:])
+        maps = self.loss.teacher_maps([dequantize_cam(self.batch[teacher_array(t, key)],
+                                                      self.batch[teacher_array(t, f"{key}_max")])
+                                       for t in self.teachers], self.x.shape[-2:], size, self.moves)
+        return map_term(resize_maps(student_map.float(), size), (weights[..., None, None] * maps).sum(1),
+                        settings.map_norm, beta)
+
+    def explained_class(self, weights: torch.Tensor) -> torch.Tensor:
+        """The class the student's Grad-CAM explains: the label, or on a `predicted` store the class
+        the map of the most-weighted teacher explains (the store's `cam_class`)."""
+        if self.loss.target == "label":
+            return self.labels
+        return self.field("cam_class").long().gather(1, weights.argmax(1, keepdim=True))[:, 0]

@@ -9,6 +9,7 @@ none, and a run that needs the best teacher asks for --teacher.
 """
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from pipeline.data import Geometry, SampleSet, UnreadableImage
 from pipeline.errors import PipelineError
 from pipeline.explain import Explanation
 from pipeline.scoring import confidence_drop
+
+if TYPE_CHECKING:
+    from pipeline.store.teacher_store import TeacherStore
 
 
 def judge(name: str, outputs: Callable[[torch.Tensor, torch.Tensor], Explanation], val: SampleSet,
@@ -64,3 +68,25 @@ def checkpoint_note(attrs: dict) -> str:
         return "its checkpoint has no validation figure"
     where = {"same": "on the same images", "other": "on other data"}.get(data, "on data it does not record")
     return f"its checkpoint says {own:.4f}, {where}"
+
+
+def named_or_best_teacher(store: "TeacherStore", teacher: str | None, method: str) -> str:
+    """`teacher` if given, else the teacher with the best top-1 on this data's held-out split, measured at
+    extraction (`judge`); without it for every teacher, the user names one."""
+    if teacher is not None:
+        store.teacher_group(teacher)  # fails listing the store's teachers
+        return teacher
+    attrs = {name: store.teacher_attrs(name) for name in store.teachers}
+    judged = {name: judged_top1(a) for name, a in attrs.items()}
+    lacking = sorted(name for name, figure in judged.items() if figure is None)
+    if lacking:
+        raise PipelineError(
+            f"{method} needs one teacher, and {', '.join(lacking)} of store {store.path} has no top-1 measured on this "
+            "data's held-out split (the data set has none besides its test split; a checkpoint's own figure of "
+            f"other data does not count); name one with --teacher, one of: {', '.join(store.teachers)}"
+            + ("; or take each sample's logits from the teachers it selects with --kd-source selected"
+               if method == "--kd-source best" else ""))
+    best = max(sorted(judged), key=lambda name: judged[name][0])
+    print(f"{method}: logits from {best} ({judged[best][1]}; {checkpoint_note(attrs[best])}; best of {len(judged)} "
+          "teachers)")
+    return best

@@ -24,6 +24,14 @@ class Registry(Generic[T]):
 
         return add
 
+    def add(self, entry: T) -> T:
+        """Register a class under its own `name` (a class decorator)."""
+        return self.register(entry.name)(entry)
+
+    def described(self) -> str:
+        """`name (its help) | ...`, for the --help of an option that takes these names."""
+        return " | ".join(f"{name} ({self._entries[name].help})" for name in self.names())
+
     def get(self, name: str) -> T:
         if name not in self._entries:
             raise PipelineError(

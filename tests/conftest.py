@@ -9,7 +9,9 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from pipeline.distill import DistillationLoss, LossSettings
 from pipeline.fabricate import make_cifar, make_teacher, make_torchvision_teacher  # noqa: F401 (the tests' helpers too)
+from pipeline.methods import method_of
 from pipeline.train import Resume
 
 
@@ -92,3 +94,11 @@ def make_imagenet(root: Path, classes=IMAGENET_WNIDS[1:4], train_per_class: int 
     if meta:
         torch.save(({w: (f"class {w}",) for w in IMAGENET_WNIDS}, []), root / "meta.bin")
     return root
+
+
+def distillation(method: str, teachers: list[str], layer, *, mean=(0.3,), std=(0.32,), num_classes: int = 10,
+                 augmentation=None, kd_teacher=None, target="label", drawn=None, **settings):
+    """The student loss of `method` on the tests' one-channel batches; `settings` go over LossSettings' defaults
+    (temperature 4, alpha 1, beta 0)."""
+    return DistillationLoss(method_of(method), teachers, layer, mean, std, num_classes, LossSettings(**settings),
+                            augmentation=augmentation, kd_teacher=kd_teacher, target=target, drawn=drawn)

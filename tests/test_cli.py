@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import EvaluateConfig, ExtractConfig, TrainStudentConfig, TrainTeachersConfig
+from pipeline.config import EvaluateConfig, ExtractConfig, TrainTeachersConfig
+from pipeline.student_config import TrainStudentConfig
 
 COMMANDS = {"train-teachers": TrainTeachersConfig, "extract-teachers": ExtractConfig,
             "train-student": TrainStudentConfig, "evaluate": EvaluateConfig}
@@ -31,7 +32,7 @@ def test_help_explains_every_option(command):
     (["extract-teachers", "--split", "validation"], "has no split 'validation'; choose one of: train, val, test"),
     (["extract-teachers", "--teachers", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
     (["extract-teachers", "--target", "best"], "unknown target 'best'; choose one of: label, predicted"),
-    (["train-student", "--method", "magic"], "unknown method 'magic'; choose one of: ce, kd, kd-avg, at, explain-kd"),
+    (["train-student", "--method", "magic"], "unknown method 'magic'; choose one of: at, ce, explain-kd, kd, kd-avg"),
     (["train-student", "--store", "nowhere.zarr"], "no teacher store at nowhere.zarr"),
     (["train-student", "--method", "kd", "--kd-source", "best"], "--kd-source best applies to explain-kd with"),
     (["evaluate", "--params", "nowhere.yaml"], "params file nowhere.yaml does not exist"),
@@ -85,7 +86,7 @@ def test_a_variant_goes_over_the_stage_section_and_under_options(tmp_path):
 
 
 def test_recipes_fill_in_what_is_not_given():
-    from pipeline.config import TrainStudentConfig
+    from pipeline.student_config import TrainStudentConfig
 
     validated = TrainStudentConfig()
     assert (validated.method, validated.student_map, validated.kd_source, validated.beta) == \

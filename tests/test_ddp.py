@@ -13,11 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import Killed, extract_args, invoke, save_then_die
-from pipeline.config import TrainStudentConfig
+from conftest import Killed, distillation, extract_args, invoke, save_then_die
 from pipeline.data import get_dataset
 from pipeline.ddp import Ranks
-from pipeline.distill import DistillationLoss
 from pipeline.errors import PipelineError
 from pipeline.evaluation import top1
 from pipeline.explain import CamLayer, probe_input
@@ -27,6 +25,7 @@ from pipeline.objective import loss_of
 from pipeline.store.teacher_store import TeacherStore
 from pipeline.stream import BlockStream
 from pipeline.student import train_student as train
+from pipeline.student_config import TrainStudentConfig
 from pipeline.train import Resume
 
 
@@ -81,8 +80,7 @@ def student_gradients(arch, model_wrapper, batch, device="cpu"):
     student = create_model(arch, 1, 10).to(device)
     batch = {key: value.to(device) for key, value in batch.items()}
     layer = CamLayer.of(student.eval(), probe_input((32, 32, 1)).to(device))
-    loss_fn = DistillationLoss("explain-kd", ["t1", "t2"], layer, (0.3,), (0.32,), temperature=4.0, alpha=0.5,
-                               beta=2.0, num_classes=10, student_map="gradcam")
+    loss_fn = distillation("explain-kd", ["t1", "t2"], layer, alpha=0.5, beta=2.0, student_map="gradcam")
     model = model_wrapper(student)  # held: a DDP wrapper reduces gradients while it lives
     loss_of(loss_fn(model, batch)).backward()  # eval mode: batch norm is per sample
     return [p.grad.clone() for p in student.parameters()]
@@ -292,8 +290,7 @@ def fit_gradients(batches: list[dict], steps: int, ranks: Ranks) -> list[list[to
 
     student = no_norm_student()
     layer = CamLayer.of(student.eval(), probe_input((16, 16, 1)))
-    loss_fn = DistillationLoss("explain-kd", list(TEACHERS), layer, (0.3,), (0.32,), temperature=4.0, alpha=0.7,
-                               beta=2.0, num_classes=10, student_map="gradcam")
+    loss_fn = distillation("explain-kd", list(TEACHERS), layer, alpha=0.7, beta=2.0, student_map="gradcam")
     seen = []
     hook = register_optimizer_step_pre_hook(
         lambda optimizer, args, kwargs: seen.append([p.grad.clone() for p in optimizer.param_groups[0]["params"]]))

@@ -1,5 +1,6 @@
 """Losses on hand-computed inputs, and the per-sample teacher choice of each method."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,14 +9,16 @@ import torch.nn.functional as F
 
 from pipeline.augment import Augmentation, Moves, apply, check_flip, shift
 from pipeline.data import get_dataset, normalize
-from pipeline.distill import DistillationLoss, kd_per_row, map_term, resize_maps, teacher_fields
-from pipeline.scoring import best_explainer, decided_by_tie, selection_weights
+from pipeline.distill import kd_per_row, map_term, resize_maps
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, probe_input
+from pipeline.methods import method_of
 from pipeline.models import create_model
 from pipeline.objective import loss_of
+from pipeline.scoring import best_explainer, decided_by_tie
+from pipeline.store.layout import teacher_arrays
 
-from conftest import make_cifar
+from conftest import distillation, make_cifar
 
 PROBE = probe_input((32, 32, 1))
 
@@ -56,9 +59,13 @@ def test_best_explainer_prefers_lowest_drop_and_breaks_ties_by_confidence_not_by
 
 
 def test_teacher_fields_per_method():
-    assert teacher_fields("ce", ["a"]) == []
-    assert teacher_fields("kd", ["a"]) == ["teachers/a/logits"]
-    assert "teachers/b/o_prob" in teacher_fields("explain-kd", ["a", "b"])
+    fields = lambda method, names, logits=("logits",): teacher_arrays(names, method_of(method).teacher_fields(logits))  # noqa: E731
+    assert fields("ce", ["a"]) == []
+    assert fields("kd", ["a"]) == ["teachers/a/logits"]
+    assert fields("kd-avg", ["a", "b"], ("logits", "logit_classes")) == [
+        "teachers/a/logits", "teachers/a/logit_classes", "teachers/b/logits", "teachers/b/logit_classes"]
+    assert fields("at", ["a"]) == ["teachers/a/logits", "teachers/a/attention", "teachers/a/attention_max"]
+    assert "teachers/b/o_prob" in fields("explain-kd", ["a", "b"])
 
 
 def make_batch():
@@ -111,8 +118,7 @@ def test_distillation_loss_components(method):
     student = create_model("resnet8_slim", 1, 10).eval()
     layer = CamLayer.of(student, PROBE)
     teachers = ["t2"] if method == "kd" else ["t1", "t2"]
-    loss_fn = DistillationLoss(method, teachers, layer, (0.3,), (0.32,), temperature=4.0, alpha=0.5, beta=2.0,
-                               num_classes=10)
+    loss_fn = distillation(method, teachers, layer, alpha=0.5, beta=2.0)
     losses = means(loss_fn(student, batch))
 
     logits, activation = features_of(student, standardised(batch))
@@ -150,22 +156,6 @@ def test_normalized_grayscale_batches_train_the_default_student():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_selection_policies():
-    y = torch.tensor([[0.99, 0.02, 0.5], [0.5, 0.8, 0.6]])
-    o = torch.tensor([[0.99, 0.021, 0.25], [0.25, 0.8, 0.3]])  # drops: [0, 0, 0.5], [0.5, 0, 0.5]
-    correct = torch.tensor([[False, True, True], [False, False, False]])
-    assert selection_weights("per-sample", y, o, correct).argmax(1).tolist() == [0, 1]
-    # correct: row 0 among teachers 1 and 2 (drops 0 and 0.5) -> 1; row 1: none correct, all -> 1
-    assert selection_weights("correct", y, o, correct).argmax(1).tolist() == [1, 1]
-    weighted = selection_weights("weighted", y, o, correct, temperature=0.1)
-    row0 = torch.tensor([0.99, 0.02, 0.5 * math.exp(-5)])  # Y * exp(-drop / t)
-    row1 = torch.tensor([0.5 * math.exp(-5), 0.8, 0.6 * math.exp(-5)])
-    torch.testing.assert_close(weighted, torch.stack([row0 / row0.sum(), row1 / row1.sum()]))
-    assert weighted[0, 1] < 0.02  # the unsure teacher gets almost nothing (was 62 % with unclamped drops)
-    chosen = selection_weights("random", y, o, correct, random_choice=torch.tensor([2, 0]))
-    assert chosen.tolist() == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
-
-
 def test_shift_moves_images_and_fills_with_zeros():
     x = torch.arange(1, 17, dtype=torch.float32).view(1, 1, 4, 4)
     moved = shift(x, torch.tensor([[1, -2]]))  # one row down, two columns left
@@ -186,7 +176,7 @@ def test_attention_transfer_compares_squared_activation_maps():
     batch, teachers = make_student_batch("at")
     student = create_model("resnet8_slim", 1, 10).eval()
     layer = CamLayer.of(student, PROBE)
-    losses = means(DistillationLoss("at", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10)(student, batch))
+    losses = means(distillation("at", teachers, layer, alpha=0.5, beta=2.0)(student, batch))
     _, activation = features_of(student, standardised(batch))
     teacher = batch["teachers/t2/attention"].float() / 255 * batch["teachers/t2/attention_max"][:, None, None]
     expected = hand_map_distance((activation ** 2).mean(1), teacher)  # attention map: mean over channels of A^2
@@ -197,8 +187,8 @@ def test_detached_head_keeps_the_map_term_off_the_classifier():
     batch, teachers = make_student_batch("explain-kd")
     for detach in (False, True):
         student = create_model("resnet8_slim", 1, 10).train()
-        loss_fn = DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0,
-                                   alpha=0.0, beta=1.0, num_classes=10, detach_head=detach)
+        loss_fn = distillation("explain-kd", teachers, CamLayer.of(student, PROBE), alpha=0.0, beta=1.0,
+                               detach_head=detach)
         losses = means(loss_fn(student, batch))
         fc_grad, = torch.autograd.grad(losses["map"], student.fc.weight, allow_unused=True)
         assert (fc_grad is None or not fc_grad.any()) == detach
@@ -207,8 +197,8 @@ def test_detached_head_keeps_the_map_term_off_the_classifier():
 def test_beta_warms_up_and_maps_follow_the_shift():
     batch, teachers = make_student_batch("explain-kd")
     student = create_model("resnet8_slim", 1, 10)
-    loss_fn = DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 8.0,
-                               10, beta_warmup=4, augmentation=Augmentation(4, seed=3))
+    loss_fn = distillation("explain-kd", teachers, CamLayer.of(student, PROBE), beta=8.0, beta_warmup=4,
+                           augmentation=Augmentation(4, seed=3))
     assert [loss_fn.beta_now() for loss_fn.epoch in range(5)] == [2.0, 4.0, 6.0, 8.0, 8.0]
     maps = torch.zeros(1, 4, 4)
     maps[0, 1, 1] = 1.0  # one hot cell at 8x8 pixels of a 32 px image
@@ -219,7 +209,7 @@ def test_beta_warms_up_and_maps_follow_the_shift():
     assert moved[0].argmax().item() == 2 * 4 + 2  # one cell down and right: 8 px = one 4x4 cell
     mirrored = teacher_maps(Moves(torch.tensor([[0, 0]]), torch.tensor([True])))
     assert mirrored[0].argmax().item() == 1 * 4 + 2  # column 1 of 4 -> column 2
-    loss_fn.map_follows = False
+    loss_fn.settings = dataclasses.replace(loss_fn.settings, map_follows=False)
     assert teacher_maps(down_right)[0].argmax().item() == 1 * 4 + 1
 
 
@@ -240,7 +230,7 @@ def test_maps_can_be_compared_on_a_coarser_grid():
     batch, teachers = make_student_batch("at")
     student = create_model("resnet8_slim", 1, 10).eval()
     layer = CamLayer.of(student, PROBE)
-    losses = means(DistillationLoss("at", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10, map_size=2)(student, batch))
+    losses = means(distillation("at", teachers, layer, alpha=0.5, beta=2.0, map_size=2)(student, batch))
     _, activation = features_of(student, standardised(batch))
     teacher = batch["teachers/t2/attention"].float() / 255 * batch["teachers/t2/attention_max"][:, None, None]
     quarters = lambda m: m.unfold(1, 4, 4).unfold(2, 4, 4).mean((-1, -2))  # noqa: E731  8x8 -> 2x2 by 4x4 means
@@ -252,8 +242,8 @@ def test_teacher_gradcam_can_guide_the_student_attention_and_logits_can_come_fro
     batch, teachers = make_student_batch("explain-kd")
     student = create_model("resnet8_slim", 1, 10).eval()
     layer = CamLayer.of(student, PROBE)
-    losses = means(DistillationLoss("explain-kd", teachers, layer, (0.3,), (0.32,), 4.0, 0.5, 2.0, 10,
-                              student_map="attention", kd_teacher="t1")(student, batch))
+    losses = means(distillation("explain-kd", teachers, layer, alpha=0.5, beta=2.0, student_map="attention",
+                                kd_teacher="t1")(student, batch))
     logits, activation = features_of(student, standardised(batch))
     teacher_map = batch["teachers/t2/cam"][0].float() / 255  # sample 0 chooses t2; sample 1's t1 map is empty
     teacher_map = F.interpolate(teacher_map[None, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
@@ -306,8 +296,8 @@ def test_a_predicted_store_explains_the_teachers_class_in_the_student_map():
         batch[f"teachers/{name}/cam_class"] = other
     student = create_model("resnet8_slim", 1, 10).eval()
     layer = CamLayer.of(student, PROBE)
-    loss = lambda target, b: DistillationLoss("explain-kd", teachers, layer, (0.3,), (0.32,), 4.0, 1.0, 1.0, 10,  # noqa: E731
-                                              target=target)(student, b)["map"].mean
+    loss = lambda target, b: distillation("explain-kd", teachers, layer, beta=1.0, target=target)(  # noqa: E731
+        student, b)["map"].mean
     relabelled = {**batch, "labels": other}  # the map term depends on the explained class only
     torch.testing.assert_close(loss("predicted", batch), loss("label", relabelled))
     assert not torch.allclose(loss("predicted", batch), loss("label", batch))
@@ -319,8 +309,8 @@ def test_teachers_with_maps_of_different_sizes_are_each_resized_to_the_student_m
     batch["teachers/t1/cam"] = torch.randint(1, 256, (2, 2, 2), dtype=torch.uint8)
     batch["teachers/t1/cam_max"] = torch.tensor([1.0, 2.0])  # sample 1 chooses t1, and now has a map
     student = create_model("resnet8_slim", 1, 10).eval()
-    losses = means(DistillationLoss("explain-kd", teachers, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 0.5, 2.0, 10,
-                              student_map="attention", kd_teacher="t1")(student, batch))
+    losses = means(distillation("explain-kd", teachers, CamLayer.of(student, PROBE), alpha=0.5, beta=2.0,
+                                student_map="attention", kd_teacher="t1")(student, batch))
     _, activation = features_of(student, standardised(batch))
     up = lambda cam: F.interpolate(cam[None, None].float(), size=(8, 8), mode="bilinear", align_corners=False)[0, 0]  # noqa: E731
     chosen = torch.stack([up(batch["teachers/t2/cam"][0]), up(batch["teachers/t1/cam"][1])])  # t2 wins 0, t1 wins 1
@@ -334,7 +324,7 @@ def test_teachers_computed_together_equal_each_teacher_computed_alone():
     torch.manual_seed(0)
     student = create_model("resnet8_slim", 1, 10)
     names, sides = ["a", "b", "c"], [4, 8, 4]
-    loss_fn = DistillationLoss("explain-kd", names, CamLayer.of(student, PROBE), (0.3,), (0.32,), 4.0, 1.0, 1.0, 10)
+    loss_fn = distillation("explain-kd", names, CamLayer.of(student, PROBE), beta=1.0)
     maps = [torch.rand(4, side, side) for side in sides]
     moves = Moves(torch.tensor([[3, -2], [0, 0], [-5, 4], [1, 1]]), torch.tensor([False, True, True, False]))
     together = loss_fn.teacher_maps(maps, (32, 32), (6, 6), moves)
@@ -361,8 +351,8 @@ def test_explain_kd_trains_under_bf16_autocast_in_channels_last(device):
         batch["teachers/t1/cam_max"] = torch.tensor([1.0, 2.0], device=where)  # both samples' maps count
         torch.manual_seed(0)
         student = create_model("resnet8_slim", 1, 10).to(where)
-        loss_fn = DistillationLoss("explain-kd", ["t1", "t2"], CamLayer.of(student, PROBE.to(where)), (0.3,), (0.32,),
-                                   temperature=4.0, alpha=0.5, beta=2.0, num_classes=10)
+        loss_fn = distillation("explain-kd", ["t1", "t2"], CamLayer.of(student, PROBE.to(where)), alpha=0.5,
+                               beta=2.0)
         if fast:
             student = student.to(memory_format=torch.channels_last)
         with torch.autocast(where, dtype=torch.bfloat16, enabled=fast):

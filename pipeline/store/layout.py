@@ -5,7 +5,8 @@ asks `teacher_array`, `owner_of` and their neighbours. The store's history of fo
 """
 
 # The layout of the files: raised when a store of the old version can no longer be read as it is.
-FORMAT, VERSION = "teacher-store", 8
+FORMAT = "teacher-store"
+VERSION = 8
 FORMER_FORMATS = ("teacher-cache",)  # earlier names of this format: such a store is ours to replace
 # The values a store holds: raised by hand whenever extraction computes different values from the same teachers
 # and data (another Grad-CAM, rounding, view rendering, ...). tests/test_golden_store.py fails when the values of a

@@ -1,8 +1,7 @@
 """Reading the store's shard files directly: one read per file, every checksum checked here.
 
-zarr's read path costs about a millisecond of fixed overhead per chunk (its asyncio codec
-pipeline), which caps stage two near 50,000 samples/s at 25 arrays a block however the reads
-are batched (docs/reader.md). Every sharded array of a store has one layout, which
+zarr's read path has a fixed cost per chunk (its asyncio codec pipeline) that caps stage two's
+reading however the reads are batched (docs/reader.md has the figures). Every sharded array of a store has one layout, which
 `ShardLayout.of` checks: a shard is one block of rows (of one view, for arrays with a view
 axis after the row axis) in chunks of `chunk_rows` rows, each
 chunk blosc-compressed and followed by its crc32c; the file ends in the index, an (offset,

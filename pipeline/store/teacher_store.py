@@ -47,8 +47,8 @@ BLOCK_SIZES, MIN_BLOCKS = (256, 1024, 4096, 16384), 32
 
 def default_block_size(samples: int) -> int:
     """The largest block size that still gives `MIN_BLOCKS` blocks to shuffle and share among loader
-    workers: stage two reads larger blocks faster (docs/reader.md: 25,000 samples/s at 256 rows,
-    356,000 at 16,384, from disk), so an ImageNet store gets 16,384 and digits 256."""
+    workers: stage two reads larger blocks faster (docs/reader.md has the figures), so an ImageNet store gets
+    16,384 and digits 256."""
     return max(size for size in BLOCK_SIZES if size == BLOCK_SIZES[0] or samples // size >= MIN_BLOCKS)
 
 
