@@ -18,9 +18,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.bench import TEACHERS, bytes_under, evict, median_seconds, stream_pass, synthetic_store, zarr_pass
 from pipeline.methods import method_of
-from pipeline.store import teacher_store
+from pipeline.store import shards
 
-CODECS = {"zstd 5, bitshuffle (shipped)": teacher_store.compressors,
+CODECS = {"zstd 5, bitshuffle (shipped)": shards.compressors,
           "lz4 5, bitshuffle": lambda: (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()),
           "zstd 1, shuffle": lambda: (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec())}
 LAYOUTS = [(256, 4), (1024, 4), (4096, 1), (4096, 4), (4096, 16), (16384, 4)]  # (block size, chunks per block)
@@ -29,7 +29,7 @@ LAYOUTS = [(256, 4), (1024, 4), (4096, 1), (4096, 4), (4096, 16), (16384, 4)]  #
 def trial(folder: Path, samples: int, block: int, chunks: int, codec: str, zarr_too: bool) -> dict:
     path = folder / f"{block}-{chunks}-{codec[:4]}.zarr"
     began = time.perf_counter()
-    with mock.patch.object(teacher_store, "compressors", CODECS[codec]):
+    with mock.patch.object(shards, "compressors", CODECS[codec]):
         store = synthetic_store(path, samples, 1000, 7, block, {"mode": "topk", "k": 10}, chunks_per_block=chunks)
     written = time.perf_counter() - began
     fields = ["labels", *method_of("explain-kd").arrays(list(TEACHERS), store.logit_fields)]

@@ -154,7 +154,7 @@ def test_a_chunk_whose_header_states_another_size_is_damage_even_with_a_valid_ch
     data[offset + length - 4:offset + length] = google_crc32c.value(bytes(data[offset:offset + length - 4])).to_bytes(
         4, "little")
     path.write_bytes(bytes(data))
-    store.bind("t1", 1)  # as if a writer had written this file there (else its binding digest fails first)
+    store.digests.bind("t1", 1)  # as if a writer had written this file there (else its binding digest fails first)
     with pytest.raises(PipelineError, match="y_prob block 1: it does not decode .a chunk says it holds 4 bytes"):
         TeacherStore.open(tmp_path / "s.zarr").read_rows(4, 8, ["teachers/t1/y_prob"])
 
@@ -183,8 +183,8 @@ def test_a_shard_left_from_another_teacher_or_an_earlier_extraction_is_refused(t
         store.read_rows(4, 8, ["teachers/t1/cam"])  # rewritten after its digest was recorded: other bytes
     path.write_bytes(original)
     assert store.read_rows(4, 8, ["teachers/t1/cam"])  # the file written there, back
-    other_binding = other.recorded_digests("t1", 1)
-    assert (other_binding != store.recorded_digests("t1", 1)).any()  # another writer: other digests
+    other_binding = other.digests.recorded("t1", 1)
+    assert (other_binding != store.digests.recorded("t1", 1)).any()  # another writer: other digests
     store.writable(digest_array("t1"))[1] = other_binding  # the other teacher's record, with the same bytes
     with pytest.raises(PipelineError, match="teachers/t1/cam block 1: its shard file is not the one written there"):
         store.read_rows(4, 8, ["teachers/t1/cam"])

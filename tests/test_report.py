@@ -118,7 +118,7 @@ def test_explanation_grid_shows_cached_teacher_maps_and_student_maps(tmp_path):
     assert (tmp_path / "explanations.png").stat().st_size > 0
 
     zarr.open_group(tmp_path / "test.zarr", mode="r+")["valid"][0] = False  # as if image 0 were unreadable ...
-    TeacherStore.open(tmp_path / "test.zarr", mode="r+").bind(None, 0, ["valid"])  # ... when extraction wrote it
+    TeacherStore.open(tmp_path / "test.zarr", mode="r+").digests.bind(None, 0, ["valid"])  # ... when extraction wrote it
     assert [row["label"] for row in explanation_rows(store, test, {}, 3)] == test.labels[[1, 180, 359]].tolist()
 
     report = dict(students_dir=str(tmp_path / "students"), store=str(tmp_path / "test.zarr"), explain_runs=["ce-s0"])

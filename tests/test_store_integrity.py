@@ -155,7 +155,7 @@ def test_verify_and_info_report_what_is_wrong(clean_store, tmp_path):
     group["teachers/vgg8_bn/cam_class"][64:96] = explained
     store = TeacherStore.open(broken, mode="r+")
     for block in (0, 2):  # values a faulty writer wrote there, bound to their place as it would have
-        store.bind("vgg8_bn", block)
+        store.digests.bind("vgg8_bn", block)
     result = invoke("store", "verify", broken, exit_code=1)
     assert "FAIL vgg8_bn/y_prob: NaN or infinite values in block 0" in result.output
     assert "FAIL vgg8_bn/cam_class: a map of a class other than the label in block 2" in result.output

@@ -111,7 +111,7 @@ def make_aligned_store(path, invalid=(2, 9, 10, 11, 17)):
     r = np.arange(N)
     store.group["images"][...] = np.broadcast_to((r % 256).astype(np.uint8)[:, None, None, None], (N, 2, 2, 1))
     for block in range(store.num_blocks):
-        store.bind(None, block, ["images"])  # rewritten here: bound to their place anew, as a writer does
+        store.digests.bind(None, block, ["images"])  # rewritten here: bound to their place anew, as a writer does
     store.add_teacher("t", TEACHER)
     for block in range(store.num_blocks):
         start, stop = store.block_rows(block)

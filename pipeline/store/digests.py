@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
-from pipeline.store.layout import DIGESTS, STORE_IDENTITY, digest_array, is_digests, is_viewed, owner_of, teacher_array
-from pipeline.store.shards import DIGEST_BYTES, Binding, ShardDamage, read_shard_rows
+from pipeline.store.layout import (DIGESTS, STORE_IDENTITY, digest_array, fingerprint, is_digests, is_viewed,
+                                   owner_of, teacher_array)
+from pipeline.store.shards import DIGEST_BYTES, Binding, ShardDamage, create_sharded, read_shard_rows
 
 if TYPE_CHECKING:
     from pipeline.store.teacher_store import TeacherStore
@@ -42,8 +43,6 @@ class ShardDigests:
 
     def create(self, group: zarr.Group, owner: str | None) -> None:
         """The empty record of `owner`'s digests, one row per block, in `group` (the store's or the teacher's)."""
-        from pipeline.store.teacher_store import create_sharded
-
         create_sharded(group, DIGESTS, (self.store.num_blocks, len(self.files(owner)), DIGEST_BYTES), "uint8",
                        block_size=1, chunk=1, viewed=False)
 
@@ -51,8 +50,6 @@ class ShardDigests:
         """The fingerprint a shard's binding names: the store's for the shared arrays, the store's and its
         teacher's for a teacher's (its files belong to this store: another store's folder of a teacher of the
         same name, made with another target, views or data, is refused)."""
-        from pipeline.store.teacher_store import fingerprint
-
         if owner not in self._writers:
             store = fingerprint({k: self.store.attrs[k] for k in STORE_IDENTITY})
             self._writers[owner] = store if owner is None else \

@@ -13,8 +13,8 @@ from pipeline.errors import PipelineError
 from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
 from pipeline.store.codec import cached_predictions
 from pipeline.store.integrity import Damage, finished_marks, sound_layout
-from pipeline.store.layout import DIGESTS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, digest_array, teacher_array
-from pipeline.store.teacher_store import TeacherStore, fingerprint, view_shapes
+from pipeline.store.layout import DIGESTS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, digest_array, fingerprint, teacher_array
+from pipeline.store.teacher_store import TeacherStore, view_shapes
 
 
 def bytes_on_disk(path: Path) -> int:

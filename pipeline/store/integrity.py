@@ -60,7 +60,7 @@ def recorded_binding(store: TeacherStore, array: str, block: int, view: int):
     """The file's binding and recorded digest, or None where its digest record is itself damaged (reported as
     the damage of that record)."""
     try:
-        return store.bound(array, block, view)
+        return store.digests.bound(array, block, view)
     except PipelineError:
         return None
 

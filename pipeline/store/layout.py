@@ -1,8 +1,12 @@
 """Where everything lives in a teacher store, and which versions of the format and of the extraction made it.
 
 The only module that spells an array's key ("labels", "teachers/<name>/cam", ...): the rest of the code
-asks `teacher_array`, `owner_of` and their neighbours. The store's history of formats is in CHANGELOG.md.
+asks `teacher_array`, `owner_of` and their neighbours; what makes two stores or teachers the same, and its
+`fingerprint`. The store's history of formats is in CHANGELOG.md.
 """
+
+import hashlib
+import json
 
 # The layout of the files: raised when a store of the old version can no longer be read as it is.
 FORMAT = "teacher-store"
@@ -60,3 +64,8 @@ def is_digests(array: str) -> bool:
 def is_viewed(array: str) -> bool:
     """Whether `array` has a view axis: every teacher array but its marks, and the views' own."""
     return array in VIEWED_SHARED or (owner_of(array) is not None and field_of(array) not in TEACHER_MARKS)
+
+
+def fingerprint(record: dict) -> str:
+    """The SHA-256 of an identity record (STORE_IDENTITY's or TEACHER_IDENTITY's attributes), in hex."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -1,4 +1,5 @@
-"""Reading the store's shard files directly: one read per file, every checksum checked here.
+"""The store's sharded arrays: created by zarr (`create_sharded`), read directly here: one read per file, every
+checksum checked.
 
 zarr's read path has a fixed cost per chunk (its asyncio codec pipeline) that caps stage two's
 reading however the reads are batched (docs/reader.md has the figures). Every sharded array of a store has one layout, which
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import google_crc32c
 import numpy as np
+import zarr
 from numcodecs import blosc
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import PipelineError
 from pipeline.store.layout import FORMAT, VERSION
@@ -196,3 +199,21 @@ def read_shard_rows(path: Path, layout: ShardLayout, start: int, stop: int,
     rows = decode_chunks(path, layout, range(first, last), bound)
     offset = first * layout.chunk_rows
     return rows[start - offset:stop - offset]
+
+
+def compressors() -> tuple:
+    """Each chunk is compressed, then checksummed: a flipped bit fails its read."""
+    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()
+
+
+# zarr leaves out chunks equal to the fill value; here every chunk is written, so a missing one is damage
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
+def create_sharded(group: zarr.Group, name: str, shape: tuple, dtype, block_size: int, chunk: int,
+                   viewed: bool) -> zarr.Array:
+    """An array of one shard file per block (and per view, when `viewed`: axis 1 is the view), chunks of
+    `chunk` rows, every chunk checksummed and written."""
+    inner = (1, *shape[2:]) if viewed else tuple(shape[1:])
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *inner), shards=(block_size, *inner),
+                              compressors=compressors(), fill_value=0, config=WRITE_EVERY_CHUNK)

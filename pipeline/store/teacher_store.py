@@ -9,15 +9,12 @@ block and view, so that a student reads only the view it uses.
 Every chunk ends in a crc32c checksum (and so does every shard's index), and every chunk
 is written even when it holds only zeros, so a damaged chunk fails to decode and an
 absent shard file of a finished block is damage, never zarr's fill value. Every shard file
-is bound to its place: when a block is written, the digest of each of its files, taken with
-its array path, block, view and the fingerprint of its writer (pipeline.store.shards.Binding), is
-recorded in `shard_digests` (the store's, for its shared arrays, and each teacher's), and
-every read checks it, so a file moved to another place or left from an earlier extraction
-is damage too. zarr's own codecs are untouched: plain zarr still reads the store.
+is bound to its place by a recorded digest (pipeline.store.digests), so a file moved to another
+place or left from an earlier extraction is damage too. zarr's own codecs are untouched: plain
+zarr still reads the store.
 """
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -29,14 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
-from pipeline.store.layout import (DIGESTS, EXTRACTION_VERSION, FORMAT, FORMER_FORMATS, PROGRESS, SAMPLE_ARRAYS,
-                                   SCORE_FIELDS, SHARED_ARRAYS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, TOPK_FIELDS,
-                                   VERSION, VIEWED_SHARED, digest_array, is_digests, is_viewed, owner_of, teacher_array)
-from pipeline.store.shards import DIGEST_BYTES, Binding, ShardDamage, ShardLayout, read_shard_rows
+from pipeline.store.digests import ShardDigests
+from pipeline.store.layout import (EXTRACTION_VERSION, FORMAT, FORMER_FORMATS, PROGRESS, SAMPLE_ARRAYS, SCORE_FIELDS,
+                                   SHARED_ARRAYS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, TOPK_FIELDS, VERSION,
+                                   VIEWED_SHARED, fingerprint, is_digests, is_viewed, owner_of, teacher_array)
+from pipeline.store.shards import (DIGEST_BYTES, WRITE_EVERY_CHUNK, ShardDamage, ShardLayout, compressors, create_sharded,
+                                   read_shard_rows)
 from pipeline.views import ViewPolicy
 
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
@@ -56,31 +54,9 @@ def stores_images(images: np.ndarray | None) -> bool:
     return images is not None and max(images.shape[1:3]) <= MAX_STORED_IMAGE_SIDE
 
 
-def compressors() -> tuple:
-    """Each chunk is compressed, then checksummed: a flipped bit fails its read."""
-    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()
-
-
-# zarr leaves out chunks equal to the fill value; here every chunk is written, so a missing one is damage
-WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
-
-
 def view_shapes(samples: int, views: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and dtype of the views' arrays: each view's box (x0, y0, x1, y1) and flip."""
     return {"view_boxes": ((samples, views, 4), "int32"), "view_flips": ((samples, views), "bool")}
-
-
-def create_sharded(group: zarr.Group, name: str, shape: tuple, dtype, block_size: int, chunk: int,
-                   viewed: bool) -> zarr.Array:
-    """An array of one shard file per block (and per view, when `viewed`: axis 1 is the view), chunks of
-    `chunk` rows, every chunk checksummed and written."""
-    inner = (1, *shape[2:]) if viewed else tuple(shape[1:])
-    return group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *inner), shards=(block_size, *inner),
-                              compressors=compressors(), fill_value=0, config=WRITE_EVERY_CHUNK)
-
-
-def fingerprint(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _short(value):
@@ -94,8 +70,7 @@ class TeacherStore:
     def __init__(self, group: zarr.Group, path: Path):
         self.group, self.path = group, path
         self._layouts: dict[str, ShardLayout] = {}
-        self._writers: dict[str | None, str] = {}  # fixed while a teacher is registered
-        self._files: dict[str | None, list[tuple[str, int]]] = {}
+        self.digests = ShardDigests(self)
 
     # -- opening -----------------------------------------------------------------------
 
@@ -172,9 +147,9 @@ class TeacherStore:
         group.attrs.update({**record, "chunk_rows": chunk, "num_blocks": -(-n // block_size), "code_version": __version__,
                             "stores_images": "images" in group, "teachers": []})
         store = cls(group, path)
-        store.create_digests(group, None)
+        store.digests.create(group, None)
         for block in range(store.num_blocks):
-            store.bind(None, block)
+            store.digests.bind(None, block)
         group.attrs["fingerprint"] = fingerprint(record)  # last: the store is complete
         return store
 
@@ -200,14 +175,14 @@ class TeacherStore:
                 print(f"restoring the lost array {name} of {self.path} from the data set")
                 self._create_rows(self.group, name, data, self.block_size, self.attrs["chunk_rows"])
                 for block in range(self.num_blocks):
-                    self.bind(None, block, [name])
+                    self.digests.bind(None, block, [name])
                 continue
             for block in range(self.num_blocks):
                 if not self.readable(name, block):
                     print(f"restoring {name} block {block} of {self.path} from the data set")
                     start, stop = self.block_rows(block)
                     self.writable(name)[start:stop] = data[start:stop].astype(self.layout(name).dtype)
-                    self.bind(None, block, [name])
+                    self.digests.bind(None, block, [name])
 
     def check_made_from(self, record: dict) -> None:
         """Fail with the first difference between this store and what the caller expects."""
@@ -340,7 +315,7 @@ class TeacherStore:
             create_sharded(group, field, shape, dtype, block, chunk, viewed=True)
         group.create_array(PROGRESS, shape=(self.num_blocks,), dtype="bool", chunks=(1,), fill_value=False,
                            compressors=compressors())  # an absent mark is "not finished": the block is recomputed
-        self.create_digests(group, name)
+        self.digests.create(group, name)
         group.attrs.update(identity)
         self.group.attrs["teachers"] = sorted({*self.teachers, name})  # registered last: complete now
         self.forget_layouts()
@@ -356,7 +331,8 @@ class TeacherStore:
 
     def forget_layouts(self) -> None:
         """Drop what was read about the arrays and their writers (a teacher was added, dropped or replaced)."""
-        self._layouts, self._writers, self._files = {}, {}, {}
+        self._layouts = {}
+        self.digests.forget()
 
     def writable(self, array: str) -> zarr.Array:
         return self.group[array].with_config(WRITE_EVERY_CHUNK)
@@ -387,7 +363,7 @@ class TeacherStore:
                 raise ValueError(f"block {block} of {name}/{field} has shape {data.shape}, "
                                  f"expected ({stop - start}, {', '.join(map(str, group[field].shape[1:]))})")
             self.writable(teacher_array(name, field))[start:stop] = data.astype(group[field].dtype, copy=False)
-        self.bind(name, block)
+        self.digests.bind(name, block)
         group[PROGRESS][block] = True
 
     def write_samples(self, block: int, arrays: dict[str, np.ndarray]) -> None:
@@ -398,7 +374,7 @@ class TeacherStore:
         if not any(self.progress(name, block) for name in self.teachers):
             for name in SAMPLE_ARRAYS:
                 self.writable(name)[start:stop] = arrays[name]
-            self.bind(None, block, SAMPLE_ARRAYS)
+            self.digests.bind(None, block, SAMPLE_ARRAYS)
             return
         for name, view in [("valid", None), *((name, v) for v in range(self.num_views) for name in VIEWED_SHARED)]:
             have = self.read_rows(start, stop, [name], view or 0)[name]  # each array (and view) read once
@@ -437,7 +413,7 @@ class TeacherStore:
         """Rows [start, stop) of `field` (at `view`), all in `block`, read straight from its shard file
         (pipeline.store.shards) and checked to be the file written there (`records`: digests already read)."""
         first = block * self.block_size
-        bound = self.bound(field, block, view if is_viewed(field) else 0, records)
+        bound = self.digests.bound(field, block, view if is_viewed(field) else 0, records)
         try:
             return read_shard_rows(self.shard_file(field, block, view), self.layout(field), start - first, stop - first,
                                    bound)
@@ -457,7 +433,7 @@ class TeacherStore:
             layout = ShardLayout.of(metadata, path, is_viewed(path))
             found = (layout.rows, layout.shard_rows, layout.chunk_rows, layout.views)
             if is_digests(path):  # one row of digests per block
-                files = len(self.bound_files(owner_of(path)))
+                files = len(self.digests.files(owner_of(path)))
                 if found + layout.row_shape != (self.num_blocks, 1, 1, 0, files, DIGEST_BYTES):
                     raise self.damaged(path, None, f"its zarr.json describes {layout.rows} rows of {layout.row_shape} "
                                                    f"in shards of {layout.shard_rows}, not {self.num_blocks} rows of "
@@ -492,67 +468,6 @@ class TeacherStore:
         """How many chunks `block` of `array` holds (a digest array: one)."""
         start, stop = (0, 1) if is_digests(array) else self.block_rows(block)
         return math.ceil((stop - start) / self.layout(array).chunk_rows)
-
-    # -- binding every shard file to its place -----------------------------------------------
-
-    def bound_files(self, owner: str | None) -> list[tuple[str, int]]:
-        """(array, view) of every shard file of one block that `owner` writes, in the order of its digests."""
-        if owner not in self._files:
-            arrays = self.shared_arrays if owner is None else [teacher_array(owner, f) for f in self.teacher_fields]
-            self._files[owner] = [(array, view) for array in arrays
-                                  for view in range(self.num_views if is_viewed(array) else 1)]
-        return self._files[owner]
-
-    def create_digests(self, group: zarr.Group, owner: str | None) -> None:
-        create_sharded(group, DIGESTS, (self.num_blocks, len(self.bound_files(owner)), DIGEST_BYTES), "uint8",
-                       block_size=1, chunk=1, viewed=False)
-
-    def writer(self, owner: str | None) -> str:
-        """The fingerprint a shard's binding names: the store's for the shared arrays, the store's and its
-        teacher's for a teacher's (its files belong to this store: another store's folder of a teacher of the
-        same name, made with another target, views or data, is refused)."""
-        if owner not in self._writers:
-            store = fingerprint({k: self.attrs[k] for k in STORE_IDENTITY})
-            self._writers[owner] = store if owner is None else \
-                fingerprint({"store": store, "teacher": self.teacher_attrs(owner)["fingerprint"]})
-        return self._writers[owner]
-
-    def recorded_digests(self, owner: str | None, block: int, missing_ok: bool = False) -> np.ndarray:
-        """(files, 16) the digests recorded for `block`'s shard files of `owner` (zeros: none, with `missing_ok`
-        where the record itself is missing)."""
-        array = digest_array(owner)
-        path = self.shard_file(array, block)
-        if missing_ok and not path.is_file():
-            return np.zeros((len(self.bound_files(owner)), DIGEST_BYTES), np.uint8)
-        try:
-            return read_shard_rows(path, self.layout(array), 0, 1)[0]
-        except ShardDamage as damage:
-            raise self.damaged(array, block, str(damage)) from None
-
-    def bound(self, array: str, block: int, view: int, records: dict | None = None) -> tuple[Binding, bytes] | None:
-        """The binding of `block`'s shard file of `array` (at `view`) and the digest recorded for it (kept in
-        `records` for the next file of the block); None for the digest arrays themselves (their chunks'
-        checksums are their check)."""
-        if is_digests(array):
-            return None
-        owner, records = owner_of(array), {} if records is None else records
-        if (owner, block) not in records:
-            records[owner, block] = self.recorded_digests(owner, block)
-        recorded = records[owner, block][self.bound_files(owner).index((array, view))]
-        return Binding(array, block, view, self.writer(owner)), recorded.tobytes()
-
-    def bind(self, owner: str | None, block: int, arrays: tuple[str, ...] | list[str] | None = None) -> None:
-        """Record the digests of `block`'s shard files of `arrays` (default: all of `owner`'s) as they are on disk
-        now; call right after writing them."""
-        files = self.bound_files(owner)
-        digests = np.zeros((len(files), DIGEST_BYTES), np.uint8) if arrays is None else \
-            self.recorded_digests(owner, block, missing_ok=True).copy()
-        writer = self.writer(owner)
-        for i, (array, view) in enumerate(files):
-            if arrays is None or array in arrays:
-                data = self.shard_file(array, block, view).read_bytes()
-                digests[i] = np.frombuffer(Binding(array, block, view, writer).digest(data), np.uint8)
-        self.writable(digest_array(owner))[block] = digests
 
     def damaged(self, array: str, block: int | None, what: str | Exception) -> PipelineError:
         """The one-line error for damage found while reading (`what`: a text or the decoding error)."""
