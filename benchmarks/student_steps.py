@@ -26,7 +26,7 @@ from pipeline.models import create_model
 from pipeline.objective import loss_of
 from pipeline.store.teacher_store import TeacherStore
 
-METHODS = {"ce": ("ce", {}), "kd": ("kd", {"kd_teacher": 0}),
+METHODS = {"ce": ("ce", {}), "kd": ("kd", {}),
            "explain-kd": ("explain-kd", {**RECIPES["validated"], "kd_teacher": 0}),
            "explain-kd design": ("explain-kd", RECIPES["design"])}
 
@@ -42,7 +42,8 @@ def step_runner(method: str, options: dict, store: TeacherStore, batch: dict, de
     if "kd_teacher" in options:
         options["kd_teacher"] = store.teachers[options["kd_teacher"]]
     kd_teacher = options.pop("kd_teacher", None)
-    loss_fn = DistillationLoss(method_of(method), store.teachers, layer, info.mean, info.std, info.num_classes,
+    teachers = store.teachers[:1] if method_of(method).one_teacher else store.teachers
+    loss_fn = DistillationLoss(method_of(method), teachers, layer, info.mean, info.std, info.num_classes,
                                LossSettings(alpha=0.5, beta=beta, **options), kd_teacher=kd_teacher)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
 

@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline.store.codec import quantize_cam, topk_logit_fields
-
 from pipeline.config import BENCH_SECTIONS, ExtractConfig
 from pipeline.data import get_dataset, normalize
 from pipeline.devices import autocast, prepare_model, resolve_device, to_device
@@ -37,6 +35,7 @@ from pipeline.fabricate import make_cifar, make_teacher
 from pipeline.methods import method_of
 from pipeline.models import create_model
 from pipeline.objective import loss_of
+from pipeline.store.codec import quantize_cam, topk_logit_fields
 from pipeline.store.teacher_store import TeacherStore, default_block_size
 from pipeline.stream import BlockStream
 from pipeline.student import train_student

@@ -1,6 +1,6 @@
 """The `pipeline` command: thin wrappers that build a stage's config and call the stage.
 
-Each command's options are generated from its config dataclass (pipeline/config.py), so
+Each command's options are generated from its config dataclass (pipeline/config.py, pipeline/student_config.py), so
 `--help`, params.yaml and the code never disagree about a setting.
 """
 
@@ -135,11 +135,6 @@ def main():
     maps and explanation scores in a Zarr v3 store; stage two (train-student) trains
     students from that store without loading a teacher.
     """
-
-
-
-
-
 
 
 @main.group()

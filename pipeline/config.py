@@ -78,7 +78,7 @@ class ExtractConfig(DataConfig):
                                  "instead of stopping")
     store: str = setting("data_cache/stores/digits-train.zarr", "Zarr store to write (created, or resumed)")
     on_change: str = setting("error", "an existing store made from other data or settings, or holding a teacher "
-                             "of the same name with other weights or code: error (stop and say what differs) | "
+                             "of the same name with other weights, or made by another extraction version: error (stop and say what differs) | "
                              "replace (recompute what differs and drop teachers not listed; DVC stages use it)")
     target: str = setting("label", "class whose Grad-CAM is cached: label (ground truth) | predicted")
     views: int = setting(1, "views cached per sample: view 0 is the eval view, the others random crops "

@@ -129,6 +129,11 @@ class DistillationLoss:
         self.policy = POLICIES.get(settings.policy)()
         self.augmentation, self.kd_teacher, self.target, self.drawn = augmentation, kd_teacher, target, drawn
         self.epoch = 0
+        one = method.one_teacher or (method.follows_policy and self.policy.one_teacher)
+        if one and len(teachers) != 1:
+            raise ValueError(f"{method.name} learns from one teacher, not {len(teachers)} ({', '.join(teachers)})")
+        if kd_teacher is not None and not method.follows_policy:
+            raise ValueError(f"{method.name} takes no separate kd_teacher: its teachers' logits are its KD target")
 
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, Term]:
         return self.method.terms(Step(self, model, batch))

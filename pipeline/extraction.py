@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.store.codec import quantize_cam, topk_logit_fields
-
 from pipeline.config import ExtractConfig
 from pipeline.data import Dataset, Geometry, UnreadableImage, get_dataset, get_val_split
 from pipeline.devices import prepare_model, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.heldout import judge
+from pipeline.store.codec import quantize_cam, topk_logit_fields
 from pipeline.store.teacher_store import TeacherStore, default_block_size
 from pipeline.teachers import Teacher, load_teacher, parse_target_layers, teacher_outputs
 from pipeline.views import ViewPolicy

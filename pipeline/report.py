@@ -15,9 +15,6 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from pipeline.store.codec import dequantize_cam
-from pipeline.store.layout import teacher_array, teacher_arrays
-
 from pipeline.config import ReportConfig
 from pipeline.data import SampleSet, get_test_split, normalize
 from pipeline.errors import PipelineError
@@ -25,6 +22,8 @@ from pipeline.evaluation import top1
 from pipeline.explain import CamLayer, explain, probe_input, upsample_minmax
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.scoring import best_explainer, confidence_drop
+from pipeline.store.codec import dequantize_cam
+from pipeline.store.layout import teacher_array, teacher_arrays
 from pipeline.store.teacher_store import TeacherStore
 
 RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
@@ -209,7 +208,7 @@ def make_report(cfg: ReportConfig) -> pd.DataFrame:
         if cfg.explain_images < 1:
             raise PipelineError(f"--explain-images must be at least 1; got {cfg.explain_images}")
         store = TeacherStore.open(cfg.store)
-        store.check_made_from({"dataset": test.identity()})
+        store.check_holds(test.identity())
     runs = run_table(cfg, test)
     summary = summarise(runs, cfg.baseline)
     out = Path(cfg.out_dir)

@@ -1,4 +1,4 @@
-"""Explanation scores and teacher selection: the one home for both (training, reports, `pipeline store info`).
+"""Explanation scores and the best explainer: their one home (the policies, reports, `pipeline store info`).
 
 A teacher's explanation of a sample is scored by the Grad-CAM++ confidence drop
 max(0, Y - O) / Y (lower is better). Drops within DROP_TIE of the lowest count as equal
@@ -9,7 +9,6 @@ teacher whose explanation nudged it to 2.1 % outranked a 99 %-confident one with
 """
 
 import torch
-import torch.nn.functional as F
 
 DROP_TIE = 0.01  # drops this close to the lowest are ties, decided by the larger Y
 
@@ -38,23 +37,3 @@ def decided_by_tie(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """(B,) True where two or more teachers have the lowest drop (within DROP_TIE), so Y decided."""
     return tied_lowest(confidence_drop(y, o)).sum(dim=1) > 1
 
-
-def selection_weights(policy: str, y: torch.Tensor, o: torch.Tensor, correct: torch.Tensor,
-                      temperature: float = 0.1, random_choice: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, M) weights over M teachers per sample.
-
-    per-sample: all weight on `best_explainer`; correct: the same among teachers whose argmax
-    is the label (all teachers where none is); weighted: proportional to Y * exp(-drop / temperature),
-    so equal drops share by confidence; random: all weight on `random_choice` (B,), a teacher
-    drawn per sample independently of any score (the control for the explanation score).
-    """
-    m = y.shape[1]
-    if policy == "random":
-        return F.one_hot(random_choice.long(), m).float()
-    if policy == "weighted":
-        return torch.softmax(y.clamp_min(1e-12).log() - confidence_drop(y, o) / temperature, dim=1)
-    if policy == "correct":
-        allowed = correct | ~correct.any(dim=1, keepdim=True)
-        drop = torch.where(allowed, confidence_drop(y, o), torch.full_like(y, float("inf")))
-        return F.one_hot(lowest_drop(drop, y), m).float()
-    return F.one_hot(best_explainer(y, o), m).float()

@@ -54,13 +54,14 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     device = ranks.start(cfg.device)
     store = TeacherStore.open(cfg.store)
     dataset = ranks.first(lambda: get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download))
-    store.check_made_from({"dataset": dataset.identity()})
+    store.check_holds(dataset.identity())
     method, policy = method_of(cfg.method), POLICIES.get(cfg.policy)()
     teachers = method.teachers(store, cfg.teacher, policy)
     target = store.attrs["target"]
     if target == "predicted" and method.follows_policy and policy.mixes_maps:
+        unmixed = [name for name in POLICIES.names() if not POLICIES.get(name).mixes_maps]
         raise PipelineError(f"store {store.path} caches maps of each teacher's predicted class; --policy {cfg.policy} "
-                            "would mix maps of different classes: choose per-sample, global, correct or random")
+                            f"would mix maps of different classes: choose {' | '.join(unmixed)}")
     blocks = ranks.agree(lambda: usable_blocks(store, teachers, cfg))
     info = dataset.info
     check_flip(cfg.flip, info)

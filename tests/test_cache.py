@@ -9,9 +9,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.store.codec import dequantize_cam, full_logits, quantize_cam, topk_logit_fields
-
 from pipeline.errors import PipelineError
+from pipeline.store.codec import dequantize_cam, full_logits, quantize_cam, topk_logit_fields
 from pipeline.store.layout import digest_array, is_viewed
 from pipeline.store.teacher_store import TeacherStore, default_block_size
 from pipeline.views import ViewPolicy

@@ -369,3 +369,27 @@ def test_explain_kd_trains_under_bf16_autocast_in_channels_last(device):
     # each parameter's gradient points where float32's does: cosine 0.96 to 1.0 measured (kd alone, without
     # the double backward, 0.98 to 1.0); a map term lost under autocast would leave the early layers far off
     assert min(F.cosine_similarity(f, e, dim=0) for f, e in zip(fast_grads, exact_grads)) > 0.95
+
+
+def test_the_random_policy_follows_each_rows_draw_by_its_store_index():
+    """Rows 5 and 2 of the store: the draw names t2 for row 5 and t1 for row 2, whatever their scores say."""
+    batch = {**make_batch(), "index": torch.tensor([5, 2])}
+    student = create_model("resnet8_slim", 1, 10).eval()
+    drawn = torch.tensor([0, 0, 0, 0, 0, 1, 0])  # store rows 0..6: only row 5 drew t2
+    losses = means(distillation("explain-kd", ["t1", "t2"], CamLayer.of(student, PROBE), alpha=0.5, policy="random",
+                                drawn=drawn)(student, batch))
+    assert losses["chosen/t1"].item() == losses["chosen/t2"].item() == 0.5
+    logits, _ = features_of(student, standardised(batch))
+    soft = {t: F.softmax(batch[f"teachers/{t}/logits"].float() / 4.0, 1) for t in ("t1", "t2")}
+    target = torch.stack([soft["t2"][0], soft["t1"][1]])  # row 5 -> t2, row 2 -> t1
+    torch.testing.assert_close(losses["kd"], kd_per_row(logits, target, 4.0).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_one_teacher_method_refuses_more_teachers_and_a_separate_kd_teacher():
+    layer = CamLayer.of(create_model("resnet8_slim", 1, 10).eval(), PROBE)
+    with pytest.raises(ValueError, match="kd learns from one teacher, not 2"):
+        distillation("kd", ["t1", "t2"], layer)
+    with pytest.raises(ValueError, match="explain-kd learns from one teacher, not 2"):
+        distillation("explain-kd", ["t1", "t2"], layer, policy="global")
+    with pytest.raises(ValueError, match="kd-avg takes no separate kd_teacher"):
+        distillation("kd-avg", ["t1", "t2"], layer, kd_teacher="t1")

@@ -109,7 +109,14 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     files = {path: path.stat().st_mtime_ns for path in store.rglob("*")}
     run(tmp_path, "pipeline", "extract-teachers", "--params", "params.yaml", "--on-change", "replace")
     assert {path: path.stat().st_mtime_ns for path in store.rglob("*")} == files
-    assert_ran(repro(tmp_path), ["train_student@ce", "train_student@explain-kd", "evaluate"])  # they import it
+    assert_ran(repro(tmp_path), ["train_student@ce", "train_student@explain-kd", "evaluate"])  # they depend on `pipeline`
+    # while a raised extraction version is a change of the values: the extraction stage is stale
+    layout = tmp_path / "pipeline/store/layout.py"
+    written = layout.read_text()
+    layout.write_text(re.sub(r"^EXTRACTION_VERSION = (\d+)", lambda m: f"EXTRACTION_VERSION = {int(m[1]) + 1}", written,
+                             flags=re.M))
+    assert "extract_teachers" in dvc_json(tmp_path, "status", "extract_teachers")
+    layout.write_text(written)
 
     params["train_student"]["beta"] = 3.0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -25,7 +25,7 @@ def module_file(name: str) -> Path | None:
 
 def imports(path: Path) -> set[Path]:
     """Project files `path` imports anywhere in it (functions included), but of cli.py only its
-    module-level imports: each of its commands imports its own stage (and `cache` its own helpers)."""
+    module-level imports: each of its commands imports its own stage (and `store` its own helpers)."""
     found = set()
     tree = ast.parse(path.read_text())
     for node in tree.body if path == REPO / "pipeline/cli.py" else ast.walk(tree):
@@ -83,13 +83,14 @@ def test_extraction_depends_on_the_versions_of_the_store_not_on_code(stage, modu
     assert versions == [VERSIONS]
 
 
-def test_the_versions_are_literals_that_dvc_reads():
-    """DVC reads a Python params file's top-level assignments of literals, one name each."""
-    tree = ast.parse((REPO / "pipeline/store/layout.py").read_text())
-    literal = {node.targets[0].id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
-               and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Constant)}
-    assert {name: type(literal.get(name)) for name in VERSIONS["pipeline/store/layout.py"]} == \
-        {"VERSION": int, "EXTRACTION_VERSION": int}
+def test_dvc_reads_the_versions_as_params():
+    from dvc.utils.serialize import load_py
+
+    from pipeline.store.layout import EXTRACTION_VERSION, VERSION
+
+    read = load_py(REPO / "pipeline/store/layout.py")
+    assert {name: read.get(name) for name in VERSIONS["pipeline/store/layout.py"]} == \
+        {"VERSION": VERSION, "EXTRACTION_VERSION": EXTRACTION_VERSION}
 
 
 @pytest.mark.parametrize(("stage", "module"), list(stages("train-teachers")))

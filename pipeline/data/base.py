@@ -52,7 +52,7 @@ class SampleSet(torch.utils.data.Dataset):
         return self.image(index), int(self.labels[index])
 
     def identity(self) -> dict:
-        """What a teacher store records about the data it was made from (see cache.py)."""
+        """What a teacher store records about the data it was made from (its `dataset` attribute)."""
         digest = hashlib.sha256()
         for sample_id, label in zip(self.ids, self.labels):
             digest.update(f"{sample_id}:{label}\n".encode())

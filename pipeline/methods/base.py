@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from pipeline.errors import PipelineError
 from pipeline.heldout import named_or_best_teacher
 from pipeline.objective import Term
+from pipeline.policies import POLICIES
 from pipeline.registry import Registry
 from pipeline.store.layout import teacher_arrays
 
@@ -22,6 +23,7 @@ class Method:
     fields: tuple[str, ...] = ()  # what it reads of each teacher, besides the logits
     reads_logits = True
     follows_policy = False  # whether --policy chooses its teachers per sample
+    one_teacher = False  # whether it learns from one teacher
 
     def teacher_fields(self, logit_fields: tuple[str, ...]) -> tuple[str, ...]:
         """Each teacher's store arrays it reads (`logit_fields`: the store's logits mode)."""
@@ -38,8 +40,9 @@ class Method:
     def check(self, cfg) -> None:
         """Refuse settings the method cannot honour, in one line."""
         if cfg.kd_source == "best":
-            raise PipelineError("--kd-source best applies to explain-kd with --policy per-sample, weighted, correct or "
-                                "random (the others already learn from one teacher's logits); drop --kd-source best")
+            per_sample = [name for name in POLICIES.names() if not POLICIES.get(name).one_teacher]
+            raise PipelineError(f"--kd-source best applies to explain-kd with --policy {' | '.join(per_sample)} (the "
+                                "others already learn from one teacher's logits); drop --kd-source best")
 
     def teachers(self, store, teacher: str | None, policy) -> list[str]:
         """The store teachers it learns from (`teacher`: the one named by --teacher)."""
@@ -53,6 +56,8 @@ class Method:
 
 class OneTeacher(Method):
     """A method that learns from one teacher: the named one, or the best on the held-out split."""
+
+    one_teacher = True
 
     def teachers(self, store, teacher, policy):
         super().teachers(store, teacher, policy)

@@ -4,6 +4,7 @@ its logits (or the best held-out teacher's) and its cached map as the target of 
 from pipeline.explain import attention_map, grad_cam
 from pipeline.methods.base import METHODS, Method
 from pipeline.objective import Term
+from pipeline.policies import POLICIES
 
 # Settings of the map and logit targets: `validated` was chosen on validation in the cluttered-digits study and is
 # never worse than kd there and far above ce (docs/studies: the verdict per benchmark); `design` is the method's
@@ -22,14 +23,10 @@ class ExplainKD(Method):
     follows_policy = True
 
     def defaults(self, cfg):
-        from pipeline.policies import POLICIES
-
         recipe = dict(RECIPES[cfg.recipe])
         return recipe | ({"kd_source": "selected"} if POLICIES.get(cfg.policy).one_teacher else {})
 
     def check(self, cfg):
-        from pipeline.policies import POLICIES
-
         if cfg.kd_source == "best" and POLICIES.get(cfg.policy).one_teacher:
             super().check(cfg)
 

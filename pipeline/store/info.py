@@ -13,7 +13,8 @@ from pipeline.errors import PipelineError
 from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
 from pipeline.store.codec import cached_predictions
 from pipeline.store.integrity import Damage, finished_marks, sound_layout
-from pipeline.store.layout import DIGESTS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, digest_array, fingerprint, teacher_array
+from pipeline.store.layout import (DIGESTS, EXTRACTION_VERSION, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, digest_array,
+                                   fingerprint, teacher_array)
 from pipeline.store.teacher_store import TeacherStore, view_shapes
 
 
@@ -122,6 +123,10 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
     record = {key: attrs.get(key) for key in STORE_IDENTITY}
     if attrs.get("fingerprint") != fingerprint(record):
         problems.append(f"root fingerprint does not match the {'/'.join(STORE_IDENTITY)} attributes")
+    if attrs.get("extraction_version") != EXTRACTION_VERSION:
+        problems.append(f"made by extraction version {attrs.get('extraction_version')}, this code's is "
+                        f"{EXTRACTION_VERSION}: stale; rebuild it with its `pipeline extract-teachers` command and "
+                        "--on-change replace")
     for array in store.shared_arrays:
         if not sound_layout(store, array):
             bad_shapes.append(f"{array}: missing, or not {n} rows in shards of {store.block_size}")

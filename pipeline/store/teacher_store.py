@@ -65,7 +65,7 @@ def _short(value):
 
 
 class TeacherStore:
-    """Read and write access to one teacher cache; construct with `create` or `open`."""
+    """Read and write access to one teacher store; construct with `create` or `open`."""
 
     def __init__(self, group: zarr.Group, path: Path):
         self.group, self.path = group, path
@@ -84,7 +84,7 @@ class TeacherStore:
         if found != (FORMAT, VERSION):
             raise PipelineError(
                 f"{path} is not a {FORMAT} v{VERSION} store (format={found[0]!r}, version={found[1]!r}); "
-                "rewrite it with this version's `pipeline extract-teachers`"
+                "rewrite it with this version's `pipeline extract-teachers` and --on-change replace"
             )
         if "fingerprint" not in group.attrs:
             raise PipelineError(f"store {path} was interrupted while being created; rerun `pipeline extract-teachers`")
@@ -184,6 +184,11 @@ class TeacherStore:
                     self.writable(name)[start:stop] = data[start:stop].astype(self.layout(name).dtype)
                     self.digests.bind(None, block, [name])
 
+    def check_holds(self, dataset: dict) -> None:
+        """Fail unless the store was made from `dataset` (its identity) by this code's extraction version: a reader
+        never mixes values of another extraction with what it computes itself (views rendered from image files)."""
+        self.check_made_from({"dataset": dataset, "extraction_version": EXTRACTION_VERSION})
+
     def check_made_from(self, record: dict) -> None:
         """Fail with the first difference between this store and what the caller expects."""
         for key, wanted in record.items():
@@ -195,10 +200,12 @@ class TeacherStore:
                     hint = " (other samples or labels: check --split-seed and --data-root)" if k == "ids_sha256" else ""
                     raise PipelineError(
                         f"store {self.path} was made from {key}.{k}={_short((have or {}).get(k))!r}, "
-                        f"not {_short(wanted[k])!r}{hint}; use a new --store path or the matching data"
+                        f"not {_short(wanted[k])!r}{hint}; use a new --store path, the matching data, or "
+                        "--on-change replace to rebuild it"
                     )
             elif have != wanted:
-                raise PipelineError(f"store {self.path} has {key}={have!r}, not {wanted!r}; use a new --store path")
+                raise PipelineError(f"store {self.path} has {key}={have!r}, not {wanted!r}; use a new --store path, "
+                                    "or rebuild it with its `pipeline extract-teachers` command and --on-change replace")
 
     # -- layout --------------------------------------------------------------------------
 
