@@ -264,6 +264,19 @@ def test_a_store_made_by_another_extraction_version_is_stale(tmp_path, monkeypat
     with pytest.raises(PipelineError, match="has extraction_version=1, not 2; use a new --store path"):
         make_store(tmp_path / "s.zarr")
 
+
+def test_readers_refuse_a_store_of_another_extraction_version(tmp_path, monkeypatch):
+    """A student renders its own views of image files: values extracted by other code must not meet them."""
+    from pipeline.store.info import verify
+
+    store = make_store(tmp_path / "s.zarr")
+    store.check_holds(identity())  # made by this code's extraction version
+    monkeypatch.setattr("pipeline.store.teacher_store.EXTRACTION_VERSION", 2)
+    monkeypatch.setattr("pipeline.store.info.EXTRACTION_VERSION", 2)
+    with pytest.raises(PipelineError, match="has extraction_version=1, not 2; use a new --store path, or rebuild it"):
+        store.check_holds(identity())
+    assert "made by extraction version 1, this code's is 2: stale" in " ".join(verify(store, [], quick=True))
+
 def test_unknown_teacher_lists_the_stored_ones(tmp_path):
     store = make_store(tmp_path / "s.zarr")
     store.add_teacher("t1", TEACHER)
