@@ -1,5 +1,6 @@
 """Shared helpers: the CLI, teacher checkpoints with random weights, and whole-store comparison."""
 
+import _openmp  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 from pathlib import Path
 
 import numpy as np
