@@ -45,6 +45,16 @@ def extract_args(teachers, store, *extra, block_size=32):
             "--block-size", block_size, *extra]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def forkserver_preload():
+    """Processes started with forkserver (stage two's DataLoader workers, test_ddp's ranks) fork from one server
+    that has imported torch and the library once, instead of each importing them anew (seconds of CPU each).
+    They are still processes of their own, and what they run is unchanged; only the imports are done before."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["torch", "pipeline.student", "pipeline.stream", "pipeline.ddp"])
+
+
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     """Untrained resnet8_slim and vgg8_bn digits checkpoints (closed-form and autograd Grad-CAM paths)."""
