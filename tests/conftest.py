@@ -1,5 +1,6 @@
 """Shared helpers: the CLI, teacher checkpoints with random weights, and whole-store comparison."""
 
+import _openmp  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,16 @@ def extract_args(teachers, store, *extra, block_size=32):
     """`pipeline extract-teachers` of `teachers` into `store` (a list for `invoke`), small blocks."""
     return ["extract-teachers", "--teachers", ",".join(map(str, teachers)), "--store", store,
             "--block-size", block_size, *extra]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forkserver_preload():
+    """Processes started with forkserver (stage two's DataLoader workers, test_ddp's ranks) fork from one server
+    that has imported torch and the library once, instead of each importing them anew (seconds of CPU each).
+    They are still processes of their own, and what they run is unchanged; only the imports are done before."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["torch", "pipeline.student", "pipeline.stream", "pipeline.ddp"])
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,12 @@ from pipeline.student_config import TrainStudentConfig
 from pipeline.train import Resume
 
 
+def spawn(fn, args, nprocs):
+    """`mp.spawn`, but the processes come from the forkserver, which has imported torch and the library once
+    (conftest's preload), instead of each importing them anew; each is still a process of its own."""
+    mp.start_processes(fn, args=args, nprocs=nprocs, start_method="forkserver")
+
+
 @pytest.fixture(scope="module")
 def small_store(teachers, tmp_path_factory):
     store = tmp_path_factory.mktemp("ddp") / "store.zarr"
@@ -96,7 +102,7 @@ def ddp_rank(rank, arch, init_file, out):
 
 @pytest.mark.parametrize("arch", ["resnet8_slim", "vgg8_bn"])  # closed-form and autograd (double backward) maps
 def test_ddp_averages_explain_kd_gradients_as_one_process_on_the_whole_batch(arch, tmp_path):
-    mp.spawn(ddp_rank, args=(arch, tmp_path / "init", tmp_path / "grads"), nprocs=2)
+    spawn(ddp_rank, args=(arch, tmp_path / "init", tmp_path / "grads"), nprocs=2)
     whole = student_gradients(arch, lambda model: model, explain_kd_batch())
     for rank in range(2):  # both ranks hold the average of their halves' gradients: the whole batch's
         for got, want in zip(torch.load(tmp_path / f"grads.{rank}"), whole, strict=True):
@@ -126,7 +132,7 @@ def agreeing_rank(rank, init_file, out):
 
 
 def test_rank_zero_decides_and_goes_first(tmp_path):
-    mp.spawn(agreeing_rank, args=(tmp_path / "init", tmp_path), nprocs=2)
+    spawn(agreeing_rank, args=(tmp_path / "init", tmp_path), nprocs=2)
     for rank in range(2):
         assert torch.load(tmp_path / f"said.{rank}") == {
             "agree": "rank 0's blocks", "agree error": "rank 0 found no finished block", "first": rank}
@@ -151,7 +157,7 @@ def erring_rank(rank, port, store, out):
 def test_more_ranks_than_blocks_stop_every_rank_before_training(teachers, tmp_path):
     store = tmp_path / "two-blocks.zarr"
     invoke(*extract_args(teachers, store, "--split", "test", block_size=256))  # 360 samples: 2 blocks for 3 ranks
-    mp.spawn(erring_rank, args=(free_port(), store, tmp_path), nprocs=3)
+    spawn(erring_rank, args=(free_port(), store, tmp_path), nprocs=3)
     for rank in range(3):  # all stop alike (a rank left out would hang the others' first all-reduce)
         assert (tmp_path / f"error.{rank}").read_text() == (
             "rank 2 of 3 would get no batch in some epoch (2 blocks hold readable images); start fewer ranks, or "
@@ -178,8 +184,8 @@ def free_port() -> int:
 
 def test_a_killed_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(small_store, tmp_path):
     """Each rank's own position, loss sums and generators (its augmentation moves differ) come back."""
-    mp.spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "whole", 0, False), nprocs=2)
-    mp.spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "split", 2, False), nprocs=2)
+    spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "whole", 0, False), nprocs=2)
+    spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "split", 2, False), nprocs=2)
     run = tmp_path / "split" / "explain-kd"
     assert sorted(p.name for p in run.iterdir()) == ["resume.pt"]  # killed at step 8 of epoch 1
     saved = torch.load(run / "resume.pt", weights_only=True)
@@ -189,7 +195,7 @@ def test_a_killed_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(sm
                      2, "--batch-size", 16, "--shift", 2, "--out-dir", tmp_path / "split", "--save-every", 4,
                      "--resume", "--device", "cpu", exit_code=1)
     assert "was saved by a run with ranks=2, not 1; resume with the same settings" in refused.output
-    mp.spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "split", 0, True), nprocs=2)
+    spawn(resumable_rank, args=(free_port(), small_store, tmp_path / "split", 0, True), nprocs=2)
     whole = load_checkpoint(tmp_path / "whole" / "explain-kd" / "checkpoint.pt")[0].state_dict()
     split = load_checkpoint(run / "checkpoint.pt")[0].state_dict()
     for key in whole:
@@ -314,7 +320,7 @@ def stepping_rank(rank, world, init_file, out):
 def test_ddp_step_gradients_equal_a_single_process_on_the_union_of_the_ranks_rows(world, tmp_path):
     """Every step's gradient is that of the mean loss over all rows the ranks hold in it (CE and KD over rows,
     the map term over the rows whose teacher map counts), however many each rank holds, padding steps included."""
-    mp.spawn(stepping_rank, args=(world, tmp_path / "init", tmp_path), nprocs=world)
+    spawn(stepping_rank, args=(world, tmp_path / "init", tmp_path), nprocs=world)
     plan = PLANS[world]
     steps = max(map(len, plan))
     expected = fit_gradients([union(plan, step) for step in range(steps)], steps, Ranks())

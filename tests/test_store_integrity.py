@@ -1,4 +1,4 @@
-"""A cache you can trust: kill and resume, parallel writers, fingerprints, no NaN, determinism."""
+"""A store you can trust: kill and resume, parallel writers, fingerprints, no NaN, determinism."""
 
 import os
 import signal
@@ -16,10 +16,15 @@ from pipeline.store.layout import FORMAT, VERSION
 from pipeline.store.teacher_store import TeacherStore
 
 
+def split_test_args(teachers, store, *extra):
+    """Extraction of digits' test split (360 images: 12 blocks of 32), a third of the train split's work."""
+    return extract_args(teachers, store, "--split", "test", *extra)
+
+
 @pytest.fixture(scope="module")
 def clean_store(teachers, tmp_path_factory):
     store = tmp_path_factory.mktemp("clean") / "store.zarr"
-    invoke(*extract_args(teachers, store))
+    invoke(*split_test_args(teachers, store))
     return store
 
 
@@ -36,17 +41,17 @@ def finished_blocks(store):
 
 def test_killed_extraction_resumes_to_an_identical_store(teachers, clean_store, tmp_path):
     store = tmp_path / "store.zarr"
-    process = spawn(extract_args(teachers, store))
+    process = spawn(split_test_args(teachers, store))
     deadline = time.time() + 120
     while finished_blocks(store) < 3 and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done = finished_blocks(store)
-    assert 3 <= done < 36, f"the kill should land mid-run, {done} of 36 blocks were finished"
+    assert 3 <= done < 12, f"the kill should land mid-run, {done} of 12 blocks were finished"
 
-    result = invoke(*extract_args(teachers, store))
-    assert f"{36 - done} of 36 blocks to extract" in result.output or f"{35 - done} of 36" in result.output
+    result = invoke(*split_test_args(teachers, store))
+    assert f"{12 - done} of 12 blocks to extract" in result.output or f"{11 - done} of 12" in result.output
     assert_same_store(store, clean_store)
 
 
@@ -61,37 +66,37 @@ def test_an_exception_half_way_leaves_a_resumable_store(teachers, clean_store, t
         original(self, name, block, arrays)
 
     monkeypatch.setattr(TeacherStore, "write_block", failing_write)
-    failed = invoke(*extract_args(teachers, store), exit_code=1)
+    failed = invoke(*split_test_args(teachers, store), exit_code=1)
     assert "Error: no space left on device; finished blocks and checkpoints are kept" in failed.output
     monkeypatch.setattr(TeacherStore, "write_block", original)
-    assert 0 < len(TeacherStore.open(store).finished_blocks(["resnet8_slim"])) < 36
-    invoke(*extract_args(teachers, store))
+    assert 0 < len(TeacherStore.open(store).finished_blocks(["resnet8_slim"])) < 12
+    invoke(*split_test_args(teachers, store))
     assert_same_store(store, clean_store)
 
 
 def test_two_processes_with_disjoint_block_parts_write_the_same_store(teachers, clean_store, tmp_path):
     store = tmp_path / "store.zarr"
-    processes = [spawn(extract_args(teachers, store, "--blocks", part)) for part in ("1/2", "2/2")]
+    processes = [spawn(split_test_args(teachers, store, "--blocks", part)) for part in ("1/2", "2/2")]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
-    assert any("18 of 36 blocks to extract (part 1/2)" in out for out in outputs)
-    assert any("18 of 36 blocks to extract (part 2/2)" in out for out in outputs)
+    assert any("6 of 12 blocks to extract (part 1/2)" in out for out in outputs)
+    assert any("6 of 12 blocks to extract (part 2/2)" in out for out in outputs)
     assert_same_store(store, clean_store)
 
 
 def test_same_command_twice_gives_the_same_store(teachers, clean_store, tmp_path):
-    invoke(*extract_args(teachers, tmp_path / "again.zarr"))
+    invoke(*split_test_args(teachers, tmp_path / "again.zarr"))
     assert_same_store(tmp_path / "again.zarr", clean_store)
 
 
 def test_adding_a_teacher_extracts_only_it_and_dropping_leaves_the_rest(teachers, tmp_path):
     store = tmp_path / "store.zarr"
-    invoke(*extract_args(teachers[:1], store))
+    invoke(*split_test_args(teachers[:1], store))
     first = store / "teachers" / "resnet8_slim"
     stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
     before = store_arrays(store)
 
-    invoke(*extract_args(teachers, store))
+    invoke(*split_test_args(teachers, store))
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamps  # not rewritten
     assert TeacherStore.open(store).teachers == ["resnet8_slim", "vgg8_bn"]
     assert TeacherStore.open(store).pending_blocks("vgg8_bn") == []
@@ -127,7 +132,7 @@ def test_empty_maps_are_stored_as_zeros_never_nan(tmp_path):
     """Zeroed heads give Grad-CAMs with no positive evidence on both Grad-CAM paths."""
     flat = [make_teacher(tmp_path / f"{arch}.pt", arch, zero_head=True) for arch in ("resnet8_slim", "vgg8_bn")]
     store = tmp_path / "store.zarr"
-    invoke(*extract_args(flat, store))
+    invoke(*split_test_args(flat, store))
     arrays = store_arrays(store)
     for arch in ("resnet8_slim", "vgg8_bn"):
         assert (arrays[f"teachers/{arch}/cam"] == 0).all()
@@ -159,7 +164,7 @@ def test_verify_and_info_report_what_is_wrong(clean_store, tmp_path):
     result = invoke("store", "verify", broken, exit_code=1)
     assert "FAIL vgg8_bn/y_prob: NaN or infinite values in block 0" in result.output
     assert "FAIL vgg8_bn/cam_class: a map of a class other than the label in block 2" in result.output
-    assert "FAIL resnet8_slim: 1 of 36 blocks unfinished (first: 7)" in result.output
+    assert "FAIL resnet8_slim: 1 of 12 blocks unfinished (first: 7)" in result.output
     assert "complete   no" in invoke("store", "info", broken).output
 
 
@@ -168,13 +173,13 @@ def test_interrupted_creation_is_redone_and_foreign_stores_are_refused(teachers,
     zarr.open_group(half, mode="w").attrs.update({"format": FORMAT, "version": VERSION})  # killed in create()
     result = invoke("store", "info", half, exit_code=1)
     assert "was interrupted while being created" in result.output
-    invoke(*extract_args(teachers, half))
+    invoke(*split_test_args(teachers, half))
     assert_same_store(half, clean_store)
 
     foreign = tmp_path / "foreign.zarr"
     zarr.open_group(foreign, mode="w").attrs["title"] = "somebody else's data"
     for mode in ("error", "replace"):  # replace recomputes our own stores only, never deletes others' data
-        result = invoke(*extract_args(teachers, foreign, "--on-change", mode), exit_code=1)
+        result = invoke(*split_test_args(teachers, foreign, "--on-change", mode), exit_code=1)
         assert f"is not a {FORMAT} v{VERSION} store (format=None, version=None)" in result.output
         assert zarr.open_group(foreign, mode="r").attrs["title"] == "somebody else's data"
 
@@ -183,7 +188,7 @@ def test_unreadable_teacher_checkpoint_fails_cleanly_before_touching_the_store(t
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     before = store_arrays(clean_store)
-    result = invoke(*extract_args([teachers[0], bad], clean_store), exit_code=1)
+    result = invoke(*split_test_args([teachers[0], bad], clean_store), exit_code=1)
     assert f"checkpoint {bad} cannot be read" in result.output and result.output.count("\n") == 1
     after = store_arrays(clean_store)
     for name in before:
@@ -192,8 +197,8 @@ def test_unreadable_teacher_checkpoint_fails_cleanly_before_touching_the_store(t
 
 def test_student_training_is_deterministic_on_cpu(clean_store, tmp_path):
     for run in ("a", "b"):
-        invoke("train-student", "--store", clean_store, "--method", "explain-kd", "--epochs", 1, "--device", "cpu",
-               "--out-dir", tmp_path, "--run-name", run)
+        invoke("train-student", "--split", "test", "--store", clean_store, "--method", "explain-kd", "--epochs", 1,
+               "--device", "cpu", "--out-dir", tmp_path, "--run-name", run)
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -205,20 +210,20 @@ def test_on_change_replace_recomputes_what_differs_and_drops_unlisted_teachers(t
     store = tmp_path / "store.zarr"
     shutil.copytree(clean_store, store)
     retrained = make_teacher(tmp_path / "vgg8_bn.pt", "vgg8_bn", seed=5)  # same name, other weights
-    refused = invoke(*extract_args([teachers[0], retrained], store), exit_code=1)
+    refused = invoke(*split_test_args([teachers[0], retrained], store), exit_code=1)
     assert "already holds a different teacher 'vgg8_bn' (differs in: weights_sha256)" in refused.output
     assert "--on-change replace" in refused.output
     first = store / "teachers" / "resnet8_slim"
     stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
-    result = invoke(*extract_args([teachers[0], retrained], store, "--on-change", "replace"))
-    assert "recomputing it" in result.output and "36 of 36 blocks to extract" in result.output
+    result = invoke(*split_test_args([teachers[0], retrained], store, "--on-change", "replace"))
+    assert "recomputing it" in result.output and "12 of 12 blocks to extract" in result.output
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamps  # resnet8_slim kept
     fresh = tmp_path / "fresh.zarr"
-    invoke(*extract_args([teachers[0], retrained], fresh))
+    invoke(*split_test_args([teachers[0], retrained], fresh))
     assert_same_store(store, fresh)
 
-    result = invoke(*extract_args(teachers[:1], store, "--on-change", "replace"))
+    result = invoke(*split_test_args(teachers[:1], store, "--on-change", "replace"))
     assert "dropping teacher vgg8_bn" in result.output and TeacherStore.open(store).teachers == ["resnet8_slim"]
-    result = invoke(*extract_args(teachers[:1], store, "--split-seed", 1, "--on-change", "replace"))
-    assert "replacing" in result.output and "36 of 36 blocks to extract" in result.output
+    result = invoke(*split_test_args(teachers[:1], store, "--split-seed", 1, "--on-change", "replace"))
+    assert "replacing" in result.output and "12 of 12 blocks to extract" in result.output
     assert TeacherStore.open(store).attrs["dataset"]["ids_sha256"] != zarr.open_group(fresh).attrs["dataset"]["ids_sha256"]
