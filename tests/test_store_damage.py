@@ -9,11 +9,11 @@ import zarr
 
 from conftest import assert_same_store, extract_args, invoke
 
-BLOCK_ROWS, CHUNK_ROWS = 128, 32  # the test store: 9 blocks of 128 rows, 4 chunks per shard, two views
+BLOCK_ROWS, CHUNK_ROWS = 44, 11  # the test store: digits' test split, 9 blocks of 44 rows, 4 chunks a shard, 2 views
 
 
 def two_view_args(teachers, store):
-    return extract_args(teachers, store, "--views", 2, block_size=BLOCK_ROWS)
+    return extract_args(teachers, store, "--split", "test", "--views", 2, block_size=BLOCK_ROWS)
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,9 @@ def test_a_student_stops_on_damage_with_one_line_naming_it_and_the_repair(kind, 
     store = tmp_path / "store.zarr"
     shutil.copytree(clean_store, store)
     DAMAGE[kind][0](shard(store, array, 3))
-    result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 2, "--num-workers", workers,
-                    "--out-dir", tmp_path / "s", exit_code=1)  # two epochs read both views of every block
+    result = invoke("train-student", "--split", "test", "--store", store, "--method", "kd-avg", "--epochs", 2,
+                    "--num-workers", workers, "--out-dir", tmp_path / "s",
+                    exit_code=1)  # two epochs read both views of every block
     assert (f"Error: store {store} is damaged: {array} block 3: {said(array, DAMAGE[kind][1])}; run `pipeline cache "
             f"verify --repair {store}`, then the `pipeline extract-teachers` command that wrote it") \
         in result.output.splitlines()
@@ -152,8 +153,8 @@ def test_swapped_shard_files_fail_verify_naming_both_stop_a_student_and_are_repa
     for array, block in (first, second):
         assert f"FAIL damaged: {array} block {block}: {said(array, MISPLACED)}\n" in result.output
     assert result.output.count("FAIL damaged:") == 2
-    result = invoke("train-student", "--store", store, "--method", "explain-kd", "--epochs", 2, "--out-dir",
-                    tmp_path / "s", exit_code=1)  # two epochs read both views
+    result = invoke("train-student", "--split", "test", "--store", store, "--method", "explain-kd", "--epochs", 2,
+                    "--out-dir", tmp_path / "s", exit_code=1)  # two epochs read both views
     assert result.output.count("Error") == 1 and f"{said(first[0], MISPLACED)}; run `pipeline cache verify" in result.output
     invoke("cache", "verify", "--repair", store, exit_code=1)
     invoke(*two_view_args(teachers, store))
@@ -180,7 +181,7 @@ def test_labels_that_fail_their_reads_are_rewritten_from_the_data_set_by_the_ext
 def test_two_damaged_blocks_are_listed_and_repaired_by_the_quick_check(teachers, clean_store, tmp_path):
     store = tmp_path / "store.zarr"
     shutil.copytree(clean_store, store)
-    truncate(shard(store, "teachers/resnet8_slim/cam", 8))  # the last, partial block (1149 = 8 * 128 + 125)
+    truncate(shard(store, "teachers/resnet8_slim/cam", 8))  # the last, partial block (360 = 8 * 44 + 8)
     shard(store, "teachers/vgg8_bn/y_prob", 2).unlink()
     result = invoke("cache", "verify", "--quick", "--repair", store, exit_code=1)
     assert result.output.count("FAIL damaged:") == 2
@@ -199,8 +200,8 @@ def test_a_lost_teacher_folder_or_images_array_is_noticed_and_rebuilt(teachers, 
     result = invoke("cache", "verify", store, exit_code=1)
     assert "FAIL damaged: teacher 'vgg8_bn' is registered but its folder teachers/vgg8_bn is gone" in result.output
     assert "FAIL images: missing" in result.output and result.output.count("FAIL damaged:") == 1
-    result = invoke("train-student", "--store", store, "--method", "kd-avg", "--epochs", 1, "--out-dir", tmp_path,
-                    exit_code=1)
+    result = invoke("train-student", "--split", "test", "--store", store, "--method", "kd-avg", "--epochs", 1,
+                    "--out-dir", tmp_path, exit_code=1)
     assert result.output.count("\n") == 1 and "teacher 'vgg8_bn' is registered but its folder" in result.output
     invoke("cache", "drop-teacher", store, "vgg8_bn")
     result = invoke(*two_view_args(teachers, store))
