@@ -7,6 +7,7 @@ Each command's options are generated from its config dataclass (pipeline/config.
 import dataclasses
 import errno
 import importlib
+import traceback
 import typing
 
 import click
@@ -116,6 +117,8 @@ class Commands(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as error:
+            # the failed run's frames hold what it opened (a DataLoader's workers): freed now, not at a later collection
+            traceback.clear_frames(error.__traceback__)
             raise click.ClickException(own_line(error)) from None
         except OSError as error:
             if error.errno != errno.ENOSPC:

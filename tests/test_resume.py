@@ -24,14 +24,21 @@ def student(store, out, *extra, exit_code=0):
                   "--batch-size", 32, "--shift", 2, "--out-dir", out, *extra, exit_code=exit_code)
 
 
+@pytest.fixture(scope="module")
+def whole(store, tmp_path_factory):
+    """The uninterrupted run each killed and resumed one must end as (the same command for every case)."""
+    out = tmp_path_factory.mktemp("whole")
+    student(store, out)
+    return out
+
+
 def weights(out):
     return torch.load(out / "explain-kd" / "checkpoint.pt", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("save_every,kill_at_save", [(0, 1), (3, 3)])  # after epoch 1; within epoch 1 (step 9)
-def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(store, tmp_path, monkeypatch, save_every,
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(store, whole, tmp_path, monkeypatch, save_every,
                                                                     kill_at_save):
-    student(store, tmp_path / "whole")
     original, saves = Resume.save, []
     monkeypatch.setattr(Resume, "save", save_then_die(kill_at_save, saves))
     with pytest.raises(Killed):
@@ -42,13 +49,13 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(store, tmp_
     assert (killed_at["epoch"], killed_at["step"]) == ((1, 0) if save_every == 0 else (0, 9))
     resumed = student(store, tmp_path / "split", "--save-every", save_every, "--resume")
     assert f"resuming at epoch {killed_at['epoch'] + 1}, step {killed_at['step']}" in resumed.output
-    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
-    assert whole.keys() == split.keys()
-    for key in whole:
-        assert torch.equal(whole[key], split[key]), key
+    uninterrupted, split = weights(whole), weights(tmp_path / "split")
+    assert uninterrupted.keys() == split.keys()
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], split[key]), key
     assert not (tmp_path / "split" / "explain-kd" / "resume.pt").exists()  # finished: nothing left to resume
     history = lambda out: (out / "explain-kd" / "history.csv").read_text()  # noqa: E731
-    assert history(tmp_path / "whole") == history(tmp_path / "split")
+    assert history(whole) == history(tmp_path / "split")
 
 
 def test_a_state_saved_under_other_settings_is_refused(store, tmp_path, monkeypatch):

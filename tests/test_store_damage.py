@@ -9,7 +9,7 @@ import zarr
 
 from conftest import assert_same_store, extract_args, invoke
 
-BLOCK_ROWS, CHUNK_ROWS = 32, 8  # the test store: digits' test split, 12 blocks of 32 rows, 4 chunks a shard, 2 views
+BLOCK_ROWS, CHUNK_ROWS = 44, 11  # the test store: digits' test split, 9 blocks of 44 rows, 4 chunks a shard, 2 views
 
 
 def two_view_args(teachers, store):
@@ -108,7 +108,7 @@ def test_every_kind_of_damage_is_found_and_repaired_by_recomputing_only_its_bloc
     assert "repaired" in result.output and not shard(store, array, 5).exists()
     result = invoke(*two_view_args(teachers, store))
     recomputed = 0 if array in ("labels", "images") else 1  # shared rows come from the data set, teachers' blocks
-    assert f": {recomputed} of 12 blocks to extract" in result.output  # are recomputed only where they broke
+    assert f": {recomputed} of 9 blocks to extract" in result.output  # are recomputed only where they broke
     assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
@@ -173,7 +173,7 @@ def test_labels_that_fail_their_reads_are_rewritten_from_the_data_set_by_the_ext
     b.write_bytes(a_bytes)
     result = invoke(*two_view_args(teachers, store))
     assert "restoring labels block 2 of" in result.output and "restoring labels block 5 of" in result.output
-    assert ": 0 of 12 blocks to extract" in result.output
+    assert ": 0 of 9 blocks to extract" in result.output
     assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
@@ -181,13 +181,13 @@ def test_labels_that_fail_their_reads_are_rewritten_from_the_data_set_by_the_ext
 def test_two_damaged_blocks_are_listed_and_repaired_by_the_quick_check(teachers, clean_store, tmp_path):
     store = tmp_path / "store.zarr"
     shutil.copytree(clean_store, store)
-    truncate(shard(store, "teachers/resnet8_slim/cam", 11))  # the last, partial block (360 = 11 * 32 + 8)
+    truncate(shard(store, "teachers/resnet8_slim/cam", 8))  # the last, partial block (360 = 8 * 44 + 8)
     shard(store, "teachers/vgg8_bn/y_prob", 2).unlink()
     result = invoke("store", "verify", "--quick", "--repair", store, exit_code=1)
     assert result.output.count("FAIL damaged:") == 2
-    assert "FAIL damaged: teachers/resnet8_slim/cam block 11: its shard index fails its checksum" in result.output
+    assert "FAIL damaged: teachers/resnet8_slim/cam block 8: its shard index fails its checksum" in result.output
     assert "FAIL damaged: teachers/vgg8_bn/y_prob block 2: its shard file is missing (view 1)" in result.output
-    assert ": 2 of 12 blocks to extract" in invoke(*two_view_args(teachers, store)).output
+    assert ": 2 of 9 blocks to extract" in invoke(*two_view_args(teachers, store)).output
     assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
@@ -205,7 +205,7 @@ def test_a_lost_teacher_folder_or_images_array_is_noticed_and_rebuilt(teachers, 
     assert result.output.count("\n") == 1 and "teacher 'vgg8_bn' is registered but its folder" in result.output
     invoke("store", "drop-teacher", store, "vgg8_bn")
     result = invoke(*two_view_args(teachers, store))
-    assert "restoring the lost array images" in result.output and ": 12 of 12 blocks to extract" in result.output
+    assert "restoring the lost array images" in result.output and ": 9 of 9 blocks to extract" in result.output
     assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
@@ -241,7 +241,7 @@ def test_a_damaged_finished_mark_is_reported_and_its_block_recomputed(teachers, 
     assert "teachers/vgg8_bn/progress: it does not decode (checksum mismatch)" in result.output
     result = invoke("store", "verify", "--repair", store, exit_code=1)
     assert "FAIL damaged: teachers/vgg8_bn/progress block 4: finished mark does not decode\n" in result.output
-    assert ": 1 of 12 blocks to extract" in invoke(*two_view_args(teachers, store)).output
+    assert ": 1 of 9 blocks to extract" in invoke(*two_view_args(teachers, store)).output
     assert "OK" in invoke("store", "verify", store).output
     assert_same_store(store, clean_store)
 
