@@ -23,10 +23,8 @@ def split_test_args(teachers, store, *extra):
 
 
 @pytest.fixture(scope="module")
-def serial_store(teachers, tmp_path_factory):
-    store = tmp_path_factory.mktemp("serial") / "store.zarr"
-    invoke(*split_test_args(teachers, store))
-    return store
+def serial_store(digits_test_store):
+    return digits_test_store  # conftest's extraction of the test split: split_test_args, in one process
 
 
 def test_a_local_cluster_of_two_processes_writes_the_serial_store(teachers, serial_store, tmp_path):

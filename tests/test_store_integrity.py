@@ -21,10 +21,8 @@ def split_test_args(teachers, store, *extra):
 
 
 @pytest.fixture(scope="module")
-def clean_store(teachers, tmp_path_factory):
-    store = tmp_path_factory.mktemp("clean") / "store.zarr"
-    invoke(*split_test_args(teachers, store))
-    return store
+def clean_store(digits_test_store):
+    return digits_test_store  # conftest's extraction of the test split: split_test_args, uninterrupted
 
 
 def run_pipeline(args, output):
