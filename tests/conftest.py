@@ -49,10 +49,13 @@ def extract_args(teachers, store, *extra, block_size=32):
 def forkserver_preload():
     """Processes started with forkserver (stage two's DataLoader workers, test_ddp's ranks) fork from one server
     that has imported torch and the library once, instead of each importing them anew (seconds of CPU each).
-    They are still processes of their own, and what they run is unchanged; only the imports are done before."""
+    They are still processes of their own, and what they run is unchanged; only the imports are done before.
+    The server starts now and imports while the first tests run (nothing waits for it until a test forks)."""
     import multiprocessing
+    import multiprocessing.forkserver
 
     multiprocessing.set_forkserver_preload(["torch", "pipeline.student", "pipeline.stream", "pipeline.ddp"])
+    multiprocessing.forkserver.ensure_running()
 
 
 @pytest.fixture(scope="session")
