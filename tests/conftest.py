@@ -51,17 +51,30 @@ def extract_args(teachers, store, *extra, block_size=32):
 def forkserver_preload():
     """Processes started with forkserver (stage two's DataLoader workers, test_ddp's ranks) fork from one server
     that has imported torch and the library once, instead of each importing them anew (seconds of CPU each).
-    They are still processes of their own, and what they run is unchanged; only the imports are done before."""
+    They are still processes of their own, and what they run is unchanged; only the imports are done before.
+    The server starts now and imports while the first tests run (nothing waits for it until a test forks)."""
     import multiprocessing
+    import multiprocessing.forkserver
 
     multiprocessing.set_forkserver_preload(["torch", "pipeline.student", "pipeline.stream", "pipeline.ddp"])
+    multiprocessing.forkserver.ensure_running()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teachers(tmp_path_factory):
     """Untrained resnet8_slim and vgg8_bn digits checkpoints (closed-form and autograd Grad-CAM paths)."""
     root = tmp_path_factory.mktemp("teachers")
     return [make_teacher(root / "resnet8_slim.pt", "resnet8_slim"), make_teacher(root / "vgg8_bn.pt", "vgg8_bn")]
+
+
+@pytest.fixture(scope="session")
+def digits_test_store(teachers, tmp_path_factory):
+    """`teachers` extracted from digits' test split (360 images, 12 blocks of 32), made once for the modules that
+    read it and never change it (test_ddp's small store, test_cluster's serial one, test_store_integrity's clean
+    one: the same command in each)."""
+    store = tmp_path_factory.mktemp("digits-test") / "store.zarr"
+    invoke(*extract_args(teachers, store, "--split", "test"))
+    return store
 
 
 _REFERENCES: dict[Path, tuple[tuple, dict[str, np.ndarray]]] = {}

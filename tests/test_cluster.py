@@ -23,10 +23,8 @@ def split_test_args(teachers, store, *extra):
 
 
 @pytest.fixture(scope="module")
-def serial_store(teachers, tmp_path_factory):
-    store = tmp_path_factory.mktemp("serial") / "store.zarr"
-    invoke(*split_test_args(teachers, store))
-    return store
+def serial_store(digits_test_store):
+    return digits_test_store  # conftest's extraction of the test split: split_test_args, in one process
 
 
 def test_a_local_cluster_of_two_processes_writes_the_serial_store(teachers, serial_store, tmp_path):
@@ -37,6 +35,7 @@ def test_a_local_cluster_of_two_processes_writes_the_serial_store(teachers, seri
     assert "0 of 12 blocks to extract" in invoke(*split_test_args(teachers, store, "--scheduler", "local:2")).output
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_costs_only_its_block(teachers, serial_store, tmp_path):
     store, outcome = tmp_path / "dask.zarr", []
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",

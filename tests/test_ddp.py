@@ -36,10 +36,8 @@ def spawn(fn, args, nprocs):
 
 
 @pytest.fixture(scope="module")
-def small_store(teachers, tmp_path_factory):
-    store = tmp_path_factory.mktemp("ddp") / "store.zarr"
-    invoke(*extract_args(teachers, store, "--split", "test"))
-    return store
+def small_store(digits_test_store):
+    return digits_test_store  # conftest's extraction of the test split
 
 
 def test_ranks_read_disjoint_blocks_that_cover_the_store_once_an_epoch(small_store):

@@ -202,15 +202,37 @@ def test_timm_teachers_need_timm_and_say_so(monkeypatch):
 
 # -- end to end over a fabricated ImageNet tree ------------------------------------------
 
+class TorchvisionTeachers:
+    """The resnet18, vgg11 and densenet121 checkpoints (5 classes, seeds 0, 1, 2) in `root`, each made when a test
+    first asks for it: vgg11's 480 MB take 2.5 s, and only the slow three-teacher test asks for vgg11."""
+
+    ARCHS = ("resnet18", "vgg11", "densenet121")
+
+    def __init__(self, root):
+        self.root = root
+
+    def __len__(self):
+        return len(self.ARCHS)
+
+    def __getitem__(self, i):
+        arch = self.ARCHS[i]
+        path = self.root / f"{arch}.pt"
+        if not path.exists():
+            make_torchvision_teacher(path, arch, 5, seed=self.ARCHS.index(arch))
+        return path
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")
     make_imagenet(root / "data", corrupt=True)
-    teachers = [make_torchvision_teacher(root / f"{arch}.pt", arch, 5, seed=i)
-                for i, arch in enumerate(("resnet18", "vgg11", "densenet121"))]
-    return root, teachers
+    return root, TorchvisionTeachers(root)
 
 
+@pytest.mark.slow
 def test_three_torchvision_teachers_keep_their_own_map_resolution(imagenet):
     root, teachers = imagenet
     store = root / "store.zarr"

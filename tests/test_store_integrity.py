@@ -22,15 +22,49 @@ def split_test_args(teachers, store, *extra):
 
 
 @pytest.fixture(scope="module")
-def clean_store(teachers, tmp_path_factory):
-    store = tmp_path_factory.mktemp("clean") / "store.zarr"
-    invoke(*split_test_args(teachers, store))
-    return store
+def clean_store(digits_test_store):
+    return digits_test_store  # conftest's extraction of the test split: split_test_args, uninterrupted
 
 
-def spawn(args):
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_pipeline(args, output):
+    """`pipeline ARGS` in this process, printing into the file `output`; exits with the command's status."""
+    import contextlib
+
+    from pipeline.cli import main
+
+    with open(output, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        main([str(a) for a in args], prog_name="pipeline")
+
+
+class spawn:
+    """`pipeline ARGS` in a process of its own, with Popen's poll, wait, communicate, pid and returncode. The process
+    comes from the forkserver (conftest preloads torch and the library there), not from a new interpreter that
+    imports them anew (5 s a process); it writes the store as any process does, and SIGKILL kills it as any."""
+
+    def __init__(self, args):
+        import multiprocessing
+        import tempfile
+
+        self.output = tempfile.NamedTemporaryFile("r", suffix=".out")
+        self.process = multiprocessing.get_context("forkserver").Process(target=run_pipeline,
+                                                                         args=(args, self.output.name))
+        self.process.start()
+        self.pid = self.process.pid
+
+    @property
+    def returncode(self):
+        return self.process.exitcode
+
+    def poll(self):
+        return self.process.exitcode
+
+    def wait(self, timeout=None):
+        self.process.join(timeout)
+        return self.process.exitcode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        return self.output.read(), None
 
 
 def finished_blocks(store):
