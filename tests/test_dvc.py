@@ -204,3 +204,15 @@ def test_a_store_pushed_to_a_remote_trains_a_student_in_a_fresh_clone_without_ex
     assert run(clone, "pipeline", "store", "verify", str(store)).startswith(f"OK {store}")  # arrived whole
     assert repro(clone, "train_student@ce") == ["train_student@ce"]  # no teacher training, no extraction
     assert (clone / "data_cache/students/ce/checkpoint.pt").is_file()
+
+
+def test_dvc_reads_every_pipeline_and_the_extraction_versions_as_params():
+    """The fast check of this module (the others run `dvc repro`): DVC itself parses the default pipeline and every
+    study's, and reads the extraction stages' versions from pipeline/store/layout.py."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        stages = {stage.addressing: stage for stage in repo.index.stages}
+    assert {"train_teachers", "extract_teachers", "evaluate", "studies/digits/dvc.yaml:report"} <= set(stages)
+    versions = [dep for dep in stages["extract_teachers"].deps if str(dep).endswith("layout.py")]
+    assert [sorted(dep.params) for dep in versions] == [["EXTRACTION_VERSION", "VERSION"]]
