@@ -1,6 +1,7 @@
 """`dvc repro` in a copy of the repository with tiny params: the whole chain runs, a second
-repro runs nothing, and a student parameter reruns only student stages; the same for the
-digits study's methods x seeds matrix, which reads the default pipeline's store."""
+repro runs nothing, a store pushed to a remote serves a fresh clone, and a student parameter reruns
+only student stages; the same for the digits study's methods x seeds matrix, which reads the default
+pipeline's store. A killed extraction resumes, and a data change recomputes the store."""
 
 import json
 import os
@@ -56,7 +57,7 @@ def run(workdir: Path, *command: str) -> str:
 
 
 def repro(workdir: Path, *targets: str) -> list[str]:
-    """Run `dvc repro [targets]`; return the names of the stages it ran."""
+    """Run `dvc repro [targets]`; return the names of the stages it ran (with "--dry": would run)."""
     return re.findall(r"Running stage '([^']+)'", run(workdir, sys.executable, "-m", "dvc", "repro", *targets))
 
 
@@ -85,64 +86,82 @@ def commit(workdir: Path, message: str) -> None:
     run(workdir, "git", "-c", "user.name=test", "-c", "user.email=test@example.org", "commit", "-qm", message)
 
 
-@pytest.mark.slow
-def test_dvc_repro_reruns_only_what_changed(tmp_path):
-    copy_repository(tmp_path)
-    params = shrink(tmp_path / "params.yaml", TINY)
-    study = shrink(tmp_path / "studies/digits/params.yaml", TINY_STUDY)
-    study["variants"] = TINY_VARIANTS  # replaced, not merged
-    (tmp_path / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
-    run(tmp_path, "git", "init", "-q")
+def check_a_pushed_store_trains_a_student_in_a_fresh_clone_without_extracting(origin: Path, clone: Path) -> None:
+    remote, dvc = clone.parent / "remote", [sys.executable, "-m", "dvc"]
+    run(origin, *dvc, "remote", "add", "--default", "shared", str(remote))  # S3 or SSH: the same, with a URL
+    commit(origin, "store")
+    run(origin, *dvc, "push", "--with-deps", "extract_teachers")  # the store and the teachers it was made from
+    run(origin, "git", "clone", "-q", str(origin), str(clone))
+    assert not (clone / "data_cache/stores/digits-train.zarr").exists()
+    run(clone, *dvc, "pull", "--with-deps", "extract_teachers")
+    store = clone / "data_cache/stores/digits-train.zarr"
+    assert run(clone, "pipeline", "store", "verify", str(store)).startswith(f"OK {store}")  # arrived whole
+    assert repro(clone, "train_student@ce") == ["train_student@ce"]  # no teacher training, no extraction
+    assert (clone / "data_cache/students/ce/checkpoint.pt").is_file()
 
-    first = assert_ran(repro(tmp_path), ["train_teachers", "extract_teachers", "train_student@ce",
-                                         "train_student@explain-kd", "evaluate"])
+
+@pytest.mark.slow
+def test_dvc_repro_reruns_only_what_changed_and_a_pushed_store_serves_a_fresh_clone(tmp_path):
+    """One tiny repository (its teacher training and extraction are the slow part) for the whole story."""
+    repo, clone = tmp_path / "origin", tmp_path / "clone"
+    copy_repository(repo)
+    params = shrink(repo / "params.yaml", TINY)
+    study = shrink(repo / "studies/digits/params.yaml", TINY_STUDY)
+    study["variants"] = TINY_VARIANTS  # replaced, not merged
+    (repo / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
+    run(repo, "git", "init", "-q")
+
+    first = assert_ran(repro(repo), ["train_teachers", "extract_teachers", "train_student@ce",
+                                     "train_student@explain-kd", "evaluate"])
     assert first[:2] == ["train_teachers", "extract_teachers"]
-    assert (tmp_path / "data_cache/metrics.json").is_file()
-    assert repro(tmp_path) == []
+    assert (repo / "data_cache/metrics.json").is_file()
+    assert repro(repo) == []
+    check_a_pushed_store_trains_a_student_in_a_fresh_clone_without_extracting(repo, clone)
 
     # an edit that leaves the values alone, here a comment in the extraction code, leaves the store as it is:
     # its stage stays clean, and the extraction command, run again, finds every block done and writes nothing
-    with open(tmp_path / "pipeline/extraction.py", "a") as code:
+    with open(repo / "pipeline/extraction.py", "a") as code:
         code.write("# a comment\n")
-    assert dvc_json(tmp_path, "status", "train_teachers", "extract_teachers") == {}
-    store = tmp_path / "data_cache/stores/digits-train.zarr"
+    assert dvc_json(repo, "status", "train_teachers", "extract_teachers") == {}
+    store = repo / "data_cache/stores/digits-train.zarr"
     files = {path: path.stat().st_mtime_ns for path in store.rglob("*")}
-    run(tmp_path, "pipeline", "extract-teachers", "--params", "params.yaml", "--on-change", "replace")
+    run(repo, "pipeline", "extract-teachers", "--params", "params.yaml", "--on-change", "replace")
     assert {path: path.stat().st_mtime_ns for path in store.rglob("*")} == files
-    assert_ran(repro(tmp_path), ["train_student@ce", "train_student@explain-kd", "evaluate"])  # they depend on `pipeline`
+    assert_ran(repro(repo, "--dry"), ["train_student@ce", "train_student@explain-kd", "evaluate"])  # on `pipeline`
     # while a raised extraction version is a change of the values: the extraction stage is stale
-    layout = tmp_path / "pipeline/store/layout.py"
+    layout = repo / "pipeline/store/layout.py"
     written = layout.read_text()
     layout.write_text(re.sub(r"^EXTRACTION_VERSION = (\d+)", lambda m: f"EXTRACTION_VERSION = {int(m[1]) + 1}", written,
                              flags=re.M))
-    assert "extract_teachers" in dvc_json(tmp_path, "status", "extract_teachers")
+    assert "extract_teachers" in dvc_json(repo, "status", "extract_teachers")
     layout.write_text(written)
 
-    params["train_student"]["beta"] = 3.0
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert_ran(repro(tmp_path), ["train_student@ce", "train_student@explain-kd", "evaluate"])
+    params["train_student"]["beta"] = 3.0  # a student parameter, on top of the comment: students rerun, not teachers
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert_ran(repro(repo), ["train_student@ce", "train_student@explain-kd", "evaluate"])
 
     study_stages = [f"studies/digits/dvc.yaml:{name}" for name in (
         "extract_teachers", "students@ce-0", "students@ce-1", "students@ekd-b0.5-0", "students@ekd-b0.5-1",
         "report")]
-    assert_ran(repro(tmp_path, "studies/digits/dvc.yaml"), study_stages)  # the default teachers and store are reused
-    results = pd.read_csv(tmp_path / "reports/digits/results.csv")
+    assert_ran(repro(repo, "studies/digits/dvc.yaml"), study_stages)  # the default teachers and store are reused
+    results = pd.read_csv(repo / "reports/digits/results.csv")
     assert sorted(results.variant) == ["ce", "ekd-b0.5"] and set(results.seeds) == {2}
-    assert (tmp_path / "reports/digits/explanations.png").is_file()
+    assert (repo / "reports/digits/explanations.png").is_file()
     # the report is a DVC metrics file: per variant its seeds, mean and std (and the difference to the
     # baseline, kd, which this grid does not run)
-    metrics = dvc_json(tmp_path, "metrics", "show")[""]["data"]["reports/metrics/digits.json"]["data"]
+    metrics = dvc_json(repo, "metrics", "show")[""]["data"]["reports/metrics/digits.json"]["data"]
     for row in results.itertuples():
         assert metrics[row.variant] == {"seeds": 2, "test_mean": pytest.approx(row.test_mean, abs=1e-6),
                                         "test_std": pytest.approx(row.test_std, abs=1e-6)}
     # a variant is params: changing one shows as that param and reruns the students (all of them: DVC reads
     # a dot in a variant's name, b0.5, as a key separator, so the stages depend on `variants` as a whole)
-    commit(tmp_path, "study")
+    commit(repo, "study")
     study["variants"]["ekd-b0.5"]["beta"] = 3.0
-    (tmp_path / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
-    assert dvc_json(tmp_path, "params", "diff")["studies/digits/params.yaml"] == {
+    (repo / "studies/digits/params.yaml").write_text(yaml.safe_dump(study))
+    assert dvc_json(repo, "params", "diff")["studies/digits/params.yaml"] == {
         "variants.ekd-b0.5.beta": {"old": 0.5, "new": 3.0, "diff": 2.5}}
-    assert_ran(repro(tmp_path, "studies/digits/dvc.yaml"), study_stages[1:])  # students and report, no extraction
+    # every student is stale and nothing else yet (a dry run cannot tell that the report will follow them)
+    assert sorted(repro(repo, "--dry", "studies/digits/dvc.yaml")) == sorted(study_stages[1:-1])
 
 
 def started_blocks(store: Path) -> int:
@@ -184,26 +203,6 @@ def test_a_killed_dvc_repro_resumes_extraction_and_a_data_change_recomputes(tmp_
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     printed = run(tmp_path, sys.executable, "-m", "dvc", "repro", "extract_teachers")
     assert "replacing" in printed and "36 of 36 blocks to extract" in printed
-
-
-@pytest.mark.slow
-def test_a_store_pushed_to_a_remote_trains_a_student_in_a_fresh_clone_without_extracting(tmp_path):
-    origin, clone, remote = tmp_path / "origin", tmp_path / "clone", tmp_path / "remote"
-    copy_repository(origin)
-    shrink(origin / "params.yaml", TINY)
-    run(origin, "git", "init", "-q")
-    assert repro(origin, "extract_teachers") == ["train_teachers", "extract_teachers"]
-    dvc = [sys.executable, "-m", "dvc"]
-    run(origin, *dvc, "remote", "add", "--default", "shared", str(remote))  # S3 or SSH: the same, with a URL
-    commit(origin, "store")
-    run(origin, *dvc, "push", "--with-deps", "extract_teachers")  # the store and the teachers it was made from
-    run(tmp_path, "git", "clone", "-q", str(origin), str(clone))
-    assert not (clone / "data_cache/stores/digits-train.zarr").exists()
-    run(clone, *dvc, "pull", "--with-deps", "extract_teachers")
-    store = clone / "data_cache/stores/digits-train.zarr"
-    assert run(clone, "pipeline", "store", "verify", str(store)).startswith(f"OK {store}")  # arrived whole
-    assert repro(clone, "train_student@ce") == ["train_student@ce"]  # no teacher training, no extraction
-    assert (clone / "data_cache/students/ce/checkpoint.pt").is_file()
 
 
 def test_dvc_reads_every_pipeline_and_the_extraction_versions_as_params():
