@@ -35,6 +35,7 @@ from pipeline.fabricate import make_cifar, make_teacher
 from pipeline.methods import method_of
 from pipeline.models import create_model
 from pipeline.objective import loss_of
+from pipeline.policies import PerSample
 from pipeline.store.codec import quantize_cam, topk_logit_fields
 from pipeline.store.teacher_store import TeacherStore, default_block_size
 from pipeline.stream import BlockStream
@@ -260,7 +261,8 @@ def online_figure(path: Path, scale: Scale) -> Figure:
     layer = CamLayer.of(student.eval(), probe_input(info.image_shape))
     student.train()
     loss_fn = DistillationLoss(method_of("explain-kd"), store.teachers, layer, info.mean, info.std, info.num_classes,
-                               LossSettings(beta=0.5, student_map="attention"), kd_teacher=store.teachers[-1])
+                               LossSettings(beta=0.5, student_map="attention"), kd_teacher=store.teachers[-1],
+                               policy=PerSample())
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
     x = (batch["images"].permute(0, 3, 1, 2).float() / 255 - torch.tensor(info.mean).view(1, -1, 1, 1)) / \
         torch.tensor(info.std).view(1, -1, 1, 1)

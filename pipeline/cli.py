@@ -7,8 +7,10 @@ Each command's options are generated from its config dataclass (pipeline/config.
 import dataclasses
 import errno
 import importlib
+import json
 import traceback
 import typing
+from pathlib import Path
 
 import click
 
@@ -17,7 +19,9 @@ from pipeline.errors import PipelineError
 
 
 def click_type(annotation):
-    """int / float (also `float | None`) stay themselves; everything else (str, list[str]) is text."""
+    """int / float (also `float | None`) stay themselves; everything else (str, a list, comma-separated) is text."""
+    if typing.get_origin(annotation) is list:
+        return str
     kinds = set(typing.get_args(annotation)) - {type(None)} or {annotation}
     return kinds.pop() if len(kinds) == 1 and kinds <= {int, float} else str
 
@@ -189,6 +193,39 @@ def store_verify(path, quick, repair):
         raise click.ClickException(f"{path}: {len(problems)} problem(s)")
     checked = "shard files and indexes present" if quick else "every chunk's checksum, values valid"
     click.echo(f"OK {path}: complete, shapes valid, fingerprints match, {checked}")
+
+
+@store.command("selection")
+@click.argument("path")
+@click.option("--groups", "groups_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="CSV file with columns id,group: each sample's group (by the data set's sample id), for --expert")
+@click.option("--expert", "experts", multiple=True, metavar="GROUP=TEACHER",
+              help="the teacher that is the expert of a group (repeatable): adds the share of rows given to it")
+@click.option("--data-root", default=None, help="where the data set lives, to read its sample ids (with --groups)")
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="the split seed the store was extracted with (with --groups)")
+@click.option("--seed", type=int, default=0, show_default=True, help="the draw of the random policies")
+@click.option("--policy-temperature", type=float, default=0.1, show_default=True, help="the weighted policy's t")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="also write the figures to this JSON file (a DVC metrics file)")
+def store_selection(path, groups_file, experts, data_root, split_seed, seed, policy_temperature, json_path):
+    """What every selection policy chooses on the store's rows, with no student trained and no teacher
+    loaded: each teacher's share, how often the chosen teacher is right, how often a tie decided, and
+    with --groups and --expert how often each group's expert is chosen."""
+    from pipeline.selection import parse_experts, read_groups, selection, selection_text
+
+    opened, groups = open_store(path), None
+    if groups_file:
+        from pipeline.data import get_dataset
+
+        dataset = opened.attrs["dataset"]
+        data = get_dataset(dataset["name"], dataset["split"], data_root, split_seed)
+        opened.check_holds(data.identity())
+        groups = read_groups(groups_file, [data.sample_id(i) for i in range(len(data))])
+    report = selection(opened, seed, policy_temperature, groups, parse_experts(experts, opened.teachers, groups))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(selection_text(report))
 
 
 @store.command("drop-teacher")

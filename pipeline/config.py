@@ -45,21 +45,48 @@ class DataConfig:
 
 
 @dataclass
-class TrainTeachersConfig(DataConfig):
+class ScheduleSettings:
+    """The learning-rate schedule's settings, for the stages that train (pipeline.train.LrSchedule)."""
+
+    lr_schedule: str = setting("cosine", "learning-rate schedule: cosine (decay to 0 over the run, per step) | step "
+                               "(times --lr-decay at each of --lr-milestones)")
+    lr_milestones: list[int] = setting([], "step schedule: the epochs after which the rate is multiplied by "
+                                       "--lr-decay (CA-MKD on CIFAR-100: 150,180,210 of 240)")
+    lr_decay: float = setting(0.1, "step schedule: the factor at each milestone")
+
+    def lr_schedule_of(self):
+        """The LrSchedule these settings say (checked: a milestone list only with the step schedule)."""
+        from pipeline.train import LrSchedule
+
+        check_choice("learning-rate schedule", self.lr_schedule, ("cosine", "step"))
+        try:
+            milestones = tuple(sorted(int(m) for m in self.lr_milestones))
+        except ValueError:
+            raise PipelineError(f"--lr-milestones takes epochs (whole numbers); got {self.lr_milestones}") from None
+        if (self.lr_schedule == "step") != bool(milestones) or any(m < 1 for m in milestones):
+            raise PipelineError("--lr-milestones (epochs >= 1) go with --lr-schedule step, and step needs them; got "
+                                f"--lr-schedule {self.lr_schedule} and milestones {list(milestones) or 'none'}")
+        return LrSchedule(self.lr_schedule, milestones, self.lr_decay)
+
+
+@dataclass
+class TrainTeachersConfig(ScheduleSettings, DataConfig):
     section: ClassVar[str] = "train_teachers"  # its section of params.yaml
-    teachers: list[str] = setting(DEFAULT_TEACHERS, "teacher architectures to train (model registry names)")
+    teachers: list[str] = setting(DEFAULT_TEACHERS, "teacher architectures to train (model registry names; "
+                                  "<arch>@<seed>: trained with that seed, saved as <arch>-s<seed>)")
     out_dir: str = setting("data_cache/teachers", "folder for <arch>.pt checkpoints and metrics.json")
     epochs: int = setting(8, "training epochs per teacher")
     batch_size: int = setting(64, "training batch size")
-    lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, cosine decay)")
+    lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, --lr-schedule)")
     weight_decay: float = setting(5e-4, "L2 weight decay")
-    seed: int = setting(0, "seed for initialisation and batch order")
+    seed: int = setting(0, "seed for initialisation and batch order (a teacher named <arch>@<seed> takes its own)")
     target: str = setting("label", "class whose Grad-CAM the test metrics score: label | predicted")
     shift: int = setting(0, "augmentation: random translation by up to this many pixels (0: none)")
     flip: bool = setting(False, FLIP_HELP)
 
     def __post_init__(self):
         check_choice("target", self.target, TARGETS)
+        self.lr_schedule_of()
 
 
 @dataclass
@@ -162,6 +189,9 @@ class ReportConfig(DataConfig):
     out_dir: str = setting("reports", "writes results.csv, results.md, runs.csv and accuracy.png here (with --store "
                            "also drops.png and explanations.png)")
     baseline: str = setting("kd", "variant the paired (same seed) differences are taken against")
+    comparisons: list[str] = setting([], "the primary comparisons, each VARIANT:AGAINST (paired by seed): each "
+                                     "difference with its 95 % interval, Holm's correction over them all (default: "
+                                     "every variant against --baseline)")
     store: str | None = setting(None, "teacher store of the test split (`val` where there is none): draws each "
                                 "teacher's confidence drops (drops.png) and the explanation grid (explanations.png)")
     explain_runs: list[str] = setting([], "student runs (<variant>-s<seed>) whose own Grad-CAM maps the "

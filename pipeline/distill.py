@@ -18,8 +18,10 @@ from torch import nn
 
 from pipeline.augment import Augmentation, Moves, apply, model_input
 from pipeline.explain import CamLayer, captured
+from pipeline.maps import normalize_maps, resize_maps
 from pipeline.objective import Term
-from pipeline.policies import POLICIES
+from pipeline.evidence import Evidence
+from pipeline.policies import Policy
 from pipeline.store.codec import dequantize_cam, full_logits
 from pipeline.store.layout import teacher_array
 
@@ -31,41 +33,6 @@ def kd_per_row(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temper
     """(B,) T^2 * KL(teacher || student) at temperature T, per sample."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     return F.kl_div(log_student, teacher_probs, reduction="none").sum(1) * temperature**2
-
-
-def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(..., h, w) -> (..., *size): shrunk by area (each cell the mean of the input over its footprint,
-    fractional overlaps weighted, so no evidence is dropped or counted twice), enlarged bilinearly."""
-    lead, size = maps.shape[:-2], tuple(size)
-    maps = maps.reshape(-1, 1, *maps.shape[-2:]).float()
-    (h, w), device = maps.shape[-2:], maps.device
-    with torch.autocast(device.type, enabled=False):  # in float32: autocast would multiply in bf16
-        if size[0] < h:
-            maps = area_weights(h, size[0], device) @ maps
-        if size[1] < w:
-            maps = maps @ area_weights(w, size[1], device).T
-    if tuple(maps.shape[-2:]) != size:
-        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    return maps.reshape(*lead, *size)
-
-
-@functools.lru_cache(maxsize=64)
-def area_weights(inputs: int, outputs: int, device: torch.device) -> torch.Tensor:
-    """(outputs, inputs) float32: row r averages the input cells over output cell r's footprint
-    [r * inputs / outputs, (r + 1) * inputs / outputs), each cell weighted by its overlap. (torch's
-    "area" interpolation is adaptive average pooling, whose windows overlap at full weight when the
-    ratio is not a whole number.)"""
-    edges = torch.arange(outputs + 1, dtype=torch.float64) * inputs / outputs
-    cells = torch.arange(inputs, dtype=torch.float64)
-    overlap = torch.minimum(edges[1:, None], cells + 1) - torch.maximum(edges[:-1, None], cells)
-    return (overlap.clamp_min(0) * outputs / inputs).float().to(device)
-
-
-def normalize_maps(maps: torch.Tensor, norm: str) -> torch.Tensor:
-    """Flattened (..., h*w) maps scaled each: to unit L2 norm (l2) or to mean 1 (mean); zero maps stay zero."""
-    if norm == "l2":
-        return F.normalize(maps, dim=-1)
-    return maps / maps.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def map_term(student_cam: torch.Tensor, teacher_cam: torch.Tensor, norm: str = "l2", weight: float = 1.0) -> Term:
@@ -96,8 +63,6 @@ class LossSettings:
     alpha: float = 1.0
     beta: float = 0.0
     beta_warmup: int = 0
-    policy: str = "per-sample"
-    policy_temperature: float = 0.1
     detach_head: bool = False
     student_map: str = "gradcam"
     map_follows: bool = True
@@ -116,20 +81,21 @@ class DistillationLoss:
     `teachers` are the store's teacher names the method draws on (for `kd` and `at`, the one teacher). With
     `augmentation`, images are moved at random (and, with `map_follows`, the cached maps with them: logits do not
     depend on position). `target` is the store's: with `predicted` the student's Grad-CAM explains the class the
-    chosen teacher's map explains. `drawn` (N,) holds the teacher of every store row for a policy that draws one.
+    chosen teacher's map explains. `policy` (pipeline.policies, fitted to the store) chooses explain-kd's teachers.
     `kd_teacher` names the one teacher whose logits explain-kd learns from (--kd-source best). Cached maps cover
     the student's image exactly: teachers and student saw one view (pipeline.views), each at its own resolution.
     """
 
     def __init__(self, method: "Method", teachers: list[str], student_layer: CamLayer | None, mean, std,
                  num_classes: int, settings: LossSettings = LossSettings(), *, augmentation: Augmentation | None = None,
-                 kd_teacher: str | None = None, target: str = "label", drawn: torch.Tensor | None = None):
+                 kd_teacher: str | None = None, target: str = "label", policy: Policy | None = None):
         self.method, self.teachers, self.layer = method, teachers, student_layer
         self.mean, self.std, self.num_classes, self.settings = mean, std, num_classes, settings
-        self.policy = POLICIES.get(settings.policy)()
-        self.augmentation, self.kd_teacher, self.target, self.drawn = augmentation, kd_teacher, target, drawn
+        self.augmentation, self.kd_teacher, self.target, self.policy = augmentation, kd_teacher, target, policy
         self.epoch = 0
-        one = method.one_teacher or (method.follows_policy and self.policy.one_teacher)
+        if method.follows_policy != (policy is not None):
+            raise ValueError(f"{method.name} {'needs' if method.follows_policy else 'takes no'} selection policy")
+        one = method.one_teacher or (policy is not None and policy.one_teacher)
         if one and len(teachers) != 1:
             raise ValueError(f"{method.name} learns from one teacher, not {len(teachers)} ({', '.join(teachers)})")
         if kd_teacher is not None and not method.follows_policy:
@@ -169,7 +135,7 @@ class Step:
 
     def __init__(self, loss: DistillationLoss, model: nn.Module, batch: dict):
         self.loss, self.model, self.batch = loss, model, batch
-        self.settings, self.teachers, self.layer, self.policy = loss.settings, loss.teachers, loss.layer, loss.policy
+        self.settings, self.teachers, self.layer = loss.settings, loss.teachers, loss.layer
         self.kd_teacher = loss.kd_teacher
         self.x, self.labels, self.moves = model_input(batch, loss.augmentation, loss.mean, loss.std)
 
@@ -191,10 +157,10 @@ class Step:
         return F.one_hot(torch.full(self.labels.shape, self.teachers.index(teacher), device=self.x.device),
                          len(self.teachers)).float()
 
-    def drawn(self) -> torch.Tensor | None:
-        """(B,) this batch's rows' drawn teachers, for a policy that draws one."""
-        drawn = self.loss.drawn
-        return None if drawn is None else drawn[self.batch["index"].cpu()].to(self.x.device)
+    def evidence(self) -> Evidence:
+        """What the selection policy weighs, for this batch's rows."""
+        return Evidence.of(self.batch, self.teachers, self.labels, self.batch["index"], self.loss.num_classes,
+                           self.teacher_logits)
 
     def forward(self, need_activation: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(float32 logits, the CAM layer's activation when an attention map needs it). Losses are taken in
@@ -213,6 +179,14 @@ class Step:
         soft = F.softmax(self.teacher_logits / self.settings.temperature, dim=2)  # (B, M, C)
         target = (weights[..., None] * soft).sum(1)
         return Term.over(kd_per_row(logits, target, self.settings.temperature), self.settings.alpha)
+
+    def kd_each(self, logits: torch.Tensor, weights: torch.Tensor) -> Term:
+        """The (B, M) `weights`' mix of the KD terms towards each teacher's softened outputs (not KD towards the mix
+        of their outputs, as `kd`), weighted alpha: the multi-teacher losses of AVER, CA-MKD and EBKD."""
+        temperature = self.settings.temperature
+        soft = F.softmax(self.teacher_logits / temperature, dim=2)  # (B, M, C)
+        each = torch.stack([kd_per_row(logits, soft[:, m], temperature) for m in range(soft.shape[1])], 1)
+        return Term.over((weights * each).sum(1), self.settings.alpha)
 
     def map_term(self, student_map: torch.Tensor, weights: torch.Tensor, key: str, beta: float) -> Term:
         """The student map against the (B, M) `weights`' mix of the teachers' cached maps `key` ("cam" or

@@ -1,48 +1,74 @@
-"""explain-kd's selection policies: how each sample's weight over the teachers is chosen, one class each.
+"""Selection policies: how each sample's weight over the teachers is chosen, one class each.
 
-A policy turns the teachers' explanation scores of a batch (Y and O, pipeline.scoring) into (B, M) weights
-over the M teachers: the student's logit target is their weighted mix, and its map target the weighted
-mix of their maps. `POLICIES` lists them; `--policy` takes their names.
+A policy turns a batch's evidence (pipeline.evidence: the teachers' confidences Y and O, whether each is right,
+their cached maps) into (B, M) weights over the M teachers: the student's logit target is their weighted mix,
+and its map target the weighted mix of their maps. `POLICIES` lists them; `--policy` takes their names, and
+`pipeline store selection` shows what each chooses on a store. `per-sample`, the lowest confidence drop, is the
+thesis; the others are controls (random, random-batch, confident, correct) or other explanation scores that
+could earn its place (drop-z, drop-rank, masked, agreement).
 """
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.evidence import Evidence, store_evidence
+from pipeline.maps import resize_maps
 from pipeline.registry import Registry
-from pipeline.scoring import best_explainer, confidence_drop, lowest_drop
+from pipeline.scoring import DROP_TIE, confidence_drop, lowest
 
 
 class Policy:
-    """What every policy answers; `one_teacher`, `mixes_maps` and `drawn` say how a run must treat it."""
+    """What every policy answers; `one_teacher` and `mixes_maps` say how a run must treat it."""
 
     name = ""
     help = ""
     one_teacher = False  # the run learns from one teacher, chosen before training
     mixes_maps = False  # a sample's weight may spread over teachers (maps of different classes, on a predicted store)
-    drawn = False  # needs the run's seeded draw of a teacher per store row (`draws`)
+
+    def __init__(self, temperature: float = 0.1):
+        self.temperature = temperature  # --policy-temperature (`weighted`)
+
+    def fit(self, store, teachers: list[str], seed: int) -> "Policy":
+        """Take what the policy needs of the whole store (statistics over its rows, a seeded draw per row)."""
+        return self
 
     def teachers(self, store, teachers: list[str]) -> list[str]:
         """The teachers the run learns from, of the store's `teachers`."""
         return teachers
 
-    def weights(self, y: torch.Tensor, o: torch.Tensor, correct: torch.Tensor, temperature: float,
-                drawn: torch.Tensor | None) -> torch.Tensor:
-        """(B, M) weights from the teachers' (B, M) confidences in the explained class before (`y`) and after
-        (`o`) masking with their maps, whether each classifies the sample `correct`ly, and the run's draw."""
+    def weights(self, evidence: Evidence) -> torch.Tensor:
+        """(B, M) weights over the teachers, each row summing to 1."""
+        return F.one_hot(self.choice(evidence)[0], evidence.y.shape[1]).float()
+
+    def choice(self, evidence: Evidence) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) the teacher each row follows and (B,) whether a tie of the score decided it (by the larger Y)."""
         raise NotImplementedError
+
+
+class Lowest(Policy):
+    """Per sample, the teacher with the lowest `score` (B, M); scores within `tie` of the lowest go to the larger Y."""
+
+    tie = 0.0
+
+    def score(self, evidence: Evidence) -> torch.Tensor:
+        raise NotImplementedError
+
+    def choice(self, evidence):
+        return lowest(self.score(evidence), evidence.y, self.tie)
 
 
 POLICIES: Registry[type[Policy]] = Registry("policy")
 
 
 @POLICIES.add
-class PerSample(Policy):
+class PerSample(Lowest):
     name = "per-sample"
-    help = "per sample, the teacher with the lowest confidence drop (ties to the larger Y)"
+    help = "per sample, the teacher with the lowest confidence drop (ties to the larger Y): the thesis"
+    tie = DROP_TIE
 
-    def weights(self, y, o, correct, temperature, drawn):
-        return F.one_hot(best_explainer(y, o), y.shape[1]).float()
+    def score(self, evidence):
+        return confidence_drop(evidence.y, evidence.o)
 
 
 @POLICIES.add
@@ -54,12 +80,10 @@ class Global(Policy):
     def teachers(self, store, teachers):
         from pipeline.store.info import teacher_table  # reads the whole store once
 
-        drops = teacher_table(store).set_index("teacher")["mean_drop"]
-        print(f"explain-kd global: learning from {drops.idxmin()} (mean confidence drop {drops.min():.4f})")
-        return [drops.idxmin()]
+        return [teacher_table(store).set_index("teacher")["mean_drop"].idxmin()]
 
-    def weights(self, y, o, correct, temperature, drawn):
-        return torch.ones_like(y)
+    def choice(self, evidence):
+        return torch.zeros(len(evidence.y), dtype=torch.long), torch.zeros(len(evidence.y), dtype=torch.bool)
 
 
 @POLICIES.add
@@ -68,32 +92,134 @@ class Weighted(Policy):
     help = "weights proportional to Y * exp(-drop / t), t = --policy-temperature"
     mixes_maps = True
 
-    def weights(self, y, o, correct, temperature, drawn):
-        return torch.softmax(y.clamp_min(1e-12).log() - confidence_drop(y, o) / temperature, dim=1)
+    def weights(self, evidence):
+        y = evidence.y
+        return torch.softmax(y.clamp_min(1e-12).log() - confidence_drop(y, evidence.o) / self.temperature, dim=1)
+
+    def choice(self, evidence):
+        return self.weights(evidence).argmax(1), torch.zeros(len(evidence.y), dtype=torch.bool)
 
 
 @POLICIES.add
-class Correct(Policy):
+class Correct(Lowest):
     name = "correct"
     help = "per sample, the lowest drop among the teachers that classify it correctly (all, where none does)"
+    tie = DROP_TIE
 
-    def weights(self, y, o, correct, temperature, drawn):
-        allowed = correct | ~correct.any(dim=1, keepdim=True)
-        drop = torch.where(allowed, confidence_drop(y, o), torch.full_like(y, float("inf")))
-        return F.one_hot(lowest_drop(drop, y), y.shape[1]).float()
+    def score(self, evidence):
+        allowed = evidence.correct | ~evidence.correct.any(dim=1, keepdim=True)
+        return torch.where(allowed, confidence_drop(evidence.y, evidence.o), torch.full_like(evidence.y, float("inf")))
 
 
 @POLICIES.add
-class Random(Policy):
+class Confident(Lowest):
+    name = "confident"
+    help = "per sample, the teacher most confident in the explained class (largest Y): no explanation"
+
+    def score(self, evidence):
+        return -evidence.y
+
+
+@POLICIES.add
+class Masked(Lowest):
+    name = "masked"
+    help = "per sample, the teacher most confident on its explanation-masked image alone (largest O)"
+
+    def score(self, evidence):
+        return -evidence.o
+
+
+class Drawn(Policy):
+    """A seeded, uniformly random teacher for every store row (`draws`)."""
+
+    drawn: torch.Tensor | None = None
+
+    def fit(self, store, teachers, seed):
+        self.drawn = draws(store.num_samples, len(teachers), seed)
+        return self
+
+    def choice(self, evidence):
+        if self.drawn is None:
+            raise RuntimeError(f"the {self.name} policy draws its teachers in `fit`, which was not called")
+        return self.rows_teacher(evidence.rows.cpu()).to(evidence.y.device), torch.zeros(len(evidence.y), dtype=torch.bool)
+
+    def rows_teacher(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.drawn[rows]
+
+
+@POLICIES.add
+class Random(Drawn):
     name = "random"
     help = "per sample a seeded, uniformly random teacher: the control for the explanation score"
-    drawn = True
 
-    def weights(self, y, o, correct, temperature, drawn):
-        return F.one_hot(drawn.long(), y.shape[1]).float()
+
+@POLICIES.add
+class RandomBatch(Drawn):
+    name = "random-batch"
+    help = "per batch a seeded, uniformly random teacher for all its samples (MEAL's choice)"
+
+    def rows_teacher(self, rows):
+        return self.drawn[rows[:1]].expand(len(rows))  # the draw of the batch's first row: batches are shuffled
+
+
+class PerTeacherDrop(Lowest):
+    """The drop measured against the teacher's own drops over the store, which removes an architecture's offset
+    (one net's drops can sit far above another's whatever the sample)."""
+
+    drops: list[torch.Tensor] | None = None  # each teacher's sorted drops over the store's eval view
+
+    def fit(self, store, teachers, seed):
+        blocks = [confidence_drop(e.y, e.o) for e in store_evidence(store, teachers)]
+        if not blocks:
+            raise ValueError(f"the {self.name} policy needs finished store rows of {', '.join(teachers)}")
+        self.drops = [column.sort().values for column in torch.cat(blocks).T]
+        return self
+
+    def score(self, evidence):
+        if self.drops is None:
+            raise RuntimeError(f"the {self.name} policy measures the store in `fit`, which was not called")
+        drop = confidence_drop(evidence.y, evidence.o)
+        return torch.stack([self.within(drop[:, m].contiguous(), sorted_drops.to(drop.device))
+                            for m, sorted_drops in enumerate(self.drops)], 1)
+
+    def within(self, drop: torch.Tensor, sorted_drops: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@POLICIES.add
+class DropZ(PerTeacherDrop):
+    name = "drop-z"
+    help = "per sample, the lowest drop z-scored within each teacher over the store (removes an architecture's offset)"
+
+    def within(self, drop, sorted_drops):
+        return (drop - sorted_drops.mean()) / sorted_drops.std().clamp_min(1e-6)
+
+
+@POLICIES.add
+class DropRank(PerTeacherDrop):
+    name = "drop-rank"
+    help = "per sample, the lowest drop as a mid-rank quantile within each teacher over the store"
+
+    def within(self, drop, sorted_drops):
+        below = torch.searchsorted(sorted_drops, drop, right=False)
+        upto = torch.searchsorted(sorted_drops, drop, right=True)
+        return (below + upto).float() / (2 * len(sorted_drops))
+
+
+@POLICIES.add
+class Agreement(Lowest):
+    name = "agreement"
+    help = "per sample, the teacher whose Grad-CAM map agrees most with the other teachers' (cosine to their mean)"
+    tie = 1e-4  # cosines this close are equal (with two teachers, always: each is the other's mean)
+
+    def score(self, evidence):
+        maps = evidence.maps()
+        grid = (min(m.shape[-2] for m in maps), min(m.shape[-1] for m in maps))  # the coarsest: nothing is invented
+        unit = F.normalize(torch.stack([resize_maps(m, grid) for m in maps], 1).flatten(2), dim=2)
+        others = (unit.sum(1, keepdim=True) - unit) / max(len(maps) - 1, 1)
+        return -F.cosine_similarity(unit, others, dim=2)
 
 
 def draws(num_samples: int, teachers: int, seed: int) -> torch.Tensor:
-    """The `random` policy's teacher of every store row: uniform, fixed by the seed alone."""
+    """The drawn policies' teacher of every store row: uniform, fixed by the seed alone."""
     return torch.from_numpy(np.random.default_rng([seed, 0x5E1EC7]).integers(0, teachers, num_samples))
-

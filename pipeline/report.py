@@ -73,15 +73,73 @@ def summarise(runs: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.DataFrame(table).sort_values("test_mean", ascending=False)
 
 
-def write_metrics(summary: pd.DataFrame, path: Path) -> None:
+def comparison_pairs(comparisons: list[str], variants: list[str], baseline: str) -> list[tuple[str, str]]:
+    """`VARIANT:AGAINST` strings -> (variant, against) pairs; none given: every variant against `baseline`."""
+    if not comparisons:
+        return [(variant, baseline) for variant in variants if variant != baseline and baseline in variants]
+    pairs = []
+    for text in comparisons:
+        variant, sep, against = text.rpartition(":")
+        unknown = [name for name in (variant, against) if name not in variants]
+        if not sep or unknown:
+            raise PipelineError(f"--comparisons {text}: write VARIANT:AGAINST with variants that have runs; "
+                                f"{'no runs of ' + ', '.join(unknown) + '; ' if sep else ''}the runs' variants: "
+                                f"{', '.join(sorted(variants))}")
+        pairs.append((variant, against))
+    return pairs
+
+
+def compare(runs: pd.DataFrame, pairs: list[tuple[str, str]], alpha: float = 0.05) -> pd.DataFrame:
+    """The family of primary comparisons, each (variant, against): the paired (same seed) test top-1 difference,
+    its t interval at 1 - alpha, the two-sided paired t test's p-value, and Holm's step-down over the family: the
+    adjusted p-value, and the interval at the level Holm tests that comparison at (alpha / (m - i + 1) for the
+    i-th smallest p-value, held from the first comparison it cannot reject on, so that an interval excludes 0 just
+    where the adjusted p-value is below alpha)."""
+    test = runs.set_index(["variant", "seed"])["test_top1"]
+    rows = []
+    for variant, against in pairs:
+        paired = (test[variant] - test[against]).dropna()
+        n, mean, sd = len(paired), paired.mean(), paired.std()
+        row = {"comparison": f"{variant} - {against}", "pairs": n, "diff": mean, "se": np.nan, "p": np.nan}
+        if n >= 2:  # fewer pairs have no spread: no interval, no test
+            se = sd / np.sqrt(n)
+            p = 2 * stats.t.sf(abs(mean) / se, n - 1) if se > 0 else float(mean == 0)
+            row |= {"se": se, "p": p, **interval(mean, se, n, alpha, "ci")}
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["comparison", "pairs", "diff", "se", "p", "ci_low", "ci_high"])
+    order = table.p.dropna().sort_values(kind="stable").index
+    m, running, stop, holm = len(order), 0.0, None, {}
+    for rank, index in enumerate(order):
+        row = table.loc[index]
+        running = max(running, min(1.0, (m - rank) * row["p"]))
+        if stop is None and running > alpha:
+            stop = rank
+        level = alpha / (m - (rank if stop is None else stop))
+        holm[index] = {"p_holm": running, **interval(row["diff"], row["se"], int(row["pairs"]), level, "holm")}
+    return table.join(pd.DataFrame.from_dict(holm, orient="index")).drop(columns=["se"], errors="ignore")
+
+
+def interval(mean: float, se: float, n: int, alpha: float, name: str) -> dict:
+    half = stats.t.ppf(1 - alpha / 2, n - 1) * se
+    return {f"{name}_low": mean - half, f"{name}_high": mean + half}
+
+
+def write_metrics(summary: pd.DataFrame, comparisons: pd.DataFrame, path: Path) -> None:
     """The summary as DVC reads metrics: {variant: {field: number}}; the baseline has no difference to itself,
-    and `pairs` is the number of seeds both ran (the paired difference's sample)."""
+    and `pairs` is the number of seeds both ran (the paired difference's sample). The primary comparisons go
+    under "comparisons": {"A - B": {field: number}}."""
     fields = ("seeds", "test_mean", "test_std", "pairs", "diff_vs_baseline", "ci_low", "ci_high")
-    metrics = {row["variant"]: {f: (int(row[f]) if f in ("seeds", "pairs") else round(float(row[f]), 6))
-                                for f in fields if f in row and pd.notna(row[f])}
-               for row in summary.to_dict("records")}
+    metrics = {row["variant"]: numbers(row, fields) for row in summary.to_dict("records")}
+    metrics["comparisons"] = {row["comparison"]: numbers(row, [c for c in comparisons.columns if c != "comparison"])
+                              for row in comparisons.to_dict("records")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=1, allow_nan=False) + "\n")  # a non-finite value stops here
+
+
+def numbers(row: dict, fields) -> dict:
+    """The row's finite `fields`, counts as int, the others rounded to 6 digits."""
+    return {f: (int(row[f]) if f in ("seeds", "pairs") else round(float(row[f]), 6))
+            for f in fields if f in row and pd.notna(row[f])}
 
 
 def pyplot():
@@ -211,16 +269,22 @@ def make_report(cfg: ReportConfig) -> pd.DataFrame:
         store.check_holds(test.identity())
     runs = run_table(cfg, test)
     summary = summarise(runs, cfg.baseline)
+    comparisons = compare(runs, comparison_pairs(cfg.comparisons, sorted(runs.variant.unique()), cfg.baseline))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
     summary.to_csv(out / "results.csv", index=False)
+    comparisons.to_csv(out / "comparisons.csv", index=False)
     text = summary.to_markdown(index=False, floatfmt=".4f")
+    if len(comparisons):
+        text += ("\n\nPrimary comparisons (paired by seed): the difference, its 95 % t interval (ci) and p-value, "
+                 f"and Holm's correction over the {len(comparisons)}: adjusted p-value and interval (holm)\n\n"
+                 + comparisons.to_markdown(index=False, floatfmt=".4f"))
     (out / "results.md").write_text(f"{cfg.dataset}: test top-1 over seeds; paired differences to "
                                     f"`{cfg.baseline}` with 95 % t intervals\n\n{text}\n")
     plot(summary, out / "accuracy.png")
     if cfg.metrics:
-        write_metrics(summary, Path(cfg.metrics))
+        write_metrics(summary, comparisons, Path(cfg.metrics))
     if cfg.store:
         plot_drops(teacher_drops(store), out / "drops.png")
         plot_explanations(explanation_rows(store, test, shown, cfg.explain_images), out / "explanations.png")

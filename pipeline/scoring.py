@@ -12,28 +12,25 @@ import torch
 
 DROP_TIE = 0.01  # drops this close to the lowest are ties, decided by the larger Y
 
+
 def confidence_drop(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """max(0, Y - O) / Y per sample; lower means the map keeps more of the evidence."""
     return torch.clamp(y - o, min=0) / y.clamp_min(1e-12)
 
 
+def lowest(score: torch.Tensor, y: torch.Tensor, tie: float = DROP_TIE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, M) scores of M teachers (lower is better) -> (B,) index of the lowest, scores within `tie` of it
+    going to the largest `y` (then to the first teacher), and (B,) whether two or more were within `tie`."""
+    near = score <= score.amin(dim=1, keepdim=True) + tie
+    return torch.where(near, y, torch.full_like(y, -1.0)).argmax(dim=1), near.sum(dim=1) > 1
+
+
 def best_explainer(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """(B, M) confidences of M teachers -> (B,) index of the teacher with the lowest confidence
     drop; drops within DROP_TIE of the lowest go to the largest Y, then to the first teacher."""
-    return lowest_drop(confidence_drop(y, o), y)
-
-
-def tied_lowest(drop: torch.Tensor) -> torch.Tensor:
-    """(B, M) True for the drops within DROP_TIE of the lowest of their row."""
-    return drop <= drop.amin(dim=1, keepdim=True) + DROP_TIE
-
-
-def lowest_drop(drop: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the lowest of (B, M) `drop`, ties (within DROP_TIE) to the largest `y`."""
-    return torch.where(tied_lowest(drop), y, torch.full_like(y, -1.0)).argmax(dim=1)
+    return lowest(confidence_drop(y, o), y)[0]
 
 
 def decided_by_tie(y: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """(B,) True where two or more teachers have the lowest drop (within DROP_TIE), so Y decided."""
-    return tied_lowest(confidence_drop(y, o)).sum(dim=1) > 1
-
+    return lowest(confidence_drop(y, o), y)[1]

@@ -22,7 +22,7 @@ from pipeline.heldout import named_or_best_teacher
 from pipeline.methods import method_of
 from pipeline.models import create_model
 from pipeline.models.checkpoint import save_checkpoint
-from pipeline.policies import POLICIES, draws
+from pipeline.policies import POLICIES
 from pipeline.store.teacher_store import TeacherStore
 from pipeline.stream import BlockStream
 from pipeline.student_config import TrainStudentConfig
@@ -55,10 +55,11 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     store = TeacherStore.open(cfg.store)
     dataset = ranks.first(lambda: get_dataset(cfg.dataset, cfg.split, cfg.data_root, cfg.split_seed, cfg.download))
     store.check_holds(dataset.identity())
-    method, policy = method_of(cfg.method), POLICIES.get(cfg.policy)()
+    method, policy = method_of(cfg.method), POLICIES.get(cfg.policy)(cfg.policy_temperature)
     teachers = method.teachers(store, cfg.teacher, policy)
+    policy = policy.fit(store, teachers, cfg.seed) if method.follows_policy else None
     target = store.attrs["target"]
-    if target == "predicted" and method.follows_policy and policy.mixes_maps:
+    if target == "predicted" and policy is not None and policy.mixes_maps:
         unmixed = [name for name in POLICIES.names() if not POLICIES.get(name).mixes_maps]
         raise PipelineError(f"store {store.path} caches maps of each teacher's predicted class; --policy {cfg.policy} "
                             f"would mix maps of different classes: choose {' | '.join(unmixed)}")
@@ -92,8 +93,9 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     loss_fn = DistillationLoss(
         method, teachers, layer, info.mean, info.std, info.num_classes, LossSettings.of(cfg),
         augmentation=Augmentation(cfg.shift, cfg.flip, cfg.seed + 1_000_003 * ranks.rank),  # ranks move unlike
-        kd_teacher=kd_teacher, target=target,
-        drawn=draws(store.num_samples, len(teachers), cfg.seed) if method.follows_policy and policy.drawn else None)
+        kd_teacher=kd_teacher, target=target, policy=policy)
+    if ranks.main:
+        print(f"recipe: {method.describe(cfg, teachers, kd_teacher)}")
     run_name = cfg.run_name or cfg.method
     run_dir = Path(cfg.out_dir) / run_name
     # what a saved state must have been saved under: the settings, and the store, teachers, blocks,
@@ -106,7 +108,7 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     if not cfg.resume and ranks.main:
         resume.done()  # a new run: state another run left here is not continued
     history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=stream.steps,
-                  lr=cfg.lr, weight_decay=cfg.weight_decay, desc=f"student {run_name}",
+                  lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule_of(), desc=f"student {run_name}",
                   device=device, resume=resume, ranks=ranks)
     ranks.stop()
     if not ranks.main:  # rank 0 evaluates and writes

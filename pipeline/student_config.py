@@ -4,7 +4,7 @@ training and extraction do not import)."""
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pipeline.config import FLIP_HELP, MAP_NORMS, DataConfig, check_choice, setting
+from pipeline.config import FLIP_HELP, MAP_NORMS, DataConfig, ScheduleSettings, check_choice, setting
 from pipeline.errors import PipelineError
 from pipeline.methods import METHODS
 from pipeline.methods.explain_kd import RECIPES
@@ -12,7 +12,7 @@ from pipeline.policies import POLICIES
 
 
 @dataclass
-class TrainStudentConfig(DataConfig):
+class TrainStudentConfig(ScheduleSettings, DataConfig):
     section: ClassVar[str] = "train_student"  # its section of params.yaml
     split: str = setting("train", "data set split the store was extracted from")
     store: str = setting("data_cache/stores/digits-train.zarr", "teacher store to learn from")
@@ -49,7 +49,7 @@ class TrainStudentConfig(DataConfig):
     epochs: int = setting(15, "training epochs")
     batch_size: int = setting(64, "training batch size (under torchrun per process: the global batch is that "
                               "times the processes)")
-    lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, cosine decay)")
+    lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, --lr-schedule)")
     weight_decay: float = setting(5e-4, "L2 weight decay")
     seed: int = setting(0, "seed for initialisation and batch order")
     num_workers: int = setting(0, "DataLoader worker processes streaming store blocks")
@@ -78,3 +78,4 @@ class TrainStudentConfig(DataConfig):
         if self.map_size < 0:
             raise PipelineError(f"--map-size must be 0 (the student's map size) or a side length >= 1; got {self.map_size}")
         method.check(self)
+        self.lr_schedule_of()

@@ -4,8 +4,10 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -87,19 +89,39 @@ class Resume:
         self.path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class LrSchedule:
+    """How the learning rate moves, step by step: `cosine` decay from lr to 0 over the run, or `step`: lr times
+    `decay` at each of the epochs `milestones` (from epoch m + 1 on, counting from 1: the CRD and CA-MKD code's
+    lr_decay_epochs)."""
+
+    kind: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    decay: float = 0.1
+
+    def factor(self, steps_per_epoch: Callable[[int], int], epochs: int) -> Callable[[int], float]:
+        """Step (from 0) -> the multiple of lr it takes."""
+        if self.kind == "step":
+            starts = np.cumsum([0] + [steps_per_epoch(epoch) for epoch in range(epochs)])
+            return lambda step: self.decay ** sum(int(starts[m]) <= step for m in self.milestones if m < epochs)
+        total = max(1, int(sum(steps_per_epoch(epoch) for epoch in range(epochs))))
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
 def fit(
     model: nn.Module,
     batches: Callable[[int], Iterable[dict]],
     loss_fn: Callable[[nn.Module, dict], dict[str, Term]],
     *, epochs: int, steps_per_epoch: Callable[[int], int], lr: float, weight_decay: float, desc: str,
-    device: torch.device = torch.device("cpu"), resume: Resume | None = None, ranks: Ranks = Ranks(),
+    schedule: LrSchedule = LrSchedule(), device: torch.device = torch.device("cpu"), resume: Resume | None = None,
+    ranks: Ranks = Ranks(),
 ) -> list[dict]:
     """Train `model` and return one row per epoch with the mean of every loss term and the loss.
 
     `batches(epoch)` yields batch dicts; `loss_fn` returns the batch's loss terms (pipeline.objective):
     their weighted means are minimised, terms of weight 0 are only logged. `steps_per_epoch(epoch)` must
-    be exactly the number of batches `batches(epoch)` yields: the cosine schedule reaches 0 after the last
-    of them (a row's `lr` is that of its epoch's last step). The model and each batch are moved to
+    be exactly the number of batches `batches(epoch)` yields: the learning rate follows `schedule` step by step
+    (cosine reaches 0 after the last of them; a row's `lr` is that of its epoch's last step). The model and each batch are moved to
     `device`; the model is left there (on CUDA in channels_last, its losses computed under bf16 autocast).
     With `resume`, the state is saved at the end of every epoch (and every `resume.every` steps) and a saved
     state is continued from: `batches(epoch)` must yield the same batches again, so the steps already taken
@@ -110,23 +132,20 @@ def fit(
     model = prepare_model(model, device)
     trained = ranks.wrap(model, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    total_steps = max(1, sum(steps_per_epoch(epoch) for epoch in range(epochs)))
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine decay from lr to 0, per step
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor(steps_per_epoch, epochs))
     history, start = [], {"epoch": 0, "step": 0, "sums": {}, "counts": {}}
     saved = resume.load() if resume else None
     if saved:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
+        scheduler.load_state_dict(saved["schedule"])
         history, start = saved["history"], saved["position"]
         print(f"{desc}: resuming at epoch {start['epoch'] + 1}, step {start['step']} ({resume.path})")
 
     def save(epoch: int, step: int, sums: dict, counts: dict) -> None:
         floats = lambda values: {k: float(v) for k, v in values.items()}  # noqa: E731
         resume.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "history": history,
+                     "schedule": scheduler.state_dict(), "history": history,
                      "position": {"epoch": epoch, "step": step, "sums": floats(sums), "counts": floats(counts)}})
 
     for epoch in range(start["epoch"], epochs):
@@ -160,7 +179,7 @@ def fit(
             (loss_of(terms, step_counts) * ranks.world).backward()  # DDP averages: the mean over every rank's rows
             last_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            schedule.step()
+            scheduler.step()
             for key, term in terms.items():
                 sums[key] = sums[key] + term.total.detach().double()
                 counts[key] = counts[key] + term.count.detach().double()

@@ -13,6 +13,7 @@ from pipeline.cli import main
 from pipeline.distill import DistillationLoss, LossSettings
 from pipeline.fabricate import make_cifar, make_teacher, make_torchvision_teacher  # noqa: F401 (the tests' helpers too)
 from pipeline.methods import method_of
+from pipeline.policies import POLICIES
 from pipeline.train import Resume
 
 
@@ -139,8 +140,12 @@ def make_imagenet(root: Path, classes=IMAGENET_WNIDS[1:4], train_per_class: int 
 
 
 def distillation(method: str, teachers: list[str], layer, *, mean=(0.3,), std=(0.32,), num_classes: int = 10,
-                 augmentation=None, kd_teacher=None, target="label", drawn=None, **settings):
+                 augmentation=None, kd_teacher=None, target="label", policy="per-sample", drawn=None, **settings):
     """The student loss of `method` on the tests' one-channel batches; `settings` go over LossSettings' defaults
-    (temperature 4, alpha 1, beta 0)."""
+    (temperature 4, alpha 1, beta 0). A method that follows a policy gets `policy`, with `drawn` (N,) as its
+    teacher of each store row where it draws one."""
+    chosen = POLICIES.get(policy)() if method_of(method).follows_policy else None
+    if drawn is not None:
+        chosen.drawn = drawn
     return DistillationLoss(method_of(method), teachers, layer, mean, std, num_classes, LossSettings(**settings),
-                            augmentation=augmentation, kd_teacher=kd_teacher, target=target, drawn=drawn)
+                            augmentation=augmentation, kd_teacher=kd_teacher, target=target, policy=chosen)

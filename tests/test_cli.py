@@ -32,12 +32,13 @@ def test_help_explains_every_option(command):
     (["extract-teachers", "--split", "validation"], "has no split 'validation'; choose one of: train, val, test"),
     (["extract-teachers", "--teachers", "nowhere.pt"], "checkpoint nowhere.pt does not exist"),
     (["extract-teachers", "--target", "best"], "unknown target 'best'; choose one of: label, predicted"),
-    (["train-student", "--method", "magic"], "unknown method 'magic'; choose one of: at, ce, explain-kd, kd, kd-avg"),
+    (["train-student", "--method", "magic"], "unknown method 'magic'; choose one of: at, aver, ca-mkd, ce, ebkd, explain-kd, kd, kd-avg"),
     (["train-student", "--store", "nowhere.zarr"], "no teacher store at nowhere.zarr"),
     (["train-student", "--method", "kd", "--kd-source", "best"], "--kd-source best applies to explain-kd with"),
     (["train-student", "--method", "at", "--kd-source", "best"], "--kd-source best applies to explain-kd with"),
     (["train-student", "--method", "explain-kd", "--policy", "global", "--kd-source", "best"],
-     "--kd-source best applies to explain-kd with --policy correct | per-sample | random | weighted (the others"),
+     "--kd-source best applies to explain-kd with --policy agreement | confident | correct | drop-rank | drop-z | masked "
+     "| per-sample | random | random-batch | weighted (the others"),
     (["evaluate", "--params", "nowhere.yaml"], "params file nowhere.yaml does not exist"),
     (["store", "info", "nowhere.zarr"], "no teacher store at nowhere.zarr"),
     (["cache", "drop-teacher", "nowhere.zarr", "resnet20"], "no teacher store at nowhere.zarr"),
@@ -106,6 +107,7 @@ def listed_commands(output: str) -> set[str]:
 
 def test_cache_is_the_store_group_under_its_former_name():
     store, cache = (CliRunner().invoke(main, [group, "--help"]) for group in ("store", "cache"))
-    assert listed_commands(store.output) == listed_commands(cache.output) == {"info", "verify", "drop-teacher"}
+    assert listed_commands(store.output) == listed_commands(cache.output) == {"info", "verify", "drop-teacher",
+                                                                                 "selection"}
     assert "store" in listed_commands(CliRunner().invoke(main, ["--help"]).output)
     assert "cache" not in listed_commands(CliRunner().invoke(main, ["--help"]).output)  # hidden: one name shown

@@ -69,7 +69,7 @@ def worker_batches(stream, worker):
 def explain_kd_batch(size=4):
     torch.manual_seed(0)
     batch = {"images": torch.randint(0, 256, (size, 32, 32, 1), dtype=torch.uint8),
-             "labels": torch.randint(0, 10, (size,))}
+             "labels": torch.randint(0, 10, (size,)), "index": torch.arange(size)}
     for name in ("t1", "t2"):
         batch[f"teachers/{name}/logits"] = torch.randn(size, 10).half()
         batch[f"teachers/{name}/y_prob"] = torch.rand(size)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from pipeline.augment import Augmentation, Moves, apply, check_flip, shift
 from pipeline.data import get_dataset, normalize
-from pipeline.distill import kd_per_row, map_term, resize_maps
+from pipeline.distill import kd_per_row, map_term
+from pipeline.maps import resize_maps
 from pipeline.errors import PipelineError
 from pipeline.explain import CamLayer, probe_input
 from pipeline.methods import method_of
@@ -71,7 +72,7 @@ def test_teacher_fields_per_method():
 def make_batch():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (2, 32, 32, 1), dtype=torch.uint8)
-    batch = {"images": images, "labels": torch.tensor([3, 7])}
+    batch = {"images": images, "labels": torch.tensor([3, 7]), "index": torch.tensor([0, 1])}
     for name, logits, y, o in (("t1", [[0.0] * 10, [1.0] * 10], [0.9, 0.9], [0.1, 0.9]),  # t1 wins sample 1
                                ("t2", [[2.0] * 10, [3.0] * 10], [0.9, 0.9], [0.8, 0.1])):  # t2 wins sample 0
         batch[f"teachers/{name}/logits"] = torch.tensor(logits).half()

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import zarr
+from scipy import stats
 from click.testing import CliRunner
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
@@ -19,8 +20,8 @@ from pipeline.config import ReportConfig
 from pipeline.data import get_dataset
 from pipeline.errors import PipelineError
 from pipeline.models.checkpoint import load_checkpoint
-from pipeline.report import (explanation_rows, make_report, plot_drops, plot_explanations, summarise, teacher_drops,
-                             write_metrics)
+from pipeline.report import (compare, comparison_pairs, explanation_rows, make_report, plot_drops, plot_explanations,
+                             summarise, teacher_drops, write_metrics)
 from pipeline.store.teacher_store import TeacherStore
 from test_cache import TEACHER, block_arrays, make_store
 
@@ -45,7 +46,7 @@ def test_paired_difference_and_interval():
 def test_the_summary_is_written_as_dvc_metrics(tmp_path):
     runs = pd.DataFrame({"variant": ["kd"] * 3 + ["explain-kd"] * 3 + ["ce"], "seed": [0, 1, 2, 0, 1, 2, 0],
                          "val_top1": [0.8] * 7, "test_top1": [0.80, 0.82, 0.84, 0.82, 0.83, 0.87, 0.7]})
-    write_metrics(summarise(runs, "kd"), tmp_path / "metrics" / "study.json")
+    write_metrics(summarise(runs, "kd"), compare(runs, [("explain-kd", "kd")]), tmp_path / "metrics" / "study.json")
     near = lambda value: pytest.approx(value, abs=1e-6)  # noqa: E731 (the file rounds to 6 decimals)
     half = 4.302652729911275 * 0.01 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(n) of the differences 0.02, 0.01, 0.03
     assert json.loads((tmp_path / "metrics" / "study.json").read_text()) == {
@@ -53,7 +54,41 @@ def test_the_summary_is_written_as_dvc_metrics(tmp_path):
                        "diff_vs_baseline": near(0.02), "ci_low": near(0.02 - half), "ci_high": near(0.02 + half)},
         "kd": {"seeds": 3, "test_mean": near(0.82), "test_std": near(0.02)},
         "ce": {"seeds": 1, "test_mean": near(0.7)},  # one seed: no spread, no paired difference
+        "comparisons": {"explain-kd - kd": {  # a family of one: Holm changes nothing
+            "pairs": 3, "diff": near(0.02), "p": near(P_EXPLAIN_KD), "ci_low": near(0.02 - half),
+            "ci_high": near(0.02 + half), "p_holm": near(P_EXPLAIN_KD), "holm_low": near(0.02 - half),
+            "holm_high": near(0.02 + half)}},
     }
+
+
+P_EXPLAIN_KD = 2 * stats.t.sf(0.02 / (0.01 / 3 ** 0.5), 2)  # paired t = mean / (sd / sqrt(n)), 2 degrees of freedom
+
+
+def test_several_primary_comparisons_get_holms_adjusted_p_values_and_intervals():
+    diffs = {"a": [0.05, 0.06, 0.04, 0.05], "b": [0.01, -0.01, 0.02, 0.00], "c": [0.03, 0.02, 0.04, 0.01]}
+    base = [0.80, 0.81, 0.79, 0.80]
+    runs = pd.DataFrame([{"variant": v, "seed": s, "test_top1": base[s] + d[s]} for v, d in diffs.items()
+                         for s in range(4)] + [{"variant": "kd", "seed": s, "test_top1": base[s]} for s in range(4)])
+    table = compare(runs, comparison_pairs(["a:kd", "b:kd", "c:kd"], sorted(runs.variant.unique()), "kd"))
+    table = table.set_index("comparison")
+    p = {v: stats.ttest_rel(np.add(base, d), base).pvalue for v, d in diffs.items()}  # scipy's paired t test
+    assert [table.at[f"{v} - kd", "p"] for v in "abc"] == [pytest.approx(p[v]) for v in "abc"]
+    assert p["a"] < p["c"] < p["b"]  # Holm's order: a at 0.05 / 3, c at 0.05 / 2, b at 0.05
+    holm = {"a": 3 * p["a"], "c": max(3 * p["a"], 2 * p["c"]), "b": max(3 * p["a"], 2 * p["c"], p["b"])}
+    assert {v: table.at[f"{v} - kd", "p_holm"] for v in "abc"} == {v: pytest.approx(min(1, h)) for v, h in holm.items()}
+    se = np.std(diffs["a"], ddof=1) / 2
+    assert table.at["a - kd", "holm_high"] - 0.05 == pytest.approx(stats.t.ppf(1 - 0.05 / 6, 3) * se)
+    assert table.at["a - kd", "ci_high"] - 0.05 == pytest.approx(stats.t.ppf(0.975, 3) * se)
+    for row in table.itertuples():  # an adjusted interval excludes 0 exactly where the adjusted p-value is below 0.05
+        assert (row.holm_low > 0 or row.holm_high < 0) == (row.p_holm < 0.05), row
+        assert row.holm_high - row.holm_low >= row.ci_high - row.ci_low
+    assert table.at["a - kd", "p_holm"] < 0.05 < table.at["b - kd", "p_holm"]
+
+
+def test_comparisons_default_to_every_variant_against_the_baseline_and_name_unknown_variants():
+    assert comparison_pairs([], ["ce", "ekd", "kd"], "kd") == [("ce", "kd"), ("ekd", "kd")]
+    with pytest.raises(PipelineError, match="no runs of ekd-b1; the runs' variants: ce, ekd, kd"):
+        comparison_pairs(["ekd-b1:kd"], ["ce", "ekd", "kd"], "kd")
 
 
 def test_teacher_drops_are_the_cached_scores_of_readable_rows(tmp_path):

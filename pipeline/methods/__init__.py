@@ -1,6 +1,6 @@
 """The student methods, one module each, registered in `METHODS` by their `--method` names."""
 
-from pipeline.methods import at, ce, explain_kd, kd, kd_avg  # noqa: F401  (each registers itself)
+from pipeline.methods import at, ce, explain_kd, kd, kd_avg, weighted_kd  # noqa: F401  (each registers itself)
 from pipeline.methods.base import METHODS, Method
 
 __all__ = ["METHODS", "Method", "method_of"]

@@ -15,6 +15,9 @@ class AttentionTransfer(OneTeacher):
     def defaults(self, cfg):
         return super().defaults(cfg) | {"beta": AT_BETA}
 
+    def describe(self, cfg, teachers, kd_teacher):
+        return f"{super().describe(cfg, teachers, kd_teacher)}; attention-map term beta {cfg.beta}"
+
     def terms(self, step):
         logits, activation = step.forward(need_activation=True)
         weights = step.uniform()

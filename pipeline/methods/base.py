@@ -50,6 +50,10 @@ class Method:
             raise PipelineError(f"store {store.path} holds no teachers; run `pipeline extract-teachers` first")
         return store.teachers
 
+    def describe(self, cfg, teachers: list[str], kd_teacher: str | None) -> str:
+        """What a run of `cfg` learns, for its log: the recipe, settled (defaults filled, teachers chosen)."""
+        return f"{self.name} from {', '.join(teachers)}: KD alpha {cfg.alpha} at T {cfg.temperature}"
+
     def terms(self, step: "Step") -> dict[str, Term]:
         raise NotImplementedError
 

@@ -12,6 +12,9 @@ class CrossEntropy(Method):
     def teachers(self, store, teacher, policy):
         return []
 
+    def describe(self, cfg, teachers, kd_teacher):
+        return "ce: cross-entropy on the labels, no teacher"
+
     def terms(self, step):
         logits, _ = step.forward()
         return {"ce": step.ce(logits)}

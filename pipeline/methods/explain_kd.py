@@ -33,10 +33,14 @@ class ExplainKD(Method):
     def teachers(self, store, teacher, policy):
         return policy.teachers(store, super().teachers(store, teacher, policy))
 
+    def describe(self, cfg, teachers, kd_teacher):
+        source = f"{kd_teacher}'s (--kd-source best)" if kd_teacher else "the selected teachers' (--kd-source selected)"
+        maps = f"map term beta {cfg.beta} on the student's {cfg.student_map} map" if cfg.beta else "no map term (beta 0)"
+        return (f"explain-kd (--recipe {cfg.recipe}) from {', '.join(teachers)}, --policy {cfg.policy}: KD alpha "
+                f"{cfg.alpha} at T {cfg.temperature} towards {source} logits; {maps}")
+
     def terms(self, step):
-        correct = step.teacher_logits.argmax(2) == step.labels[:, None]
-        weights = step.policy.weights(step.field("y_prob"), step.field("o_prob"), correct,
-                                      step.settings.policy_temperature, step.drawn())
+        weights = step.loss.policy.weights(step.evidence())
         terms = {f"chosen/{name}": Term.over(weights[:, m], weight=0.0) for m, name in enumerate(step.teachers)}
         beta = step.loss.beta_now()
         if beta > 0 and step.settings.student_map == "gradcam":

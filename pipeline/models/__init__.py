@@ -11,7 +11,7 @@ from pipeline.models import small
 from pipeline.registry import Registry
 
 MODELS = Registry("model")
-for _name in ("resnet8", "resnet8_slim", "resnet20", "wrn16_2", "vgg8_bn"):
+for _name in ("resnet8", "resnet8_slim", "resnet20", "resnet32x4", "wrn16_2", "vgg8_bn", "vgg8"):
     MODELS.register(_name)(getattr(small, _name))
 
 

@@ -74,12 +74,12 @@ def stages(block: type[nn.Module], widths: tuple[int, ...], depth_per_stage: int
     return layers
 
 
-def cifar_resnet(depth: int, widths: tuple[int, int, int], in_channels: int, num_classes: int) -> GapLinearNet:
-    """ResNet-(6n+2) for 32x32 inputs: 3 stages of n basic blocks, 32 -> 16 -> 8 px."""
-    n = (depth - 2) // 6
-    features = nn.Sequential(
-        *conv_bn_relu(in_channels, widths[0]), *stages(BasicBlock, widths, n, widths[0])
-    )
+def cifar_resnet(depth: int, widths: tuple[int, int, int], in_channels: int, num_classes: int,
+                 stem: int | None = None) -> GapLinearNet:
+    """ResNet-(6n+2) for 32x32 inputs: a `stem`-wide first conv (default: the first stage's width), then 3 stages
+    of n basic blocks, 32 -> 16 -> 8 px."""
+    n, stem = (depth - 2) // 6, stem or widths[0]
+    features = nn.Sequential(*conv_bn_relu(in_channels, stem), *stages(BasicBlock, widths, n, stem))
     return GapLinearNet(features, widths[-1], num_classes)
 
 
@@ -94,6 +94,12 @@ def resnet8_slim(in_channels: int, num_classes: int) -> nn.Module:
 
 def resnet20(in_channels: int, num_classes: int) -> nn.Module:
     return cifar_resnet(20, (16, 32, 64), in_channels, num_classes)
+
+
+def resnet32x4(in_channels: int, num_classes: int) -> nn.Module:
+    """The CRD/CA-MKD code's resnet32x4 (7.43 M parameters at 100 classes): a 32-wide stem, stages of 5 blocks 64,
+    128 and 256 wide."""
+    return cifar_resnet(32, (64, 128, 256), in_channels, num_classes, stem=32)
 
 
 def wrn16_2(in_channels: int, num_classes: int) -> nn.Module:
@@ -134,3 +140,15 @@ class VGG(nn.Module):
 
 def vgg8_bn(in_channels: int, num_classes: int) -> nn.Module:
     return VGG(in_channels, num_classes)
+
+
+def vgg8(in_channels: int, num_classes: int) -> nn.Module:
+    """The CRD/CA-MKD code's `vgg8` student (their model table maps the name to vgg8_bn; 3.97 M parameters at 100
+    classes): one conv (with bias, as theirs) + BN + ReLU per stage, 64, 128, 256, 512, 512 wide, max-pooled after
+    the first three (32 -> 4 px; their extra pool for 64 px inputs is left out), global average pool, Linear."""
+    layers, c_in = [], in_channels
+    for stage, width in enumerate((64, 128, 256, 512, 512)):
+        layers += [nn.Conv2d(c_in, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers += [nn.MaxPool2d(2)] if stage < 3 else []
+        c_in = width
+    return GapLinearNet(nn.Sequential(*layers), c_in, num_classes)
