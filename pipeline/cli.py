@@ -65,9 +65,10 @@ def own_line(error: PipelineError) -> str:
 
 STAGES = {  # command -> its module under stages/, its config class (module:name) and its help; each is built
     # when it is asked for, so a command imports what it runs and no other stage's code
-    "train-teachers": ("train_teachers", "pipeline.config:TrainTeachersConfig", """Train each teacher with cross-entropy; save <out-dir>/<arch>.pt and test metrics.
+    "train-teachers": ("train_teachers", "pipeline.config:TrainTeachersConfig", """Train each teacher with cross-entropy; save <out-dir>/<name>.pt and test metrics.
 
-    Example: pipeline train-teachers --teachers resnet20,vgg8_bn --epochs 8
+    A teacher is named by its architecture, or as <arch>-s<seed> when given as <arch>@<seed> (several of one
+    architecture). Example: pipeline train-teachers --teachers resnet20,vgg8_bn --epochs 8
     """),
     "extract-teachers": ("extract_teachers", "pipeline.config:ExtractConfig", """Run every teacher once over a split; write logits, Grad-CAM maps and Y/O scores to a Zarr store.
 

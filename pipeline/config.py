@@ -63,9 +63,16 @@ class ScheduleSettings:
             milestones = tuple(sorted(int(m) for m in self.lr_milestones))
         except ValueError:
             raise PipelineError(f"--lr-milestones takes epochs (whole numbers); got {self.lr_milestones}") from None
-        if (self.lr_schedule == "step") != bool(milestones) or any(m < 1 for m in milestones):
-            raise PipelineError("--lr-milestones (epochs >= 1) go with --lr-schedule step, and step needs them; got "
-                                f"--lr-schedule {self.lr_schedule} and milestones {list(milestones) or 'none'}")
+        self.lr_milestones = list(milestones)  # one spelling, from the command line or params.yaml (resume identity)
+        epochs = getattr(self, "epochs")
+        if (self.lr_schedule == "step") != bool(milestones):
+            raise PipelineError("--lr-milestones go with --lr-schedule step, and step needs them; got --lr-schedule "
+                                f"{self.lr_schedule} and milestones {list(milestones) or 'none'}")
+        if any(not 1 <= m < epochs for m in milestones) or len(set(milestones)) < len(milestones):
+            raise PipelineError(f"--lr-milestones must be distinct epochs from 1 to {epochs - 1} (of --epochs {epochs}: "
+                                f"a later one never applies); got {list(milestones)}")
+        if not 0 < self.lr_decay < 1:
+            raise PipelineError(f"--lr-decay must be between 0 and 1 (the factor at each milestone); got {self.lr_decay}")
         return LrSchedule(self.lr_schedule, milestones, self.lr_decay)
 
 
@@ -74,7 +81,7 @@ class TrainTeachersConfig(ScheduleSettings, DataConfig):
     section: ClassVar[str] = "train_teachers"  # its section of params.yaml
     teachers: list[str] = setting(DEFAULT_TEACHERS, "teacher architectures to train (model registry names; "
                                   "<arch>@<seed>: trained with that seed, saved as <arch>-s<seed>)")
-    out_dir: str = setting("data_cache/teachers", "folder for <arch>.pt checkpoints and metrics.json")
+    out_dir: str = setting("data_cache/teachers", "folder for <name>.pt checkpoints and metrics.json")
     epochs: int = setting(8, "training epochs per teacher")
     batch_size: int = setting(64, "training batch size")
     lr: float = setting(0.05, "peak learning rate (SGD, Nesterov momentum 0.9, --lr-schedule)")

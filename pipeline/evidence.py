@@ -1,6 +1,8 @@
 """What a selection policy weighs, for a batch of store rows: one type, built from a training batch
 (pipeline.distill.Step) or from a store block (`store_evidence`: policies fitting store-wide statistics,
-and `pipeline store selection`), so a policy chooses the same teacher in training as in the report.
+and `pipeline store selection`), so that one policy code serves both. On the eval view a policy chooses in
+training as in the report; a K-view store's other views carry their own Y and O (store-wide statistics are
+those of the eval view), and `random-batch` draws per batch, which the report takes to be a block.
 """
 
 from collections.abc import Callable, Iterator

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import PipelineError
 from pipeline.evidence import Evidence, store_evidence
 from pipeline.maps import resize_maps
 from pipeline.registry import Registry
@@ -58,6 +59,11 @@ class Lowest(Policy):
         return lowest(self.score(evidence), evidence.y, self.tie)
 
 
+def no_ties(evidence: Evidence) -> torch.Tensor:
+    """(B,) False on the evidence's device: for policies that choose by no score."""
+    return torch.zeros_like(evidence.y[:, 0], dtype=torch.bool)
+
+
 POLICIES: Registry[type[Policy]] = Registry("policy")
 
 
@@ -83,7 +89,7 @@ class Global(Policy):
         return [teacher_table(store).set_index("teacher")["mean_drop"].idxmin()]
 
     def choice(self, evidence):
-        return torch.zeros(len(evidence.y), dtype=torch.long), torch.zeros(len(evidence.y), dtype=torch.bool)
+        return torch.zeros_like(evidence.y[:, 0], dtype=torch.long), no_ties(evidence)
 
 
 @POLICIES.add
@@ -97,7 +103,7 @@ class Weighted(Policy):
         return torch.softmax(y.clamp_min(1e-12).log() - confidence_drop(y, evidence.o) / self.temperature, dim=1)
 
     def choice(self, evidence):
-        return self.weights(evidence).argmax(1), torch.zeros(len(evidence.y), dtype=torch.bool)
+        return self.weights(evidence).argmax(1), no_ties(evidence)
 
 
 @POLICIES.add
@@ -141,7 +147,7 @@ class Drawn(Policy):
     def choice(self, evidence):
         if self.drawn is None:
             raise RuntimeError(f"the {self.name} policy draws its teachers in `fit`, which was not called")
-        return self.rows_teacher(evidence.rows.cpu()).to(evidence.y.device), torch.zeros(len(evidence.y), dtype=torch.bool)
+        return self.rows_teacher(evidence.rows.cpu()).to(evidence.y.device), no_ties(evidence)
 
     def rows_teacher(self, rows: torch.Tensor) -> torch.Tensor:
         return self.drawn[rows]
@@ -170,8 +176,11 @@ class PerTeacherDrop(Lowest):
 
     def fit(self, store, teachers, seed):
         blocks = [confidence_drop(e.y, e.o) for e in store_evidence(store, teachers)]
-        if not blocks:
-            raise ValueError(f"the {self.name} policy needs finished store rows of {', '.join(teachers)}")
+        rows = sum(len(block) for block in blocks)
+        if rows < 2:
+            raise PipelineError(f"the {self.name} policy measures each teacher's drops over the store's finished "
+                                f"rows, and store {store.path} has {rows}; finish it with its `pipeline "
+                                "extract-teachers` command")
         self.drops = [column.sort().values for column in torch.cat(blocks).T]
         return self
 

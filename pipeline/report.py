@@ -94,7 +94,8 @@ def compare(runs: pd.DataFrame, pairs: list[tuple[str, str]], alpha: float = 0.0
     its t interval at 1 - alpha, the two-sided paired t test's p-value, and Holm's step-down over the family: the
     adjusted p-value, and the interval at the level Holm tests that comparison at (alpha / (m - i + 1) for the
     i-th smallest p-value, held from the first comparison it cannot reject on, so that an interval excludes 0 just
-    where the adjusted p-value is below alpha)."""
+    where the adjusted p-value is below alpha). m counts every comparison, those with fewer than two pairs (no
+    test: never rejected, last in Holm's order) too, so a missing seed never shrinks the correction."""
     test = runs.set_index(["variant", "seed"])["test_top1"]
     rows = []
     for variant, against in pairs:
@@ -108,7 +109,7 @@ def compare(runs: pd.DataFrame, pairs: list[tuple[str, str]], alpha: float = 0.0
         rows.append(row)
     table = pd.DataFrame(rows, columns=["comparison", "pairs", "diff", "se", "p", "ci_low", "ci_high"])
     order = table.p.dropna().sort_values(kind="stable").index
-    m, running, stop, holm = len(order), 0.0, None, {}
+    m, running, stop, holm = len(table), 0.0, None, {}  # an untested comparison (one pair) still counts in m
     for rank, index in enumerate(order):
         row = table.loc[index]
         running = max(running, min(1.0, (m - rank) * row["p"]))

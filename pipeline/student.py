@@ -57,13 +57,15 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     store.check_holds(dataset.identity())
     method, policy = method_of(cfg.method), POLICIES.get(cfg.policy)(cfg.policy_temperature)
     teachers = method.teachers(store, cfg.teacher, policy)
-    policy = policy.fit(store, teachers, cfg.seed) if method.follows_policy else None
+    policy = policy if method.follows_policy else None
     target = store.attrs["target"]
     if target == "predicted" and policy is not None and policy.mixes_maps:
         unmixed = [name for name in POLICIES.names() if not POLICIES.get(name).mixes_maps]
         raise PipelineError(f"store {store.path} caches maps of each teacher's predicted class; --policy {cfg.policy} "
                             f"would mix maps of different classes: choose {' | '.join(unmixed)}")
     blocks = ranks.agree(lambda: usable_blocks(store, teachers, cfg))
+    if policy is not None:
+        policy.fit(store, teachers, cfg.seed)  # store-wide statistics of the finished blocks: alike on every rank
     info = dataset.info
     check_flip(cfg.flip, info)
     fields = ["images", "labels", *method.arrays(teachers, store.logit_fields)]

@@ -103,7 +103,7 @@ class LrSchedule:
         """Step (from 0) -> the multiple of lr it takes."""
         if self.kind == "step":
             starts = np.cumsum([0] + [steps_per_epoch(epoch) for epoch in range(epochs)])
-            return lambda step: self.decay ** sum(int(starts[m]) <= step for m in self.milestones if m < epochs)
+            return lambda step: self.decay ** sum(int(starts[m]) <= step for m in self.milestones)
         total = max(1, int(sum(steps_per_epoch(epoch) for epoch in range(epochs))))
         return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 

@@ -51,13 +51,15 @@ def test_fit_follows_the_step_schedule_epoch_by_epoch():
     assert [row["lr"] for row in history] == pytest.approx([0.05, 0.025, 0.025, 0.0125])
 
 
-@pytest.mark.parametrize("schedule, milestones, message", [
-    ("step", "", "--lr-milestones \\(epochs >= 1\\) go with --lr-schedule step, and step needs them"),
-    ("cosine", "10", "go with --lr-schedule step"), ("linear", "", "unknown learning-rate schedule 'linear'"),
-    ("step", "ten", "--lr-milestones takes epochs")])
-def test_a_schedule_without_its_milestones_is_refused_in_one_line(schedule, milestones, message, tmp_path):
-    result = invoke("train-teachers", "--lr-schedule", schedule, "--lr-milestones", milestones, "--out-dir", tmp_path,
-                    exit_code=1)
+@pytest.mark.parametrize("schedule, milestones, decay, message", [
+    ("step", "", 0.1, "--lr-milestones go with --lr-schedule step, and step needs them"),
+    ("cosine", "3", 0.1, "go with --lr-schedule step"), ("linear", "", 0.1, "unknown learning-rate schedule 'linear'"),
+    ("step", "ten", 0.1, "--lr-milestones takes epochs"),
+    ("step", "8", 0.1, "distinct epochs from 1 to 7 \\(of --epochs 8: a later one never applies\\); got \\[8\\]"),
+    ("step", "2,2", 0.1, "distinct epochs"), ("step", "2", 1.5, "--lr-decay must be between 0 and 1")])
+def test_a_schedule_that_cannot_apply_is_refused_in_one_line(schedule, milestones, decay, message, tmp_path):
+    result = invoke("train-teachers", "--lr-schedule", schedule, "--lr-milestones", milestones, "--lr-decay", decay,
+                    "--epochs", 8, "--out-dir", tmp_path, exit_code=1)
     assert len(result.output.strip().splitlines()) == 1
     assert re.search(message, result.output), result.output
 

@@ -85,6 +85,16 @@ def test_several_primary_comparisons_get_holms_adjusted_p_values_and_intervals()
     assert table.at["a - kd", "p_holm"] < 0.05 < table.at["b - kd", "p_holm"]
 
 
+def test_a_comparison_without_two_pairs_still_counts_in_holms_family():
+    runs = pd.DataFrame([{"variant": "kd", "seed": s, "test_top1": 0.8} for s in range(3)]
+                        + [{"variant": "a", "seed": s, "test_top1": 0.8 + d} for s, d in enumerate([0.01, 0.03, 0.02])]
+                        + [{"variant": "b", "seed": 0, "test_top1": 0.9}])  # one seed: no test
+    table = compare(runs, [("a", "kd"), ("b", "kd")]).set_index("comparison")
+    p = stats.ttest_rel([0.81, 0.83, 0.82], [0.8] * 3).pvalue
+    assert table.at["a - kd", "p_holm"] == pytest.approx(min(1, 2 * p))  # m = 2, not 1
+    assert pd.isna(table.at["b - kd", "p"]) and pd.isna(table.at["b - kd", "p_holm"]) and table.at["b - kd", "pairs"] == 1
+
+
 def test_comparisons_default_to_every_variant_against_the_baseline_and_name_unknown_variants():
     assert comparison_pairs([], ["ce", "ekd", "kd"], "kd") == [("ce", "kd"), ("ekd", "kd")]
     with pytest.raises(PipelineError, match="no runs of ekd-b1; the runs' variants: ce, ekd, kd"):

@@ -23,14 +23,17 @@ def raw(digits_test_store):
     return teachers, y, o, right
 
 
-def lowest_drop_by_hand(y, o):
-    """The thesis' choice, row by row: the lowest max(0, Y - O) / Y, drops within 0.01 of it to the larger Y."""
-    choice = []
-    for y_row, o_row in zip(y, o):
-        drops = [max(0.0, a - b) / a for a, b in zip(y_row, o_row)]
-        near = [m for m, d in enumerate(drops) if d <= min(drops) + 0.01]
+def lowest_drop_by_hand(y, o, allowed=None):
+    """The thesis' choice, row by row: the lowest max(0, Y - O) / Y (of the `allowed` teachers), drops within 0.01
+    of it to the larger Y; and whether two or more were that close."""
+    choice, tied = [], []
+    for i, (y_row, o_row) in enumerate(zip(y, o)):
+        drops = {m: max(0.0, a - b) / a for m, (a, b) in enumerate(zip(y_row, o_row))
+                 if allowed is None or allowed[i, m]}
+        near = [m for m, d in drops.items() if d <= min(drops.values()) + 0.01]
         choice.append(max(near, key=lambda m: (y_row[m], -m)))
-    return np.array(choice)
+        tied.append(len(near) > 1)
+    return np.array(choice), np.array(tied)
 
 
 def test_the_shares_right_and_expert_figures_match_numpy_on_the_raw_arrays(digits_test_store, raw, tmp_path):
@@ -47,8 +50,9 @@ def test_the_shares_right_and_expert_figures_match_numpy_on_the_raw_arrays(digit
     assert report["rows"] == len(y) and report["any_right"] == pytest.approx(right.any(1).mean())
     assert f"some teacher is right on {right.any(1).mean():.2%}" in result.output
 
-    chosen = lowest_drop_by_hand(y, o)
+    chosen, tied = lowest_drop_by_hand(y, o)
     thesis = report["policies"]["per-sample"]
+    assert thesis["tie"] == pytest.approx(tied.mean()) and tied.any()
     assert thesis["shares"] == {t: pytest.approx((chosen == m).mean()) for m, t in enumerate(teachers)}
     assert thesis["right"] == pytest.approx(right[np.arange(len(y)), chosen].mean())
     expert = np.array([{"left": 0, "right": 1}.get(g, -1) for g in group])
@@ -64,6 +68,16 @@ def test_the_shares_right_and_expert_figures_match_numpy_on_the_raw_arrays(digit
     only = teachers.index(max(best, key=best.get))
     assert best[teachers[only]] == 1.0
     assert report["policies"]["global"]["expert"] == pytest.approx((expert[counted] == only).mean())
+    # correct: the lowest drop among the teachers that are right (all of them where none is)
+    allowed = right | ~right.any(1, keepdims=True)
+    correct, _ = lowest_drop_by_hand(y, o, allowed)
+    assert report["policies"]["correct"]["right"] == pytest.approx(right[np.arange(len(y)), correct].mean())
+    # drop-z: each teacher's drops z-scored over the store's rows (sample std), the lowest wins; float32 as stored,
+    # so a near tie may fall the other way in a row or two
+    drops = np.maximum(0, y - o) / y
+    z = (drops - drops.mean(0)) / drops.std(0, ddof=1)
+    assert report["policies"]["drop-z"]["shares"] == {
+        t: pytest.approx((z.argmin(1) == m).mean(), abs=2 / len(y)) for m, t in enumerate(teachers)}
     # every policy's weights are a distribution over the teachers on every row
     for figures in report["policies"].values():
         assert sum(figures["shares"].values()) == pytest.approx(1.0)

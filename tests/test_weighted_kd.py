@@ -74,13 +74,24 @@ def test_the_kd_term_is_the_weighted_sum_of_each_teachers_kd_by_hand(method, wei
     assert loss_of(terms).item() == pytest.approx(ce + ALPHA * expected_kd(weights_of), rel=1e-5)
 
 
+def teacher_logits():
+    return torch.tensor([TEACHERS[t] for t in TEACHERS]).transpose(0, 1)  # (B, K, C)
+
+
 def test_the_weights_favour_the_teacher_that_knows_the_sample():
+    ca_mkd = method_of("ca-mkd").weights(teacher_logits(), torch.tensor(LABELS))
+    assert ca_mkd.tolist() == [pytest.approx(ca_mkd_weights(i)) for i in range(2)]
     # sample 1: t1 is right and sure, t2 uniform, t3 wrong: CA-MKD ranks them t1 > t2 > t3 by cross-entropy
-    w = ca_mkd_weights(1)
-    assert w[0] > w[1] > w[2] and sum(w) == pytest.approx(1.0)
+    assert ca_mkd[1, 0] > ca_mkd[1, 1] > ca_mkd[1, 2] and ca_mkd.sum(1).tolist() == pytest.approx([1.0, 1.0])
+    ebkd = method_of("ebkd").weights(teacher_logits(), torch.tensor(LABELS))
+    assert ebkd.tolist() == [pytest.approx(ebkd_weights(i)) for i in range(2)]
     # EBKD's weights sum to K - 1 = 2; the uniform teacher (largest entropy) weighs least
-    w = ebkd_weights(1)
-    assert min(w) == w[1] and sum(w) == pytest.approx(2.0)
+    assert ebkd[1].argmin() == 1 and ebkd.sum(1).tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_ebkd_shares_equally_among_teachers_with_no_entropy_at_all():
+    certain = torch.tensor([[[1000.0, 0.0, 0.0], [0.0, 1000.0, 0.0]]])  # two one-hot teachers: entropy 0 each
+    assert method_of("ebkd").weights(certain, torch.tensor([0])).tolist() == [[0.5, 0.5]]  # K - 1 = 1 in all
 
 
 def test_aver_is_not_kd_avg():
