@@ -182,3 +182,17 @@ def test_two_runs_of_one_variant_and_seed_stop_the_report_naming_both(tmp_path):
     assert f"Error: runs kd-s01 and kd-s1 under {tmp_path / 'students'} are both variant kd seed 1; rename or " \
            "remove one" in result.output
     assert not (tmp_path / "report").exists()  # nothing written from an ambiguous pairing
+
+
+def test_the_report_prints_and_writes_the_primary_comparisons_with_holms_correction(tmp_path):
+    for run_name in ("kd-s0", "kd-s1", "ce-s0", "ce-s1", "ekd-s0", "ekd-s1"):
+        make_teacher(tmp_path / "students" / run_name / "checkpoint.pt", "resnet8_slim")
+    args = ["report", "--students-dir", str(tmp_path / "students"), "--out-dir", str(tmp_path / "report")]
+    result = CliRunner().invoke(main, [*args, "--comparisons", "ekd:kd,ekd:ce"])
+    assert result.exit_code == 0, result.output
+    assert "Primary comparisons" in result.output and "Holm's correction over the 2" in result.output
+    table = pd.read_csv(tmp_path / "report/comparisons.csv")
+    assert list(table.comparison) == ["ekd - kd", "ekd - ce"] and {"p_holm", "holm_low", "holm_high"} <= set(table)
+    assert "ekd - ce" in (tmp_path / "report/results.md").read_text()
+    result = CliRunner().invoke(main, [*args, "--comparisons", "ekd-b1:kd"])
+    assert result.exit_code == 1 and "no runs of ekd-b1; the runs' variants: ce, ekd, kd" in result.output
