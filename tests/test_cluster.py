@@ -58,6 +58,7 @@ def test_a_worker_killed_mid_run_costs_only_its_block(teachers, serial_store, tm
     assert_same_store(store, serial_store)
 
 
+@pytest.mark.slow  # a dask cluster each: the default set keeps the one that checks the store
 def test_workers_that_run_two_tasks_at_once_are_refused(teachers, tmp_path):
     """Two tasks in one process would share the teachers' Grad-CAM hooks (silently wrong maps)."""
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
@@ -68,6 +69,7 @@ def test_workers_that_run_two_tasks_at_once_are_refused(teachers, tmp_path):
     assert TeacherStore.open(tmp_path / "s.zarr").teachers == []  # refused at the first task (a teacher's judging)
 
 
+@pytest.mark.slow
 def test_local_workers_keep_their_settings_when_the_nanny_restarts_them():
     """Non-daemonic (so they may start DataLoader workers), no malloc trim threshold, torch's threads the
     cores shared out: also in a worker started again after one died."""
