@@ -321,6 +321,7 @@ def test_cifar_end_to_end_with_a_small_teacher(tmp_path):
     assert TeacherStore.open(tmp_path / "c.zarr").attrs["dataset"]["name"] == "cifar10"
 
 
+@pytest.mark.slow  # seconds the default set cannot spare: CI runs it
 def test_a_teacher_added_later_must_see_the_same_images(imagenet, tmp_path):
     root, teachers = imagenet
     added = teachers[2]  # densenet121: any teacher will do, and it loads in 0.8 s where vgg11's 480 MB take 2.8 s

@@ -236,6 +236,7 @@ def test_student_training_is_deterministic_on_cpu(clean_store, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # three extractions: CI runs it
 def test_on_change_replace_recomputes_what_differs_and_drops_unlisted_teachers(teachers, clean_store, tmp_path):
     import shutil
 
