@@ -49,13 +49,13 @@ class Evidence:
 
 
 
-def store_evidence(store, teachers: list[str], maps: bool = False) -> Iterator[Evidence]:
-    """Per block that every one of `teachers` finished: the evidence of its readable rows in the eval view
-    (view 0); with `maps`, their maps are read too."""
+def store_evidence(store, teachers: list[str], maps: bool = False, blocks: list[int] | None = None) -> Iterator[Evidence]:
+    """Per block of `blocks` (default: those every one of `teachers` finished): the evidence of its readable rows
+    in the eval view (view 0); with `maps`, their maps are read too."""
     classes = store.attrs["dataset"]["num_classes"]
     fields = ["labels", "valid"] + [teacher_array(t, f) for t in teachers
                                     for f in (*store.logit_fields, "y_prob", "o_prob", *(("cam", "cam_max") if maps else ()))]
-    for block in store.finished_blocks(teachers) if teachers else []:
+    for block in (store.finished_blocks(teachers) if blocks is None else blocks) if teachers else []:
         start, stop = store.block_rows(block)
         values = store.read_rows(start, stop, fields)
         valid = values["valid"]

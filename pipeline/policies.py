@@ -30,8 +30,9 @@ class Policy:
     def __init__(self, temperature: float = 0.1):
         self.temperature = temperature  # --policy-temperature (`weighted`)
 
-    def fit(self, store, teachers: list[str], seed: int) -> "Policy":
-        """Take what the policy needs of the whole store (statistics over its rows, a seeded draw per row)."""
+    def fit(self, store, teachers: list[str], seed: int, blocks: list[int] | None = None) -> "Policy":
+        """Take what the policy needs of the whole store (statistics over the rows of `blocks`, default: those every
+        teacher finished; a seeded draw per row)."""
         return self
 
     def teachers(self, store, teachers: list[str]) -> list[str]:
@@ -140,7 +141,7 @@ class Drawn(Policy):
 
     drawn: torch.Tensor | None = None
 
-    def fit(self, store, teachers, seed):
+    def fit(self, store, teachers, seed, blocks=None):
         self.drawn = draws(store.num_samples, len(teachers), seed)
         return self
 
@@ -174,8 +175,8 @@ class PerTeacherDrop(Lowest):
 
     drops: list[torch.Tensor] | None = None  # each teacher's sorted drops over the store's eval view
 
-    def fit(self, store, teachers, seed):
-        blocks = [confidence_drop(e.y, e.o) for e in store_evidence(store, teachers)]
+    def fit(self, store, teachers, seed, blocks=None):
+        blocks = [confidence_drop(e.y, e.o) for e in store_evidence(store, teachers, blocks=blocks)]
         rows = sum(len(block) for block in blocks)
         if rows < 2:
             raise PipelineError(f"the {self.name} policy measures each teacher's drops over the store's finished "

@@ -86,6 +86,9 @@ def comparison_pairs(comparisons: list[str], variants: list[str], baseline: str)
                                 f"{'no runs of ' + ', '.join(unknown) + '; ' if sep else ''}the runs' variants: "
                                 f"{', '.join(sorted(variants))}")
         pairs.append((variant, against))
+    if len(set(pairs)) < len(pairs):
+        raise PipelineError(f"--comparisons {','.join(comparisons)} names a comparison twice, which would count it "
+                            "twice in Holm's correction; name each once")
     return pairs
 
 

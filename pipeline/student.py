@@ -65,7 +65,7 @@ def train_student(cfg: TrainStudentConfig) -> dict:
                             f"would mix maps of different classes: choose {' | '.join(unmixed)}")
     blocks = ranks.agree(lambda: usable_blocks(store, teachers, cfg))
     if policy is not None:
-        policy.fit(store, teachers, cfg.seed)  # store-wide statistics of the finished blocks: alike on every rank
+        policy.fit(store, teachers, cfg.seed, blocks)  # statistics of the blocks the ranks agreed on: alike on each
     info = dataset.info
     check_flip(cfg.flip, info)
     fields = ["images", "labels", *method.arrays(teachers, store.logit_fields)]

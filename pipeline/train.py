@@ -102,6 +102,8 @@ class LrSchedule:
     def factor(self, steps_per_epoch: Callable[[int], int], epochs: int) -> Callable[[int], float]:
         """Step (from 0) -> the multiple of lr it takes."""
         if self.kind == "step":
+            if any(not 1 <= m < epochs for m in self.milestones):
+                raise ValueError(f"milestones {self.milestones} must lie in 1..{epochs - 1} for {epochs} epochs")
             starts = np.cumsum([0] + [steps_per_epoch(epoch) for epoch in range(epochs)])
             return lambda step: self.decay ** sum(int(starts[m]) <= step for m in self.milestones)
         total = max(1, int(sum(steps_per_epoch(epoch) for epoch in range(epochs))))

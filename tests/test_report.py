@@ -99,6 +99,8 @@ def test_comparisons_default_to_every_variant_against_the_baseline_and_name_unkn
     assert comparison_pairs([], ["ce", "ekd", "kd"], "kd") == [("ce", "kd"), ("ekd", "kd")]
     with pytest.raises(PipelineError, match="no runs of ekd-b1; the runs' variants: ce, ekd, kd"):
         comparison_pairs(["ekd-b1:kd"], ["ce", "ekd", "kd"], "kd")
+    with pytest.raises(PipelineError, match="names a comparison twice, which would count it twice in Holm's"):
+        comparison_pairs(["ekd:kd", "ce:kd", "ekd:kd"], ["ce", "ekd", "kd"], "kd")
 
 
 def test_teacher_drops_are_the_cached_scores_of_readable_rows(tmp_path):

@@ -92,6 +92,10 @@ def test_the_weights_favour_the_teacher_that_knows_the_sample():
 def test_ebkd_shares_equally_among_teachers_with_no_entropy_at_all():
     certain = torch.tensor([[[1000.0, 0.0, 0.0], [0.0, 1000.0, 0.0]]])  # two one-hot teachers: entropy 0 each
     assert method_of("ebkd").weights(certain, torch.tensor([0])).tolist() == [[0.5, 0.5]]  # K - 1 = 1 in all
+    # margins of 75 to 90: entropies of about 1e-31, above 0 yet below any clamp; still equal shares, summing to 1
+    for margin in (75.0, 80.0, 90.0):
+        sure = torch.tensor([[[margin, 0.0, 0.0], [0.0, margin, 0.0]]])
+        assert method_of("ebkd").weights(sure, torch.tensor([0])).tolist() == [[0.5, 0.5]], margin
 
 
 def test_aver_is_not_kd_avg():
@@ -110,12 +114,13 @@ def test_methods_that_weigh_teachers_against_each_other_refuse_one_teacher(metho
         method_of(method).teachers(store, None, None)
 
 
-SLOW = pytest.mark.slow  # the policies' runs: the full set (CI) trains each, the default set the methods
+SLOW = pytest.mark.slow  # the policies' runs: the full set (CI) trains each, the default set the methods and drop-z
 
 
 @pytest.mark.parametrize("args", [["--method", "aver"], ["--method", "ca-mkd"], ["--method", "ebkd"],
+                                  ["--policy", "drop-z"],  # a policy fitted to the store, in the default set
                                   *(pytest.param(["--policy", policy], marks=SLOW) for policy in (
-                                      "confident", "masked", "drop-z", "drop-rank", "agreement", "random-batch"))],
+                                      "confident", "masked", "drop-rank", "agreement", "random-batch"))],
                          ids=lambda args: args[1])
 def test_each_trains_a_student_on_the_digits_store(args, digits_test_store, tmp_path):
     result = invoke("train-student", "--split", "test", "--store", digits_test_store, *args, "--epochs", 1,

@@ -71,5 +71,6 @@ class EntropyBased(WeightedKD):
     def weights(self, logits, labels):
         entropy = -(F.softmax(logits, dim=2) * F.log_softmax(logits, dim=2)).sum(2)  # (B, M), at T = 1
         total = entropy.sum(1, keepdim=True)
-        share = torch.where(total > 0, entropy / total.clamp_min(1e-30), torch.full_like(entropy, 1 / entropy.shape[1]))
+        share = torch.where(total > 0, entropy / torch.where(total > 0, total, torch.ones_like(total)),
+                            torch.full_like(entropy, 1 / entropy.shape[1]))
         return 1 - share  # teachers all certain (no entropy at all): equal shares, as for equal entropies
