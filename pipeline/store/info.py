@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline.errors import PipelineError
-from pipeline.scoring import best_explainer, confidence_drop, decided_by_tie
-from pipeline.store.codec import cached_predictions
+from pipeline.evidence import store_evidence
+from pipeline.scoring import confidence_drop, lowest
 from pipeline.store.integrity import Damage, finished_marks, sound_layout
 from pipeline.store.layout import (DIGESTS, EXTRACTION_VERSION, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, digest_array,
                                    fingerprint, teacher_array)
@@ -28,23 +27,16 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
     names = store.teachers
     stats = {name: {"correct": 0, "drop": 0.0, "best": 0, "tie": 0} for name in names}
     shared_rows = 0
-    classes = store.attrs["dataset"]["num_classes"]
-    for block in store.finished_blocks(names) if names else []:
-        fields = ["labels", "valid"] + [teacher_array(n, f) for n in names
-                                        for f in (*store.logit_fields, "y_prob", "o_prob")]
-        rows = store.read_rows(*store.block_rows(block), fields)
-        valid = rows["valid"]
-        y = torch.from_numpy(np.stack([rows[teacher_array(n, "y_prob")] for n in names], 1)[valid])
-        o = torch.from_numpy(np.stack([rows[teacher_array(n, "o_prob")] for n in names], 1)[valid])
-        best, tie = best_explainer(y, o), decided_by_tie(y, o)
-        drops = confidence_drop(y, o)
+    for evidence in store_evidence(store, names):  # the readable rows of the blocks every teacher finished
+        drops = confidence_drop(evidence.y, evidence.o)
+        best, tie = lowest(drops, evidence.y)
         for m, name in enumerate(names):
             s = stats[name]
-            s["correct"] += int((cached_predictions(rows, name, classes) == rows["labels"])[valid].sum())
+            s["correct"] += int(evidence.correct[:, m].sum())
             s["drop"] += float(drops[:, m].sum())
             s["best"] += int((best == m).sum())
             s["tie"] += int(((best == m) & tie).sum())
-        shared_rows += int(valid.sum())
+        shared_rows += len(evidence.y)
     table = []
     for name in names:
         attrs, s = store.teacher_attrs(name), stats[name]
