@@ -1,9 +1,10 @@
 """`pipeline bench`: the project's speed and size figures, each against a peer measured in the same run.
 
-Every time is the median of `repeats` timed runs after one warm-up run, and the setups that a
-ratio compares take turns, so that a change of machine load affects them alike. Stores are
-synthetic (random values of the real shapes and dtypes) unless a figure says otherwise;
-teachers have random weights (no weights can be downloaded here), which changes no timing.
+Every time is the median of `repeats` timed runs after one warm-up run (`--quick`, which only checks
+that every figure is measured, skips it), and the setups that a ratio compares take turns, so that a
+change of machine load affects them alike. Stores are synthetic (random values of the real shapes and
+dtypes) unless a figure says otherwise; teachers have random weights (no weights can be downloaded
+here), which changes no timing.
 """
 
 import contextlib
@@ -76,21 +77,23 @@ class Scale:
     memory_samples: int
     repeats: int
     gpu_batch: int  # the GPU goal (>= 2,500 images/s) is for batch 256
+    warm_up: bool  # a first, untimed turn: for figures; `quick` only checks that each runs
 
 
 ILSVRC2012_TRAIN = 1_281_167  # samples: its store's block size is the reader's
 FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 5, 7,
              (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)),
-             (("resnet18", 224, 256), ("densenet121", 224, 128), ("vgg11", 224, 128)), 8192, 512, 3, 256)
-QUICK = Scale(8192, 1024, 256, 1, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), (("resnet18", 32, 8),), 2048, 32, 1, 8)
+             (("resnet18", 224, 256), ("densenet121", 224, 128), ("vgg11", 224, 128)), 8192, 512, 3, 256, True)
+QUICK = Scale(8192, 1024, 256, 1, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), (("resnet18", 32, 8),), 2048, 32, 1, 8, False)
 
 
 def median_seconds(setups: dict[str, Callable[[], object]], repeats: int,
-                   before: Callable[[], None] = lambda: None) -> dict[str, float]:
+                   before: Callable[[], None] = lambda: None, warm_up: bool = True) -> dict[str, float]:
     """Median wall time of each setup; the setups take turns (in reverse order every other turn, so that
-    none always follows the same one), and the first turn is a warm-up."""
+    none always follows the same one), and the first turn is an untimed warm-up unless `warm_up` is False."""
     times = {name: [] for name in setups}
-    for turn in range(repeats + 1):
+    first = 0 if warm_up else 1
+    for turn in range(first, repeats + 1):
         for name, run in list(setups.items())[::-1 if turn % 2 else 1]:
             before()
             began = time.perf_counter()
@@ -200,8 +203,9 @@ def reader_figures(folder: Path, scale: Scale) -> list[Figure]:
         evict(store.path)
         evict(files)
 
-    seconds = median_seconds({"ours": ours, "zarr": plain_zarr, "files": per_sample}, scale.repeats, before=cold)
-    warm = median_seconds({"ours": ours}, scale.repeats)["ours"]
+    seconds = median_seconds({"ours": ours, "zarr": plain_zarr, "files": per_sample}, scale.repeats, before=cold,
+                             warm_up=scale.warm_up)
+    warm = median_seconds({"ours": ours}, scale.repeats, warm_up=scale.warm_up)["ours"]
     rate = {name: n / seconds[name] for name, n in
             (("ours", store.num_samples), ("zarr", store.num_samples), ("files", scale.per_sample_files))}
     shape = (f"{len(fields)} arrays, {store.num_samples:,} samples in blocks of {store.block_size}, "
@@ -236,7 +240,7 @@ def student_figures(store: Path, folder: Path, scale: Scale) -> list[Figure]:
     setups = {name: (lambda options=options: train_student(TrainStudentConfig(
         dataset="digits", store=str(store), epochs=scale.student_epochs, out_dir=str(folder / "students"),
         **options))) for name, options in runs.items()}
-    seconds = median_seconds(setups, scale.student_repeats)
+    seconds = median_seconds(setups, scale.student_repeats, warm_up=scale.warm_up)
     device = resolve_device("auto").type  # where train-student runs by default
     return [Figure(f"student run {name} / ce ({scale.student_epochs} epochs, digits, resnet8_slim, {device}, "
                    f"median of {scale.student_repeats})",
@@ -279,7 +283,7 @@ def online_figure(path: Path, scale: Scale) -> Figure:
 
     steps = range(scale.student_epochs * 2)
     seconds = median_seconds({"cached": lambda: [cached() for _ in steps], "online": lambda: [online() for _ in steps]},
-                             scale.repeats)
+                             scale.repeats, warm_up=scale.warm_up)
     return Figure("online distillation step / cached (3 digits teachers, batch 64)",
                   seconds["online"] / seconds["cached"], "a prototype's online 3-teacher step: ~8")
 
@@ -310,7 +314,7 @@ def extraction_figures(scale: Scale, device: torch.device) -> list[Figure]:
         if device.type == "cpu" and has_grad_cam():  # the peer runs on the CPU only
             x = normalize(images, teacher.transform.mean, teacher.transform.std)
             setups["grad-cam"] = lambda: grad_cam_package(teacher, x, labels)
-        seconds = median_seconds(setups, scale.repeats)
+        seconds = median_seconds(setups, scale.repeats, warm_up=scale.warm_up)
         autograd = not teacher.layer.linear_head
         limit = 2.5 if autograd else 2.0
         ratio = seconds["ours"] / seconds["bare"]
@@ -364,7 +368,8 @@ def gpu_figures(scale: Scale, device: torch.device) -> list[Figure]:
     labels = torch.randint(0, 1000, (batch,))
 
     seconds = median_seconds({"ours": lambda: (explain_batch(teacher, images, labels, "label", device), sync(device)),
-                              "bare": lambda: bare_forward(teacher, images, device)}, scale.repeats)
+                              "bare": lambda: bare_forward(teacher, images, device)}, scale.repeats,
+                             warm_up=scale.warm_up)
     rate, bare_rate = batch / seconds["ours"], batch / seconds["bare"]
     judged = batch == FULL.gpu_batch
     return [Figure(f"extraction images/s, resnet50 224 px bf16 channels_last, batch {batch} "
