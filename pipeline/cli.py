@@ -229,6 +229,26 @@ def store_selection(path, groups_file, experts, data_root, split_seed, seed, pol
     click.echo(selection_text(report))
 
 
+@main.command("groups")
+@click.option("--dataset", required=True, help="data set registry name")
+@click.option("--split", default="train", show_default=True, help="the split whose samples are listed")
+@click.option("--data-root", default=None, help="where the data set lives")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="seed of the split")
+@click.option("--classes", "class_groups", multiple=True, metavar="NAME=CLASS,CLASS,...",
+              help="a group of classes (repeatable); without it, the data set's own groups (shape-domains' domains)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the CSV file to write (id,group)")
+def groups(dataset, split, data_root, split_seed, class_groups, out):
+    """Write each sample's group as a CSV file (id,group): the --groups file of `pipeline store selection`."""
+    from pipeline.data import get_dataset
+    from pipeline.selection import sample_groups
+
+    table = sample_groups(get_dataset(dataset, split, data_root, split_seed), class_groups)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    counts = table.group.replace("", "(none)").value_counts().sort_index()
+    click.echo(f"{out}: {len(table)} samples of {dataset} {split}; " + ", ".join(f"{g} {n}" for g, n in counts.items()))
+
+
 @store.command("drop-teacher")
 @click.argument("path")
 @click.argument("teacher")

@@ -90,10 +90,19 @@ class TrainTeachersConfig(ScheduleSettings, DataConfig):
     target: str = setting("label", "class whose Grad-CAM the test metrics score: label | predicted")
     shift: int = setting(0, "augmentation: random translation by up to this many pixels (0: none)")
     flip: bool = setting(False, FLIP_HELP)
+    domain: str = setting("", "train on this group of the data set only (a domain of shape-domains; the head "
+                          "keeps every class): a specialist, named <arch>-<domain>")
+    classes: list[int] = setting([], "train on the samples of these classes only (the head keeps every class): "
+                                 "a specialist, named <arch>-c<class>_<class>...")
 
     def __post_init__(self):
         check_choice("target", self.target, TARGETS)
         self.lr_schedule_of()
+        try:
+            self.classes = sorted({int(c) for c in self.classes})  # one spelling, from the command line or params.yaml
+        except ValueError:
+            raise PipelineError(f"--classes takes class numbers, e.g. 0,1,2; got {','.join(map(str, self.classes))}") \
+                from None
 
 
 @dataclass

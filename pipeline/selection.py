@@ -34,6 +34,32 @@ def read_groups(path: str, ids: list[str]) -> np.ndarray:
     return np.array([group.get(i, "") for i in ids], dtype=object)
 
 
+def sample_groups(data, class_groups: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The id,group table of a data set split, for --groups: with `class_groups` (NAME=CLASS,CLASS,...) each
+    sample's group is its class's, "" where none names it; without, the data set's own groups (its domains)."""
+    ids = [data.sample_id(i) for i in range(len(data))]
+    if not class_groups:
+        groups = getattr(data, "groups", None)
+        if groups is None:
+            raise PipelineError(f"data set {data.info.name!r} has no groups of its own (shape-domains has its domains); "
+                                "name groups of classes with --classes NAME=0,1,2")
+        return pd.DataFrame({"id": ids, "group": groups})
+    of_class = {}
+    for entry in class_groups:
+        name, sep, listed = entry.partition("=")
+        try:
+            classes = [int(c) for c in listed.split(",")] if sep and name else None
+        except ValueError:
+            classes = None
+        if classes is None or not all(0 <= c < data.info.num_classes for c in classes):
+            raise PipelineError(f"--classes {entry}: write NAME=CLASS,CLASS,... with classes 0 to "
+                                f"{data.info.num_classes - 1}, e.g. low=0,1,2,3,4")
+        for c in classes:
+            if of_class.setdefault(c, name) != name:
+                raise PipelineError(f"--classes: class {c} is in two groups, {of_class[c]} and {name}")
+    return pd.DataFrame({"id": ids, "group": [of_class.get(int(label), "") for label in data.labels]})
+
+
 def parse_experts(pairs: tuple[str, ...], teachers: list[str], groups: np.ndarray | None) -> dict[str, int]:
     """GROUP=TEACHER pairs -> {group: the teacher's index in `teachers`}."""
     if pairs and groups is None:

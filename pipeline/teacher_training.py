@@ -5,12 +5,13 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.augment import Augmentation, check_flip, model_input
 from pipeline.config import TrainTeachersConfig
-from pipeline.data import get_dataset, get_test_split, get_val_split
+from pipeline.data import ArrayDataset, SampleSet, get_dataset, get_test_split, get_val_split
 from pipeline.errors import PipelineError
 from pipeline.evaluation import evaluate_model, top1
 from pipeline.models import MODELS, count_parameters, create_model
@@ -35,10 +36,49 @@ def named_seeds(teachers: list[str], seed: int) -> list[tuple[str, str, int]]:
     return named
 
 
+def specialty(data: SampleSet, domain: str, classes: list[int]) -> np.ndarray:
+    """The rows of `data` a specialist learns: those of group `domain` ("" for all) and of `classes` ([] for all)."""
+    if not isinstance(data, ArrayDataset):
+        raise PipelineError(f"--domain and --classes train specialists on in-memory data sets (embedded, CIFAR); "
+                            f"{data.info.name} is read from image files")
+    keep = np.ones(len(data), bool)
+    if domain:
+        groups = data.groups
+        if groups is None:
+            raise PipelineError(f"--domain {domain}: data set {data.info.name!r} has no domains; shape-domains has")
+        if domain not in set(groups):
+            raise PipelineError(f"--domain {domain}: not a domain of {data.info.name}; choose one of: "
+                                f"{', '.join(sorted(set(groups)))}")
+        keep &= groups == domain
+    if classes:
+        wrong = [c for c in classes if not 0 <= c < data.info.num_classes]
+        if wrong:
+            raise PipelineError(f"--classes: {wrong[0]} is not a class of {data.info.name} (0 to "
+                                f"{data.info.num_classes - 1})")
+        keep &= np.isin(data.labels, classes)
+    return np.flatnonzero(keep)
+
+
+def specialist_suffix(domain: str, classes: list[int]) -> str:
+    """What a specialist's name adds to its architecture's: -<domain>, -c<class>_<class>..."""
+    return (f"-{domain}" if domain else "") + ("-c" + "_".join(map(str, classes)) if classes else "")
+
+
+def group_top1(model, test: SampleSet) -> dict[str, float]:
+    """Test top-1 on each group of a data set with groups (a specialist's own domain and the others)."""
+    groups = getattr(test, "groups", None)
+    if groups is None:
+        return {}
+    return {f"top1_{group}": top1(model, test.subset(np.flatnonzero(groups == group))) for group in sorted(set(groups))}
+
+
 def train_teachers(cfg: TrainTeachersConfig) -> dict[str, dict]:
     """Train every teacher of `cfg`, write <out-dir>/<name>.pt and metrics.json; returns the metrics."""
-    teachers = named_seeds(cfg.teachers, cfg.seed)
+    suffix = specialist_suffix(cfg.domain, cfg.classes)
+    teachers = [(name + suffix, arch, seed) for name, arch, seed in named_seeds(cfg.teachers, cfg.seed)]
     train = get_dataset(cfg.dataset, "train", cfg.data_root, cfg.split_seed, cfg.download)
+    if suffix:
+        train = train.subset(specialty(train, cfg.domain, cfg.classes))
     test = get_test_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     val = get_val_split(cfg.dataset, cfg.data_root, cfg.split_seed, cfg.download)
     info, out_dir = train.info, Path(cfg.out_dir)
@@ -63,7 +103,7 @@ def train_teachers(cfg: TrainTeachersConfig) -> dict[str, dict]:
         steps = -(-len(train) // cfg.batch_size)
         history = fit(model, batches, loss_fn, epochs=cfg.epochs, steps_per_epoch=lambda epoch: steps,
                       lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule_of(), desc=f"teacher {name}")
-        metrics = {**evaluate_model(model, test, cfg.target, batch_size=256, desc=name),
+        metrics = {**evaluate_model(model, test, cfg.target, batch_size=256, desc=name), **group_top1(model, test),
                    **({"val_top1": top1(model, val)} if val else {}), "params": count_parameters(model)}
         print(f"teacher {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         save_checkpoint(out_dir / f"{name}.pt", model, {

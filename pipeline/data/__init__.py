@@ -6,7 +6,7 @@ else the environment variable PIPELINE_DATA_ROOT, else data_cache/datasets.
 
 import os
 
-from pipeline.data import cifar, cluttered, digits, imagenet, shapes
+from pipeline.data import cifar, cluttered, digits, domains, imagenet, shapes
 from pipeline.data.base import ArrayDataset, DatasetInfo, Geometry, SampleSet, UnknownSplit, normalize
 from pipeline.data.files import ImageFileDataset, UnreadableImage
 from pipeline.registry import Registry
@@ -18,6 +18,7 @@ DATASETS = Registry("data set")
 DATASETS.register("digits")(digits.load)
 DATASETS.register("cluttered-digits")(cluttered.load)
 DATASETS.register("cluttered-shapes")(shapes.load)
+DATASETS.register("shape-domains")(domains.load)
 DATASETS.register("cifar10")(cifar.load_cifar10)
 DATASETS.register("cifar100")(cifar.load_cifar100)
 DATASETS.register("ilsvrc2012")(imagenet.load_ilsvrc2012)

@@ -67,13 +67,20 @@ class SampleSet(torch.utils.data.Dataset):
 
 
 class ArrayDataset(SampleSet):
-    """One split held in memory: images uint8 (N, H, W, C), labels int64 (N,), ids str (N,)."""
+    """One split held in memory: images uint8 (N, H, W, C), labels int64 (N,), ids str (N,), and where the data
+    set has them, `groups` str (N,): each sample's group, such as the domain it is drawn in."""
 
-    def __init__(self, info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray, ids: np.ndarray):
-        if not (len(images) == len(labels) == len(ids)):
-            raise ValueError("images, labels and ids must have the same length")
+    def __init__(self, info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+                 groups: np.ndarray | None = None):
+        if not (len(images) == len(labels) == len(ids)) or (groups is not None and len(groups) != len(ids)):
+            raise ValueError("images, labels, ids and groups must have the same length")
         self.info, self.split = info, split
-        self.images, self.labels, self.ids = images, labels.astype(np.int64), ids
+        self.images, self.labels, self.ids, self.groups = images, labels.astype(np.int64), ids, groups
+
+    def subset(self, rows: np.ndarray) -> "ArrayDataset":
+        """The samples at `rows` (indexes into this split), as a split of their own: a specialist's training data."""
+        return ArrayDataset(self.info, self.split, self.images[rows], self.labels[rows], self.ids[rows],
+                            None if self.groups is None else self.groups[rows])
 
     def image(self, index: int, geometry: Geometry | None = None) -> np.ndarray:
         """The stored image; in-memory data sets have one native geometry."""
