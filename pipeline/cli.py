@@ -234,7 +234,7 @@ def store_selection(path, groups_file, experts, data_root, split_seed, seed, pol
 @click.option("--split", default="train", show_default=True, help="the split whose samples are listed")
 @click.option("--data-root", default=None, help="where the data set lives")
 @click.option("--split-seed", type=int, default=0, show_default=True, help="seed of the split")
-@click.option("--classes", "class_groups", multiple=True, metavar="NAME=CLASS,CLASS,...",
+@click.option("--class-group", "class_groups", multiple=True, metavar="NAME=CLASS,CLASS,...",
               help="a group of classes (repeatable); without it, the data set's own groups (shape-domains' domains)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="the CSV file to write (id,group)")
 def groups(dataset, split, data_root, split_seed, class_groups, out):

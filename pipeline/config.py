@@ -29,6 +29,16 @@ def setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def whole_numbers(option: str, value, example: str) -> list[int]:
+    """A list of whole numbers as params.yaml (a list, one number, "0,1") or the command line gives it."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        return [int(str(item).strip()) for item in items if str(item).strip()]
+    except ValueError:
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        raise PipelineError(f"{option} takes whole numbers, e.g. {example}; got {shown}") from None
+
+
 def check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise PipelineError(f"unknown {kind} {value!r}; choose one of: {', '.join(choices)}")
@@ -59,10 +69,7 @@ class ScheduleSettings:
         from pipeline.train import LrSchedule
 
         check_choice("learning-rate schedule", self.lr_schedule, ("cosine", "step"))
-        try:
-            milestones = tuple(sorted(int(m) for m in self.lr_milestones))
-        except ValueError:
-            raise PipelineError(f"--lr-milestones takes epochs (whole numbers); got {self.lr_milestones}") from None
+        milestones = tuple(sorted(whole_numbers("--lr-milestones", self.lr_milestones, "150,180,210")))
         self.lr_milestones = list(milestones)  # one spelling, from the command line or params.yaml (resume identity)
         epochs = getattr(self, "epochs")
         if (self.lr_schedule == "step") != bool(milestones):
@@ -98,11 +105,7 @@ class TrainTeachersConfig(ScheduleSettings, DataConfig):
     def __post_init__(self):
         check_choice("target", self.target, TARGETS)
         self.lr_schedule_of()
-        try:
-            self.classes = sorted({int(c) for c in self.classes})  # one spelling, from the command line or params.yaml
-        except ValueError:
-            raise PipelineError(f"--classes takes class numbers, e.g. 0,1,2; got {','.join(map(str, self.classes))}") \
-                from None
+        self.classes = sorted(set(whole_numbers("--classes", self.classes, "0,1,2")))  # one spelling
 
 
 @dataclass

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.config import whole_numbers
 from pipeline.errors import PipelineError
 from pipeline.evidence import store_evidence
 from pipeline.policies import POLICIES
@@ -42,21 +43,18 @@ def sample_groups(data, class_groups: tuple[str, ...] = ()) -> pd.DataFrame:
         groups = getattr(data, "groups", None)
         if groups is None:
             raise PipelineError(f"data set {data.info.name!r} has no groups of its own (shape-domains has its domains); "
-                                "name groups of classes with --classes NAME=0,1,2")
+                                "name groups of classes with --class-group NAME=0,1,2")
         return pd.DataFrame({"id": ids, "group": groups})
     of_class = {}
     for entry in class_groups:
         name, sep, listed = entry.partition("=")
-        try:
-            classes = [int(c) for c in listed.split(",")] if sep and name else None
-        except ValueError:
-            classes = None
-        if classes is None or not all(0 <= c < data.info.num_classes for c in classes):
-            raise PipelineError(f"--classes {entry}: write NAME=CLASS,CLASS,... with classes 0 to "
+        classes = whole_numbers(f"--class-group {entry}", listed, "low=0,1,2,3,4") if sep and name else []
+        if not classes or not all(0 <= c < data.info.num_classes for c in classes):
+            raise PipelineError(f"--class-group {entry}: write NAME=CLASS,CLASS,... with classes 0 to "
                                 f"{data.info.num_classes - 1}, e.g. low=0,1,2,3,4")
         for c in classes:
             if of_class.setdefault(c, name) != name:
-                raise PipelineError(f"--classes: class {c} is in two groups, {of_class[c]} and {name}")
+                raise PipelineError(f"--class-group: class {c} is in two groups, {of_class[c]} and {name}")
     return pd.DataFrame({"id": ids, "group": [of_class.get(int(label), "") for label in data.labels]})
 
 

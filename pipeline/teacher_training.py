@@ -113,5 +113,7 @@ def train_teachers(cfg: TrainTeachersConfig) -> dict[str, dict]:
             "config": dataclasses.asdict(cfg), "metrics": metrics, "history": history,
         })
         all_metrics[name] = metrics
-    (out_dir / "metrics.json").write_text(json.dumps(all_metrics, indent=2) + "\n")
+    metrics_file = out_dir / "metrics.json"  # the teachers trained into this folder before keep theirs
+    earlier = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics_file.write_text(json.dumps({**earlier, **all_metrics}, indent=2) + "\n")
     return all_metrics

@@ -46,3 +46,14 @@ def test_only_measures_the_sections_asked_for(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is there")
 def test_gpu_figures_without_a_gpu_are_refused_in_one_line():
     assert "Error: --only gpu needs a CUDA GPU, and torch sees none" in invoke("bench", "--only", "gpu", exit_code=1).output
+
+
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_median_seconds_times_every_setup_repeats_times_in_alternating_order(warm_up):
+    from pipeline.bench import median_seconds
+
+    calls = []
+    seconds = median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warm_up=warm_up)
+    timed = ["b", "a", "a", "b", "b", "a"]  # turns 1, 2 and 3: every other turn in reverse order
+    assert calls == (["a", "b"] if warm_up else []) + timed  # turn 0, the warm-up, first
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())

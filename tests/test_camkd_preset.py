@@ -54,7 +54,7 @@ def test_fit_follows_the_step_schedule_epoch_by_epoch():
 @pytest.mark.parametrize("schedule, milestones, decay, message", [
     ("step", "", 0.1, "--lr-milestones go with --lr-schedule step, and step needs them"),
     ("cosine", "3", 0.1, "go with --lr-schedule step"), ("linear", "", 0.1, "unknown learning-rate schedule 'linear'"),
-    ("step", "ten", 0.1, "--lr-milestones takes epochs"),
+    ("step", "ten", 0.1, "--lr-milestones takes whole numbers, e.g. 150,180,210"),
     ("step", "8", 0.1, "distinct epochs from 1 to 7 \\(of --epochs 8: a later one never applies\\); got \\[8\\]"),
     ("step", "2,2", 0.1, "distinct epochs"), ("step", "2", 1.5, "--lr-decay must be between 0 and 1")])
 def test_a_schedule_that_cannot_apply_is_refused_in_one_line(schedule, milestones, decay, message, tmp_path):

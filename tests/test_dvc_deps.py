@@ -12,7 +12,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = ["dvc.yaml", *(str(p.relative_to(REPO)) for p in sorted((REPO / "studies").glob("*/dvc.yaml")))]
 COMMANDS = {"train-teachers": "train_teachers", "extract-teachers": "extract_teachers",
-            "train-student": "train_student", "evaluate": "evaluate", "report": "report"}
+            "train-student": "train_student", "evaluate": "evaluate", "report": "report",
+            "groups": None, "store": None}  # commands of cli.py itself, without a stage module
 
 
 def module_file(name: str) -> Path | None:
@@ -107,6 +108,29 @@ def test_the_other_stages_depend_on_the_package_and_their_stage(stage, module):
     assert code_deps(stage) == ["pipeline", f"stages/{module}.py"]
     assert {p.relative_to(REPO).parts[0] for p in imported(module)} | {"stages"} == {"pipeline", "stages"}
     assert {p for p in imported(module) if p.parts[-2] == "stages"} == {REPO / f"stages/{module}.py"}
+
+
+@pytest.mark.parametrize(("stage", "module"), [p for c in ("groups", "store") for p in stages(c)])
+def test_the_commands_without_a_stage_depend_on_the_package(stage, module):
+    assert code_deps(stage) == ["pipeline"]
+
+
+def outs(stage: dict) -> list[str]:
+    return [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_what_reads_the_students_depends_on_every_students_checkpoint(pipeline):
+    """evaluate and report read every student of their pipeline: a student rerun must rerun them (a dry run, as
+    tests/test_dvc.py's, cannot show it)."""
+    found = {name: stage.get("do", stage) for name, stage in yaml.safe_load((REPO / pipeline).read_text())["stages"].items()}
+    students = [out.split("${")[0] for stage in found.values() if "pipeline train-student" in stage["cmd"]
+                for out in outs(stage) if out.endswith("checkpoint.pt")]
+    readers = [stage for stage in found.values() if re.search(r"pipeline (evaluate|report)\b", stage["cmd"])]
+    assert students and readers
+    for reader in readers:
+        for prefix in students:
+            assert any(prefix.startswith(dep.rstrip("/") + "/") for dep in reader["deps"]), (prefix, reader["deps"])
 
 
 def test_byte_code_is_no_dependency():

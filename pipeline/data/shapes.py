@@ -53,13 +53,19 @@ def shape_mask(shape: int, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarr
     return (box < 0.85 * r) & (box > 0.5 * r)
 
 
+def dark_gradient(rng: np.random.Generator, darkest: float = 0.35) -> np.ndarray:
+    """A (SIZE, SIZE, 3) ground that runs from one random dark colour to another (channels below `darkest`)."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    start, end = rng.uniform(0, darkest, 3), rng.uniform(0, darkest, 3)
+    along = (np.cos(rng.uniform(0, 2 * np.pi)) * x + np.sin(rng.uniform(0, 2 * np.pi)) * y) / (2 * SIZE) + 0.5
+    return start + (end - start) * along[..., None]
+
+
 def render(index: int, label: int) -> np.ndarray:
     """The float (32, 32, 3) image of sample `index` in [0, 1]."""
     rng = np.random.default_rng([GENERATOR_SEED, index])
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    start, end = rng.uniform(0, 0.35, 3), rng.uniform(0, 0.35, 3)
-    along = (np.cos(rng.uniform(0, 2 * np.pi)) * x + np.sin(rng.uniform(0, 2 * np.pi)) * y) / (2 * SIZE) + 0.5
-    image = start + (end - start) * along[..., None]
+    image = dark_gradient(rng)
     others = [c for c in range(CLASSES) if c != label]
     shapes = [(int(c), DISTRACTOR_RADIUS) for c in rng.choice(others, size=DISTRACTORS)] + [(label, RADIUS)]
     for shape, radius in shapes:  # distractors first: the large shape is drawn whole, on top
