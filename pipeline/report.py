@@ -30,11 +30,13 @@ RUN_NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 
 
 def run_table(cfg: ReportConfig, test: SampleSet) -> pd.DataFrame:
-    """One row per run: variant, seed, validation and test top-1."""
+    """One row per run: variant, seed, validation and test top-1, and the number of test images (`test_n`), which
+    sets how fine a difference the test top-1 can tell."""
     rows = []
     for (variant, seed), path in named_runs(Path(cfg.students_dir)).items():
         model, record = load_checkpoint(path)
-        rows.append({"variant": variant, "seed": seed, "val_top1": record.get("val_top1"), "test_top1": top1(model, test)})
+        rows.append({"variant": variant, "seed": seed, "val_top1": record.get("val_top1"), "test_top1": top1(model, test),
+                     "test_n": len(test)})
     return pd.DataFrame(rows)
 
 

@@ -196,5 +196,7 @@ def test_the_report_prints_and_writes_the_primary_comparisons_with_holms_correct
     table = pd.read_csv(tmp_path / "report/comparisons.csv")
     assert list(table.comparison) == ["ekd - kd", "ekd - ce"] and {"p_holm", "holm_low", "holm_high"} <= set(table)
     assert "ekd - ce" in (tmp_path / "report/results.md").read_text()
+    runs = pd.read_csv(tmp_path / "report/runs.csv")
+    assert len(runs) == 6 and set(runs.test_n) == {360}  # digits' test split: 20 % of 1,797 images
     result = CliRunner().invoke(main, [*args, "--comparisons", "ekd-b1:kd"])
     assert result.exit_code == 1 and "no runs of ekd-b1; the runs' variants: ce, ekd, kd" in result.output
