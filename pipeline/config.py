@@ -31,11 +31,11 @@ def setting(default, help: str):
 
 def whole_numbers(option: str, value, example: str) -> list[int]:
     """A list of whole numbers as params.yaml (a list, one number, "0,1") or the command line gives it."""
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
     try:
         return [int(str(item).strip()) for item in items if str(item).strip()]
     except ValueError:
-        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         raise PipelineError(f"{option} takes whole numbers, e.g. {example}; got {shown}") from None
 
 

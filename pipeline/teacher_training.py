@@ -113,7 +113,8 @@ def train_teachers(cfg: TrainTeachersConfig) -> dict[str, dict]:
             "config": dataclasses.asdict(cfg), "metrics": metrics, "history": history,
         })
         all_metrics[name] = metrics
-    metrics_file = out_dir / "metrics.json"  # the teachers trained into this folder before keep theirs
+    metrics_file = out_dir / "metrics.json"  # the teachers trained into this folder before, still there, keep theirs
     earlier = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    metrics_file.write_text(json.dumps({**earlier, **all_metrics}, indent=2) + "\n")
+    kept = {name: figures for name, figures in earlier.items() if (out_dir / f"{name}.pt").is_file()}
+    metrics_file.write_text(json.dumps({**kept, **all_metrics}, indent=2) + "\n")
     return all_metrics

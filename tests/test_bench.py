@@ -49,11 +49,19 @@ def test_gpu_figures_without_a_gpu_are_refused_in_one_line():
 
 
 @pytest.mark.parametrize("warm_up", [True, False])
-def test_median_seconds_times_every_setup_repeats_times_in_alternating_order(warm_up):
-    from pipeline.bench import median_seconds
+def test_median_seconds_times_every_setup_repeats_times_in_alternating_order(warm_up, monkeypatch):
+    """A fake clock: each call of a setup lasts its turn's number in seconds, so the medians say which turns
+    were timed (the warm-up, turn 0, never)."""
+    from pipeline import bench
 
-    calls = []
-    seconds = median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warm_up=warm_up)
+    now, calls = [0.0], []
+
+    def call(name):
+        calls.append(name)
+        now[0] += 1 + (len(calls) - 1) // 2  # turn t (0, 1, 2, 3 with the warm-up) lasts t + 1 seconds a call
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    seconds = bench.median_seconds({"a": lambda: call("a"), "b": lambda: call("b")}, 3, warm_up=warm_up)
     timed = ["b", "a", "a", "b", "b", "a"]  # turns 1, 2 and 3: every other turn in reverse order
-    assert calls == (["a", "b"] if warm_up else []) + timed  # turn 0, the warm-up, first
-    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    assert calls == (["a", "b"] if warm_up else []) + timed
+    assert seconds == ({"a": 3.0, "b": 3.0} if warm_up else {"a": 2.0, "b": 2.0})  # of lengths 2, 3, 4 (or 1, 2, 3)

@@ -97,6 +97,9 @@ def test_a_class_specialist_learns_its_classes_only(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())  # the first specialist's figures are kept
     assert sorted(metrics) == ["resnet8_slim-c5", "resnet8_slim-s3-c0_2_4"]
     assert metrics["resnet8_slim-s3-c0_2_4"] == record["metrics"]
+    (out / "resnet8_slim-c5.pt").unlink()  # a teacher whose checkpoint is gone loses its figures at the next run
+    invoke("train-teachers", "--teachers", "resnet8_slim", "--classes", "6", "--epochs", 1, "--out-dir", out)
+    assert sorted(json.loads((out / "metrics.json").read_text())) == ["resnet8_slim-c6", "resnet8_slim-s3-c0_2_4"]
 
 
 @pytest.mark.parametrize("args, message", [
