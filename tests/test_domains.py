@@ -36,6 +36,7 @@ def test_splits_are_disjoint_balanced_and_each_sample_has_the_class_and_domain_o
     assert (cells.to_numpy() == 2400 // 30).all()  # every class x domain cell alike
 
 
+@pytest.mark.slow  # 7,200 renders: CI runs it
 def test_no_object_is_drawn_twice(monkeypatch):
     """Noise alone would make every image unique: without it, every object still differs from every other."""
     monkeypatch.setattr(domains, "NOISE_SIGMA", 0.0)
@@ -63,6 +64,7 @@ def test_each_domain_draws_its_own_way(splits):
     assert np.median(blocks[by["texture"]]) < np.median(blocks[by["solid"]]) / 2
 
 
+@pytest.mark.slow  # a teacher trained and evaluated on shape-domains: CI runs it (the class specialist is fast)
 def test_a_domain_specialist_learns_its_domain_only_and_is_named_after_it(tmp_path, splits):
     out = tmp_path / "teachers"
     printed = invoke("train-teachers", "--dataset", "shape-domains", "--teachers", "resnet8_slim", "--domain", "solid",
