@@ -40,7 +40,7 @@ def sample_groups(data, class_groups: tuple[str, ...] = ()) -> pd.DataFrame:
     sample's group is its class's, "" where none names it; without, the data set's own groups (its domains)."""
     ids = [data.sample_id(i) for i in range(len(data))]
     if not class_groups:
-        groups = getattr(data, "groups", None)
+        groups = data.groups
         if groups is None:
             raise PipelineError(f"data set {data.info.name!r} has no groups of its own (shape-domains has its domains); "
                                 "name groups of classes with --class-group NAME=0,1,2")

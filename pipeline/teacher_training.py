@@ -66,7 +66,7 @@ def specialist_suffix(domain: str, classes: list[int]) -> str:
 
 def group_top1(model, test: SampleSet) -> dict[str, float]:
     """Test top-1 on each group of a data set with groups (a specialist's own domain and the others)."""
-    groups = getattr(test, "groups", None)
+    groups = test.groups
     if groups is None:
         return {}
     return {f"top1_{group}": top1(model, test.subset(np.flatnonzero(groups == group))) for group in sorted(set(groups))}

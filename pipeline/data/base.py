@@ -44,6 +44,7 @@ class SampleSet(torch.utils.data.Dataset):
     info: DatasetInfo
     split: str
     labels: np.ndarray
+    groups: np.ndarray | None = None  # each sample's group (shape-domains' domains), where the data set has them
 
     def __len__(self) -> int:
         return len(self.labels)
