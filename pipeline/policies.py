@@ -4,8 +4,8 @@ A policy turns a batch's evidence (pipeline.evidence: the teachers' confidences 
 their cached maps) into (B, M) weights over the M teachers: the student's logit target is their weighted mix,
 and its map target the weighted mix of their maps. `POLICIES` lists them; `--policy` takes their names, and
 `pipeline store selection` shows what each chooses on a store. `per-sample`, the lowest confidence drop, is the
-thesis; the others are controls (random, random-batch, confident, correct) or other explanation scores that
-could earn its place (drop-z, drop-rank, masked, agreement).
+thesis; the others are controls (random, random-batch, confident, confidence-weighted, correct) or other
+explanation scores that could earn its place (drop-z, drop-rank, masked, agreement).
 """
 
 import numpy as np
@@ -102,6 +102,22 @@ class Weighted(Policy):
     def weights(self, evidence):
         y = evidence.y
         return torch.softmax(y.clamp_min(1e-12).log() - confidence_drop(y, evidence.o) / self.temperature, dim=1)
+
+    def choice(self, evidence):
+        return self.weights(evidence).argmax(1), no_ties(evidence)
+
+
+@POLICIES.add
+class ConfidenceWeighted(Policy):
+    """`weighted` without its drop factor: whether `weighted` owes its choices to the explanation or to Y."""
+
+    name = "confidence-weighted"
+    help = "weights proportional to Y: weighted without the drop (a control)"
+    mixes_maps = True
+
+    def weights(self, evidence):
+        y = evidence.y.clamp_min(1e-12)
+        return y / y.sum(dim=1, keepdim=True)
 
     def choice(self, evidence):
         return self.weights(evidence).argmax(1), no_ties(evidence)

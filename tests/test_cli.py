@@ -37,7 +37,7 @@ def test_help_explains_every_option(command):
     (["train-student", "--method", "kd", "--kd-source", "best"], "--kd-source best applies to explain-kd with"),
     (["train-student", "--method", "at", "--kd-source", "best"], "--kd-source best applies to explain-kd with"),
     (["train-student", "--method", "explain-kd", "--policy", "global", "--kd-source", "best"],
-     "--kd-source best applies to explain-kd with --policy agreement | confident | correct | drop-rank | drop-z | masked "
+     "--kd-source best applies to explain-kd with --policy agreement | confidence-weighted | confident | correct | drop-rank | drop-z | masked "
      "| per-sample | random | random-batch | weighted (the others"),
     (["evaluate", "--params", "nowhere.yaml"], "params file nowhere.yaml does not exist"),
     (["store", "info", "nowhere.zarr"], "no teacher store at nowhere.zarr"),

@@ -42,6 +42,15 @@ def test_weighted_is_proportional_to_confidence_times_exp_of_minus_drop_over_t()
     assert weights("weighted")[0, 1] < 0.02  # the unsure teacher gets almost nothing
 
 
+def test_confidence_weighted_is_weighted_without_the_drop():
+    # Y / sum(Y) by hand: row 0 sums to 1.51, row 1 to 1.9; where every drop is equal, weighted gives the same
+    torch.testing.assert_close(weights("confidence-weighted"),
+                               torch.tensor([[0.99 / 1.51, 0.02 / 1.51, 0.5 / 1.51], [0.5 / 1.9, 0.8 / 1.9, 0.6 / 1.9]]))
+    same_drops = dict(y=[[0.9, 0.3]], o=[[0.45, 0.15]], correct=[[True, True]], rows=(0,))  # both drop 0.5
+    torch.testing.assert_close(weights("confidence-weighted", **same_drops), torch.tensor([[0.75, 0.25]]))
+    torch.testing.assert_close(weights("weighted", **same_drops), torch.tensor([[0.75, 0.25]]))
+
+
 def test_random_follows_the_draw_and_the_draw_is_seeded_uniform():
     assert weights("random", drawn=torch.tensor([2, 0])).tolist() == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
     a, b = draws(30_000, 3, seed=1), draws(30_000, 3, seed=1)
@@ -61,7 +70,8 @@ def test_the_options_choices_and_help_come_from_the_registry():
     help_text = " ".join(CliRunner().invoke(main, ["train-student", "--help"], terminal_width=400).output.split())
     for name in POLICIES.names():
         assert f"{name} ({POLICIES.get(name).help})" in help_text
-    with pytest.raises(PipelineError, match="unknown policy 'best'; choose one of: agreement, confident, correct, "
+    with pytest.raises(PipelineError, match="unknown policy 'best'; choose one of: agreement, confidence-weighted, "
+                                            "confident, correct, "
                                             "drop-rank, drop-z, global, masked, per-sample, random, random-batch, "
                                             "weighted"):
         POLICIES.get("best")
