@@ -2,7 +2,8 @@
 
 - One page per study in reports/: `studies/<study>.md` is the study's hand-written page (what it asks, its
   config, the command, the discussion); the line `<!-- generated: study -->` in it (or its end, without one)
-  becomes the study's reports/<study>/results.md, links to its results.csv and runs.csv, and its figures. A
+  becomes the study's reports/<study>/results.md, links to its results.csv and runs.csv, its figures and what
+  `pipeline store selection` wrote for it (reports/selection/<study>-<split>.txt). A
   study of reports/ without a hand-written page gets a page of its own. The figures and CSV files are copied
   into the site beside the page, so every link resolves under `mkdocs build --strict`.
 - `<!-- generated: bench reports/bench.json -->`: the table that `pipeline bench --json PATH` wrote.
@@ -116,6 +117,11 @@ def study_markdown(root: Path, name: str) -> str:
                                                          else len(FIGURES), p.stem))
         for png in pngs:
             out.append(f"![{png.stem}]({link}{png.name})\n\n*{png.name}: {FIGURES.get(png.stem, png.stem)}.*\n")
+    for split in ("train", "val", "test"):
+        selection = root / "reports" / "selection" / f"{name}-{split}.txt"
+        if selection.is_file():
+            out.append(f"What each policy chooses on the {split} store (`reports/selection/{selection.name}`, "
+                       f"`pipeline store selection`):\n\n```text\n{selection.read_text().strip()}\n```\n")
     metrics = root / "reports" / "metrics"
     names = sorted(p.name for p in metrics.glob(f"{name}*.json")
                    if p.stem == name or p.stem.startswith(f"{name}-") and p.stem[len(name) + 1:] in
