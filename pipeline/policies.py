@@ -93,34 +93,39 @@ class Global(Policy):
         return torch.zeros_like(evidence.y[:, 0], dtype=torch.long), no_ties(evidence)
 
 
-@POLICIES.add
-class Weighted(Policy):
-    name = "weighted"
-    help = "weights proportional to Y * exp(-drop / t), t = --policy-temperature"
+class Soft(Policy):
+    """Weights proportional to Y times a per-teacher factor exp(-`penalty` / t): a mix, whose argmax is its choice."""
+
     mixes_maps = True
 
+    def penalty(self, evidence: Evidence) -> torch.Tensor:
+        raise NotImplementedError
+
     def weights(self, evidence):
-        y = evidence.y
-        return torch.softmax(y.clamp_min(1e-12).log() - confidence_drop(y, evidence.o) / self.temperature, dim=1)
+        return torch.softmax(evidence.y.clamp_min(1e-12).log() - self.penalty(evidence) / self.temperature, dim=1)
 
     def choice(self, evidence):
         return self.weights(evidence).argmax(1), no_ties(evidence)
 
 
 @POLICIES.add
-class ConfidenceWeighted(Policy):
+class Weighted(Soft):
+    name = "weighted"
+    help = "weights proportional to Y * exp(-drop / t), t = --policy-temperature"
+
+    def penalty(self, evidence):
+        return confidence_drop(evidence.y, evidence.o)
+
+
+@POLICIES.add
+class ConfidenceWeighted(Soft):
     """`weighted` without its drop factor: whether `weighted` owes its choices to the explanation or to Y."""
 
     name = "confidence-weighted"
     help = "weights proportional to Y: weighted without the drop (a control)"
-    mixes_maps = True
 
-    def weights(self, evidence):
-        y = evidence.y.clamp_min(1e-12)
-        return y / y.sum(dim=1, keepdim=True)
-
-    def choice(self, evidence):
-        return self.weights(evidence).argmax(1), no_ties(evidence)
+    def penalty(self, evidence):
+        return torch.zeros_like(evidence.y)
 
 
 @POLICIES.add
