@@ -90,7 +90,7 @@ def main() -> None:
         loaders, drafted = {}, 0.0
         for name, draft in (("view stream, JPEG draft", True), ("view stream, full decode", False)):
             store = views_store(Path(folder) / f"{draft}.zarr", dataset, args.views, 64, draft)
-            stream = BlockStream(str(store.path), ["images", "labels", "teachers/t/logits"],
+            stream = BlockStream(str(store.location), ["images", "labels", "teachers/t/logits"],
                                  list(range(store.num_blocks)), args.batch_size, dataset=dataset, workers=args.workers)
             loaders[name] = stream, torch.utils.data.DataLoader(
                 stream, batch_size=None, num_workers=args.workers, multiprocessing_context="forkserver")

@@ -35,7 +35,7 @@ def measure(folder: Path, blocks: int, rows: int) -> dict:
     for command in (["git", "init", "-q"], [*dvc, "init", "-q"], [*dvc, "remote", "add", "-d", "shared", str(remote)]):
         subprocess.run(command, cwd=repo, check=True, capture_output=True)
     store = synthetic_store(repo / "store.zarr", blocks * rows, 1000, 7, rows, logits={"mode": "topk", "k": 10})
-    files, size = files_under(store.path), bytes_under(store.path)
+    files, size = files_under(store.location.path), bytes_under(store.location.path)
     add = timed(repo, *dvc, "add", "-q", "store.zarr")
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@example.org", "commit", "-qm", "store"],

@@ -164,13 +164,13 @@ def bytes_under(root: Path) -> int:
 
 def stream_pass(store: TeacherStore, fields: list[str]) -> None:
     """One epoch of stage two's reader over every block (a new stream: nothing is held from before)."""
-    for _ in BlockStream(str(store.path), fields, list(range(store.num_blocks)), 256, seed=1):
+    for _ in BlockStream(str(store.location), fields, list(range(store.num_blocks)), 256, seed=1):
         pass
 
 
 def zarr_pass(store: TeacherStore, fields: list[str]) -> None:
     """The peer: zarr's own reads of the same arrays, a block of each at a time."""
-    group = zarr.open_group(store.path, mode="r")
+    group = zarr.open_group(store.location.path, mode="r")  # bench stores are folders
     arrays = [group[f] for f in ["valid", *fields]]
     for start, stop in map(store.block_rows, range(store.num_blocks)):
         for array in arrays:
@@ -200,7 +200,7 @@ def reader_figures(folder: Path, scale: Scale) -> list[Figure]:
             torch.load(files / f"{i}.pt", weights_only=True)
 
     def cold():
-        evict(store.path)
+        evict(store.location.path)
         evict(files)
 
     seconds = median_seconds({"ours": ours, "zarr": plain_zarr, "files": per_sample}, scale.repeats, before=cold,
@@ -256,7 +256,7 @@ def online_figure(path: Path, scale: Scale) -> Figure:
     info = get_dataset("digits", "train").info
     store = TeacherStore.open(path)
     fields = ["images", "labels", *method_of("explain-kd").arrays(store.teachers, store.logit_fields)]
-    batch = next(iter(BlockStream(str(store.path), fields, [0], 64)))
+    batch = next(iter(BlockStream(str(store.location), fields, [0], 64)))
     teachers = []
     for arch in DIGITS_TEACHERS:
         model = create_model(arch, info.image_shape[2], info.num_classes).eval()
@@ -389,7 +389,7 @@ def bytes_figures(folder: Path, scale: Scale) -> list[Figure]:
             name = f"{shape}-{'full' if logits is None else 'top10'}"
             store = synthetic_store(folder / f"{name}.zarr", scale.bytes_samples, classes, side,
                                     min(4096, scale.bytes_samples), logits, teachers=("t0",))
-            value = bytes_under(store.path / "teachers" / "t0") / scale.bytes_samples
+            value = store.location.size("teachers/t0") / scale.bytes_samples
             goal = shape == "ImageNet" and logits is not None
             figures.append(Figure(f"store bytes/sample/teacher, {shape} shape, {side}x{side} maps, "
                                   f"{'full' if logits is None else 'top-10'} logits (synthetic values)", value, "-",

@@ -108,7 +108,7 @@ class Extraction:
             )
             names = [t.name for t in self.teachers]
             for name in set(store.teachers) - set(names) if replace else ():
-                print(f"dropping teacher {name} from {store.path}: not among --teachers (--on-change replace)")
+                print(f"dropping teacher {name} from {store.location}: not among --teachers (--on-change replace)")
                 store.drop_teacher(name)
             new = [t for t in self.teachers if not store.holds(t.name, t.identity)]
             for t in new:
@@ -213,7 +213,7 @@ def pending_work(cfg: ExtractConfig, extraction: Extraction, store: TeacherStore
     part, parts = cfg.block_part()
     pending = {t.name: {b for b in store.pending_blocks(t.name) if b % parts == part} for t in extraction.teachers}
     blocks = sorted(set().union(*pending.values()))
-    print(f"store {store.path}: {len(blocks)} of {store.num_blocks} blocks to extract"
+    print(f"store {store.location}: {len(blocks)} of {store.num_blocks} blocks to extract"
           + (f" (part {cfg.blocks})" if cfg.blocks else "") + f" {where}")
     views = extraction.views.count
     with tqdm(total=len(blocks), desc=f"extract {cfg.split} ({len(extraction.teachers)} teachers, {views} "

@@ -81,7 +81,7 @@ def named_or_best_teacher(store: "TeacherStore", teacher: str | None, method: st
     lacking = sorted(name for name, figure in judged.items() if figure is None)
     if lacking:
         raise PipelineError(
-            f"{method} needs one teacher, and {', '.join(lacking)} of store {store.path} has no top-1 measured on this "
+            f"{method} needs one teacher, and {', '.join(lacking)} of store {store.location} has no top-1 measured on this "
             "data's held-out split (the data set has none besides its test split; a checkpoint's own figure of "
             f"other data does not count); name one with --teacher, one of: {', '.join(store.teachers)}"
             + ("; or take each sample's logits from the teachers it selects with --kd-source selected"

@@ -201,7 +201,7 @@ class PerTeacherDrop(Lowest):
         rows = sum(len(block) for block in blocks)
         if rows < 2:
             raise PipelineError(f"the {self.name} policy measures each teacher's drops over the store's finished "
-                                f"rows, and store {store.path} has {rows}; finish it with its `pipeline "
+                                f"rows, and store {store.location} has {rows}; finish it with its `pipeline "
                                 "extract-teachers` command")
         self.drops = [column.sort().values for column in torch.cat(blocks).T]
         return self

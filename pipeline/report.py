@@ -206,7 +206,7 @@ def explanation_rows(store: TeacherStore, test: SampleSet, runs: dict[str, Path]
     rows_done = np.concatenate([np.arange(*store.block_rows(b)) for b in finished]) if finished else np.zeros(0, int)
     readable = rows_done[store.read_rows(0, store.num_samples, ["valid"])["valid"][rows_done]]
     if not len(readable):
-        raise PipelineError(f"store {store.path} has no finished, readable rows to draw; finish its extraction")
+        raise PipelineError(f"store {store.location} has no finished, readable rows to draw; finish its extraction")
     indices = readable[np.linspace(0, len(readable) - 1, min(count, len(readable))).round().astype(int)]
     images = torch.from_numpy(np.stack([test.image(int(i)) for i in indices]))
     labels = torch.as_tensor(test.labels[indices])

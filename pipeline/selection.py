@@ -93,9 +93,9 @@ def selection(store, seed: int = 0, temperature: float = 0.1, groups: np.ndarray
     the row's group's expert. Plus the rows counted and how many of them some teacher gets right."""
     teachers = store.teachers
     if not teachers:
-        raise PipelineError(f"store {store.path} holds no teachers; run `pipeline extract-teachers` first")
+        raise PipelineError(f"store {store.location} holds no teachers; run `pipeline extract-teachers` first")
     if not store.finished_blocks(teachers):
-        raise PipelineError(f"store {store.path} has no block that every teacher finished; finish it with its "
+        raise PipelineError(f"store {store.location} has no block that every teacher finished; finish it with its "
                             "`pipeline extract-teachers` command")
     policies = {}
     for name in POLICIES.names():
@@ -122,8 +122,8 @@ def selection(store, seed: int = 0, temperature: float = 0.1, groups: np.ndarray
         rows += len(evidence.y)
         any_right += int(evidence.correct.any(1).sum())
     if not rows:
-        raise PipelineError(f"store {store.path} has no readable row in the blocks every teacher finished")
-    return {"store": str(store.path), "rows": rows, "any_right": any_right / rows, "teachers": teachers,
+        raise PipelineError(f"store {store.location} has no readable row in the blocks every teacher finished")
+    return {"store": str(store.location), "rows": rows, "any_right": any_right / rows, "teachers": teachers,
             "expert_rows": expert_rows if experts else None,
             "policies": {name: {"shares": dict(zip(teachers, (t["shares"] / rows).tolist())), "right": t["right"] / rows,
                                 "tie": t["tie"] / rows, "expert": t["expert"] / expert_rows if expert_rows else None}

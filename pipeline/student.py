@@ -39,7 +39,7 @@ def usable_blocks(store: TeacherStore, teachers: list[str], cfg: TrainStudentCon
         state = f"{len(blocks)}/{store.num_blocks} blocks finished for {', '.join(teachers)}"
         if not cfg.allow_partial or not blocks:
             raise PipelineError(
-                f"store {store.path} is incomplete ({state}); rerun the same `pipeline extract-teachers` "
+                f"store {store.location} is incomplete ({state}); rerun the same `pipeline extract-teachers` "
                 "command to finish it" + (", or pass --allow-partial" if blocks else "")
             )
         rows = sum(stop - start for start, stop in map(store.block_rows, blocks))
@@ -61,7 +61,7 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     target = store.attrs["target"]
     if target == "predicted" and policy is not None and policy.mixes_maps:
         unmixed = [name for name in POLICIES.names() if not POLICIES.get(name).mixes_maps]
-        raise PipelineError(f"store {store.path} caches maps of each teacher's predicted class; --policy {cfg.policy} "
+        raise PipelineError(f"store {store.location} caches maps of each teacher's predicted class; --policy {cfg.policy} "
                             f"would mix maps of different classes: choose {' | '.join(unmixed)}")
     blocks = ranks.agree(lambda: usable_blocks(store, teachers, cfg))
     if policy is not None:

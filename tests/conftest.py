@@ -14,6 +14,7 @@ from pipeline.distill import DistillationLoss, LossSettings
 from pipeline.fabricate import make_cifar, make_teacher, make_torchvision_teacher  # noqa: F401 (the tests' helpers too)
 from pipeline.methods import method_of
 from pipeline.policies import POLICIES
+from pipeline.store.location import location
 from pipeline.train import Resume
 
 
@@ -95,9 +96,9 @@ def reference_arrays(path: Path) -> dict[str, np.ndarray]:
     return cached[1]
 
 
-def store_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a Zarr store by its path, read with plain zarr."""
-    group = zarr.open_group(path, mode="r")
+def store_arrays(path: Path | str) -> dict[str, np.ndarray]:
+    """Every array of a Zarr store by its path or URL, read with plain zarr."""
+    group = zarr.open_group(location(path).zarr_store(read_only=True), mode="r")
     return {name: array[...] for name, array in group.arrays()} | {
         f"teachers/{t}/{name}": array[...]
         for t, teacher in group["teachers"].groups() for name, array in teacher.arrays()

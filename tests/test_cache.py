@@ -147,7 +147,7 @@ def test_a_chunk_whose_header_states_another_size_is_damage_even_with_a_valid_ch
     import google_crc32c
 
     store = written_store(tmp_path / "s.zarr")
-    path = store.shard_file("teachers/t1/y_prob", 1)
+    path = store.location / store.shard_key("teachers/t1/y_prob", 1)
     data = bytearray(path.read_bytes())
     index = np.frombuffer(bytes(data[-36:-4]), "<u8").reshape(2, 2)  # 2 chunks: (offset, length), then crc32c
     offset, length = (int(v) for v in index[0])
@@ -164,7 +164,7 @@ def test_a_shard_left_from_another_teacher_or_an_earlier_extraction_is_refused(t
     """A shard file bound to its place by array, block, view and its writer's fingerprint, and by its bytes: one
     written by another teacher of the same name, or at the same place by an earlier extraction, is refused."""
     store = written_store(tmp_path / "s.zarr")
-    path = store.shard_file("teachers/t1/cam", 1)
+    path = store.location / store.shard_key("teachers/t1/cam", 1)
     other = TeacherStore.create(tmp_path / "other.zarr", identity(), np.arange(N) % C,
                                 np.arange(N * 16, dtype=np.uint8).reshape(N, 4, 4, 1), target="label", block_size=4,
                                 chunks_per_block=2, views=ViewPolicy(count=1, shift=1))
@@ -176,7 +176,7 @@ def test_a_shard_left_from_another_teacher_or_an_earlier_extraction_is_refused(t
                                     "view_boxes": rng.integers(-9, 9, (stop - start, 1, 4)).astype(np.int32),
                                     "view_flips": rng.random((stop - start, 1)) < 0.5})
         other.write_block("t1", block, block_arrays(rng, stop - start, 1))
-    foreign = other.shard_file("teachers/t1/cam", 1)
+    foreign = other.location / other.shard_key("teachers/t1/cam", 1)
     assert foreign.read_bytes() == path.read_bytes()  # ... so the files are byte for byte the same
     original = path.read_bytes()
     store.writable("teachers/t1/cam")[4:8] = 255 - store.read_rows(4, 8, ["teachers/t1/cam"])["teachers/t1/cam"][:, None]

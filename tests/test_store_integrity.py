@@ -24,12 +24,14 @@ def clean_store(digits_test_store):
     return digits_test_store  # conftest's extraction of the test split: split_test_args, uninterrupted
 
 
-def run_pipeline(args, output):
-    """`pipeline ARGS` in this process, printing into the file `output`; exits with the command's status."""
+def run_pipeline(args, output, environ=None):
+    """`pipeline ARGS` in this process, printing into the file `output`, with `environ` set (the forkserver's
+    environment is that of its start); exits with the command's status."""
     import contextlib
 
     from pipeline.cli import main
 
+    os.environ.update(environ or {})
     with open(output, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         main([str(a) for a in args], prog_name="pipeline")
 
@@ -39,13 +41,13 @@ class spawn:
     comes from the forkserver (conftest preloads torch and the library there), not from a new interpreter that
     imports them anew (5 s a process); it writes the store as any process does, and SIGKILL kills it as any."""
 
-    def __init__(self, args):
+    def __init__(self, args, environ=None):
         import multiprocessing
         import tempfile
 
         self.output = tempfile.NamedTemporaryFile("r", suffix=".out")
         self.process = multiprocessing.get_context("forkserver").Process(target=run_pipeline,
-                                                                         args=(args, self.output.name))
+                                                                         args=(args, self.output.name, environ))
         self.process.start()
         self.pid = self.process.pid
 

@@ -28,7 +28,7 @@ def epoch_rows(stream):
 
 def test_every_row_once_per_epoch_reading_whole_blocks(tmp_path, monkeypatch):
     store = make_store(tmp_path / "s.zarr")
-    stream = BlockStream(str(store.path), ["images", "labels"], list(range(store.num_blocks)), batch_size=5, seed=3)
+    stream = BlockStream(str(store.location), ["images", "labels"], list(range(store.num_blocks)), batch_size=5, seed=3)
     reads = []  # of the epoch (the constructor counts each block's valid rows)
     original = TeacherStore.read_rows
     monkeypatch.setattr(TeacherStore, "read_rows",
@@ -42,8 +42,8 @@ def test_every_row_once_per_epoch_reading_whole_blocks(tmp_path, monkeypatch):
 def test_a_small_store_is_read_from_disk_once_in_one_process(tmp_path, monkeypatch):
     store = make_aligned_store(tmp_path / "s.zarr")
     blocks, fields = list(range(store.num_blocks)), ["images", "labels", "teachers/t/logits", "teachers/t/cam"]
-    held = BlockStream(str(store.path), fields, blocks, batch_size=5, seed=3)
-    unheld = BlockStream(str(store.path), fields, blocks, batch_size=5, seed=3, hold_bytes=0)
+    held = BlockStream(str(store.location), fields, blocks, batch_size=5, seed=3)
+    unheld = BlockStream(str(store.location), fields, blocks, batch_size=5, seed=3, hold_bytes=0)
     reads = []
     original = TeacherStore.read_rows
     monkeypatch.setattr(TeacherStore, "read_rows",
@@ -60,12 +60,12 @@ def test_a_small_store_is_read_from_disk_once_in_one_process(tmp_path, monkeypat
             mine["labels"] += 100  # a consumer that changes its batch in place changes no later epoch
     assert len(reads) == (3 + 1) * store.num_blocks  # the unheld stream: every epoch; the held one: the first only
     # workers are new processes every epoch: nothing to hold
-    assert BlockStream(str(store.path), ["labels"], blocks, batch_size=5, workers=2).held is None
+    assert BlockStream(str(store.location), ["labels"], blocks, batch_size=5, workers=2).held is None
 
 
 def test_order_depends_on_seed_and_epoch_only(tmp_path):
     store = make_store(tmp_path / "s.zarr")
-    stream = BlockStream(str(store.path), ["labels"], list(range(store.num_blocks)), batch_size=4, seed=1)
+    stream = BlockStream(str(store.location), ["labels"], list(range(store.num_blocks)), batch_size=4, seed=1)
     first = epoch_rows(stream)
     assert epoch_rows(stream) == first
     stream.set_epoch(1)
@@ -78,7 +78,7 @@ def test_each_epochs_rows_come_in_the_order_the_seed_fixes(tmp_path, rank, ranks
     """The order written out with numpy: the epoch's block permutation (seed, epoch), every `ranks`-th block
     from `rank` on, windows of 2 blocks, and each window's rows permuted by the (seed, epoch, worker 1) stream."""
     store = make_store(tmp_path / "s.zarr")  # 23 rows in 6 blocks of 4 (the last of 3); labels are row numbers
-    stream = BlockStream(str(store.path), ["labels"], list(range(6)), batch_size=5, seed=11, rank=rank, ranks=ranks)
+    stream = BlockStream(str(store.location), ["labels"], list(range(6)), batch_size=5, seed=11, rank=rank, ranks=ranks)
     for epoch in range(3):
         blocks = np.random.default_rng([11, epoch]).permutation(6)[rank::ranks]
         shuffle = np.random.default_rng([11, epoch, 1])
@@ -96,7 +96,7 @@ def test_each_epochs_rows_come_in_the_order_the_seed_fixes(tmp_path, rank, ranks
 
 def test_only_the_given_blocks_are_read(tmp_path):
     store = make_store(tmp_path / "s.zarr")
-    stream = BlockStream(str(store.path), ["labels"], [0, 5], batch_size=8, seed=0)
+    stream = BlockStream(str(store.location), ["labels"], [0, 5], batch_size=8, seed=0)
     assert sorted(sum(epoch_rows(stream), [])) == [0, 1, 2, 3, 20, 21, 22]
     assert stream.num_batches(0) == 1  # one window of 7 rows
 
@@ -129,9 +129,9 @@ def make_aligned_store(path, invalid=(2, 9, 10, 11, 17)):
 def test_workers_keep_every_field_aligned_skip_invalid_rows_and_yield_exactly_the_planned_batches(tmp_path):
     invalid = (2, 9, 10, 11, 17)
     store = make_aligned_store(tmp_path / "s.zarr", invalid)
-    TeacherStore.open(store.path).read_rows(0, 4, ["labels"])  # the parent has used zarr before forking workers
+    TeacherStore.open(store.location).read_rows(0, 4, ["labels"])  # the parent has used zarr before forking workers
     fields = ["images", "labels", "teachers/t/logits", "teachers/t/cam", "teachers/t/cam_max", "teachers/t/y_prob"]
-    stream = BlockStream(str(store.path), fields, list(range(store.num_blocks)), batch_size=3, seed=0, workers=2)
+    stream = BlockStream(str(store.location), fields, list(range(store.num_blocks)), batch_size=3, seed=0, workers=2)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context="forkserver")
     for epoch in range(3):
         stream.set_epoch(epoch)
@@ -162,7 +162,7 @@ def test_learning_rate_schedule_spans_exactly_the_batches_workers_yield(tmp_path
     from pipeline.train import fit
 
     store = make_aligned_store(tmp_path / "s.zarr")
-    stream = BlockStream(str(store.path), ["images", "labels"], list(range(store.num_blocks)), batch_size=3, seed=0,
+    stream = BlockStream(str(store.location), ["images", "labels"], list(range(store.num_blocks)), batch_size=3, seed=0,
                          workers=2)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, multiprocessing_context="forkserver")
     seen = []
@@ -210,7 +210,7 @@ def test_each_epoch_reads_one_view_per_block_cycling_and_renders_its_box(tmp_pat
                                        "y_prob": per_view(lambda v: r / 100), "o_prob": per_view(lambda v: r / 100),
                                        "attention": zeros, "attention_max": per_view(lambda v: r * 0.0)})
     blocks = list(range(store.num_blocks))
-    stream = BlockStream(str(store.path), ["images", "labels", "teachers/t/logits"], blocks, batch_size=5, seed=7)
+    stream = BlockStream(str(store.location), ["images", "labels", "teachers/t/logits"], blocks, batch_size=5, seed=7)
     used = {b: [] for b in blocks}
     for epoch in range(6):
         stream.set_epoch(epoch)
@@ -228,6 +228,6 @@ def test_each_epoch_reads_one_view_per_block_cycling_and_renders_its_box(tmp_pat
     for block, seen in used.items():  # each view once in every 3 epochs, in an order of the block's own
         assert sorted(v for _, v in seen[:3]) == [0, 1, 2] and [v for _, v in seen[3:]] == [v for _, v in seen[:3]]
     assert len({tuple(v for _, v in seen[:3]) for seen in used.values()}) > 1
-    eval_only = BlockStream(str(store.path), ["teachers/t/logits"], blocks, batch_size=5, seed=7, eval_view=True)
+    eval_only = BlockStream(str(store.location), ["teachers/t/logits"], blocks, batch_size=5, seed=7, eval_view=True)
     eval_only.set_epoch(4)
     assert all((batch["teachers/t/logits"][:, 0] < 100).all() for batch in eval_only)

@@ -47,7 +47,7 @@ class Method:
     def teachers(self, store, teacher: str | None, policy) -> list[str]:
         """The store teachers it learns from (`teacher`: the one named by --teacher)."""
         if not store.teachers:
-            raise PipelineError(f"store {store.path} holds no teachers; run `pipeline extract-teachers` first")
+            raise PipelineError(f"store {store.location} holds no teachers; run `pipeline extract-teachers` first")
         return store.teachers
 
     def describe(self, cfg, teachers: list[str], kd_teacher: str | None) -> str:

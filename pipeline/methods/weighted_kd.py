@@ -28,7 +28,7 @@ class WeightedKD(Method):
         teachers = super().teachers(store, teacher, policy)
         if len(teachers) < self.least_teachers:
             raise PipelineError(f"{self.name} weighs {self.least_teachers} or more teachers against each other; store "
-                                f"{store.path} holds {len(teachers)} ({', '.join(teachers)}): add a teacher with "
+                                f"{store.location} holds {len(teachers)} ({', '.join(teachers)}): add a teacher with "
                                 "`pipeline extract-teachers`, or use --method kd")
         return teachers
 

@@ -60,11 +60,11 @@ class ShardDigests:
         """(files, 16) the digests recorded for `block`'s shard files of `owner` (zeros: none, with `missing_ok`
         where the record itself is missing)."""
         array = digest_array(owner)
-        path = self.store.shard_file(array, block)
-        if missing_ok and not path.is_file():
+        key = self.store.shard_key(array, block)
+        if missing_ok and not self.store.location.exists(key):
             return np.zeros((len(self.files(owner)), DIGEST_BYTES), np.uint8)
         try:
-            return read_shard_rows(path, self.store.layout(array), 0, 1)[0]
+            return read_shard_rows(self.store.location, key, self.store.layout(array), 0, 1)[0]
         except ShardDamage as damage:
             raise self.store.damaged(array, block, str(damage)) from None
 
@@ -89,6 +89,6 @@ class ShardDigests:
         writer = self.writer(owner)
         for i, (array, view) in enumerate(files):
             if arrays is None or array in arrays:
-                data = self.store.shard_file(array, block, view).read_bytes()
+                data = self.store.location.read(self.store.shard_key(array, block, view))
                 digests[i] = np.frombuffer(Binding(array, block, view, writer).digest(data), np.uint8)
         self.store.writable(digest_array(owner))[block] = digests

@@ -3,7 +3,6 @@
 Both walk the store one block at a time, so they work on stores far larger than memory.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,10 +14,6 @@ from pipeline.store.integrity import Damage, finished_marks, sound_layout
 from pipeline.store.layout import (DIGESTS, EXTRACTION_VERSION, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, digest_array,
                                    fingerprint, teacher_array)
 from pipeline.store.teacher_store import TeacherStore, view_shapes
-
-
-def bytes_on_disk(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def teacher_table(store: TeacherStore) -> pd.DataFrame:
@@ -50,7 +45,7 @@ def teacher_table(store: TeacherStore) -> pd.DataFrame:
             "best_explainer": s["best"] / shared_rows if shared_rows else float("nan"),
             "best_by_tie": s["tie"] / shared_rows if shared_rows else float("nan"),
             "layer": attrs.get("target_layer"), "map": "x".join(map(str, attrs.get("map_shape", []))),
-            "bytes": bytes_on_disk(store.path / TEACHERS / name),
+            "bytes": store.location.size(f"{TEACHERS}/{name}"),
             "blocks": f"{done}/{store.num_blocks}",
         })
     return pd.DataFrame(table)
@@ -74,7 +69,7 @@ def describe(store: TeacherStore) -> str:
     names = store.teachers
     complete = names and len(store.finished_blocks(names)) == store.num_blocks
     lines = [
-        f"store      {store.path}  ({attrs['format']} v{attrs['version']}, {bytes_on_disk(store.path):,} bytes)",
+        f"store      {store.location}  ({attrs['format']} v{attrs['version']}, {store.location.size():,} bytes)",
         f"dataset    {dataset['name']}/{dataset['split']}: {dataset['num_samples']} samples, "
         f"{dataset['num_classes']} classes, images {'x'.join(map(str, dataset['image_shape']))}",
         f"target     {attrs['target']}; blocks of {attrs['block_size']} rows: {store.num_blocks}",
@@ -133,7 +128,7 @@ def verify(store: TeacherStore, damage: list[Damage], quick: bool = False) -> li
         try:
             group, t_attrs = store.teacher_group(name), store.teacher_attrs(name)
         except PipelineError as error:  # registered, its folder lost
-            problems.append(str(error).split(f"store {store.path} is ", 1)[-1])
+            problems.append(str(error).split(f"store {store.location} is ", 1)[-1])
             continue
         if t_attrs.get("fingerprint") != fingerprint({k: t_attrs.get(k) for k in TEACHER_IDENTITY}):
             problems.append(f"{name}: fingerprint does not match its identity attributes")

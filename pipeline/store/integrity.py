@@ -45,12 +45,12 @@ class Damage:
 def shard_damage(store: TeacherStore, array: str, block: int, quick: bool) -> str | None:
     """What is wrong with `block` of `array` (the first damaged view's, for an array with views), or None."""
     layout, chunks = store.layout(array), range(store.block_chunks(array, block))
-    for view, path in enumerate(store.shard_files(array, block)):
+    for view, key in enumerate(store.shard_keys(array, block)):
         try:
             if quick:
-                check_index(path, layout, chunks)
+                check_index(store.location, key, layout, chunks)
             else:
-                decode_chunks(path, layout, chunks, recorded_binding(store, array, block, view))
+                decode_chunks(store.location, key, layout, chunks, recorded_binding(store, array, block, view))
         except ShardDamage as damage:
             return f"{damage} (view {view})" if layout.views > 1 else str(damage)
     return None
@@ -120,8 +120,8 @@ def repair_damage(store: TeacherStore, damage: list[Damage]) -> None:
         if item.array == DIGESTS:  # rewrites it; the shared files' digests lost: their files are rewritten
             lost += store.shared_arrays
         for array in lost:
-            for path in store.shard_files(array, item.block):
-                path.unlink(missing_ok=True)
+            for key in store.shard_keys(array, item.block):
+                store.location.delete(key)
         teachers = [item.teacher] if item.teacher else store.teachers if item.array in (*SAMPLE_ARRAYS, DIGESTS) else []
         for name in teachers:
             store.unmark(name, item.block)

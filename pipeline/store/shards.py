@@ -13,7 +13,7 @@ sharding codec with index_location "end"). Writing stays with zarr.
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import google_crc32c
 import numpy as np
@@ -23,6 +23,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import PipelineError
 from pipeline.store.layout import FORMAT, VERSION
+
+if TYPE_CHECKING:
+    from pipeline.store.location import Location
 
 INDEX_ENTRY_BYTES, CHECKSUM_BYTES, BLOSC_HEADER_BYTES = 16, 4, 16
 DIGEST_BYTES = 16  # of a shard file's binding digest (SHA-256, its first 16 bytes)
@@ -121,19 +124,22 @@ class Binding:
         return digest.digest()[:DIGEST_BYTES]
 
 
-def read_file(path: Path, layout: ShardLayout, index_only: bool = False) -> tuple[np.ndarray, int]:
-    """The file's bytes (with `index_only`, just its index: the last bytes) and its size."""
+def read_file(where: "Location", key: str, layout: ShardLayout, index_only: bool = False) -> tuple[np.ndarray, int]:
+    """The shard file's bytes (with `index_only`, just its index: the last bytes) and its size; one read of
+    the file or object `key` of the store at `where`."""
     try:
-        with open(path, "rb") as file:
-            size = file.seek(0, 2)
-            if size == 0:
-                raise ShardDamage("its shard file is empty")
-            if size < layout.index_bytes:
-                raise ShardDamage("its shard file is truncated (shorter than its index)")
-            file.seek(size - layout.index_bytes if index_only else 0)
-            return np.frombuffer(file.read(), np.uint8), size
+        if index_only:
+            data, size = where.read_tail(key, layout.index_bytes)
+        else:
+            data = where.read(key)
+            size = len(data)
     except FileNotFoundError:
         raise ShardDamage("its shard file is missing") from None
+    if size == 0:
+        raise ShardDamage("its shard file is empty")
+    if size < layout.index_bytes:
+        raise ShardDamage("its shard file is truncated (shorter than its index)")
+    return np.frombuffer(data, np.uint8), size
 
 
 def chunk_spans(index: np.ndarray, data_bytes: int, layout: ShardLayout, chunks: range) -> np.ndarray:
@@ -152,17 +158,18 @@ def chunk_spans(index: np.ndarray, data_bytes: int, layout: ShardLayout, chunks:
     return entries
 
 
-def check_index(path: Path, layout: ShardLayout, chunks: range) -> None:
+def check_index(where: "Location", key: str, layout: ShardLayout, chunks: range) -> None:
     """The quick check: the file is there and its index is sound, read from the file's end only."""
-    index, size = read_file(path, layout, index_only=True)
+    index, size = read_file(where, key, layout, index_only=True)
     chunk_spans(index, size - layout.index_bytes, layout, chunks)
 
 
-def decode_chunks(path: Path, layout: ShardLayout, chunks: range, bound: tuple[Binding, bytes] | None = None) -> np.ndarray:
+def decode_chunks(where: "Location", key: str, layout: ShardLayout, chunks: range,
+                  bound: tuple[Binding, bytes] | None = None) -> np.ndarray:
     """The rows of `chunks` (chunk numbers within the shard), every checksum checked; with `bound` (the
     file's binding and the digest recorded for it), also that the file is the one written there (last: a
     damaged file is reported as damaged, a sound one in the wrong place as misplaced)."""
-    data, size = read_file(path, layout)
+    data, size = read_file(where, key, layout)
     data_bytes = size - layout.index_bytes
     out = np.empty((len(chunks) * layout.chunk_rows, *layout.row_shape), layout.dtype)
     target = out.reshape(len(chunks), -1).view(np.uint8)
@@ -192,11 +199,11 @@ def check_binding(data: np.ndarray, binding: Binding, recorded: bytes) -> None:
                           "or left from an earlier extraction)")
 
 
-def read_shard_rows(path: Path, layout: ShardLayout, start: int, stop: int,
+def read_shard_rows(where: "Location", key: str, layout: ShardLayout, start: int, stop: int,
                     bound: tuple[Binding, bytes] | None = None) -> np.ndarray:
     """Rows [start, stop) of one shard, counted from the shard's first row (`bound`: see `decode_chunks`)."""
     first, last = start // layout.chunk_rows, -(-stop // layout.chunk_rows)
-    rows = decode_chunks(path, layout, range(first, last), bound)
+    rows = decode_chunks(where, key, layout, range(first, last), bound)
     offset = first * layout.chunk_rows
     return rows[start - offset:stop - offset]
 

@@ -14,13 +14,8 @@ place or left from an earlier extraction is damage too. zarr's own codecs are un
 zarr still reads the store.
 """
 
-import fcntl
 import json
 import math
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -33,6 +28,7 @@ from pipeline.store.digests import ShardDigests
 from pipeline.store.layout import (EXTRACTION_VERSION, FORMAT, FORMER_FORMATS, PROGRESS, SAMPLE_ARRAYS, SCORE_FIELDS,
                                    SHARED_ARRAYS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, TOPK_FIELDS, VERSION,
                                    VIEWED_SHARED, fingerprint, is_digests, is_viewed, owner_of, teacher_array)
+from pipeline.store.location import Location, location
 from pipeline.store.shards import (DIGEST_BYTES, WRITE_EVERY_CHUNK, ShardDamage, ShardLayout, compressors, create_sharded,
                                    read_shard_rows)
 from pipeline.views import ViewPolicy
@@ -67,19 +63,19 @@ def _short(value):
 class TeacherStore:
     """Read and write access to one teacher store; construct with `create` or `open`."""
 
-    def __init__(self, group: zarr.Group, path: Path):
-        self.group, self.path = group, path
+    def __init__(self, group: zarr.Group, path: "str | Path | Location"):
+        self.group, self.location = group, location(path)  # a folder or a bucket's prefix; str(): as given
         self._layouts: dict[str, ShardLayout] = {}
         self.digests = ShardDigests(self)
 
     # -- opening -----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "TeacherStore":
-        path = Path(path)
-        if not (path / "zarr.json").exists():
+    def open(cls, path: "str | Path | Location", mode: str = "r") -> "TeacherStore":
+        path = location(path)
+        if not path.exists("zarr.json"):
             raise PipelineError(f"no teacher store at {path}; write one with `pipeline extract-teachers`")
-        group = zarr.open_group(path, mode=mode)
+        group = zarr.open_group(path.zarr_store(read_only=mode == "r"), mode=mode)
         found = (group.attrs.get("format"), group.attrs.get("version"))
         if found != (FORMAT, VERSION):
             raise PipelineError(
@@ -91,22 +87,13 @@ class TeacherStore:
         return cls(group, path)
 
     @staticmethod
-    @contextmanager
-    def locked(path: str | Path) -> Iterator[None]:
-        """Serialise store creation and teacher registration between processes (flock on the folder)."""
-        parent = Path(path).absolute().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    def locked(path: "str | Path | Location"):
+        """Serialise store creation and teacher registration between processes (a folder: flock on its parent)."""
+        return location(path).locked()
 
     @classmethod
     def create(
-        cls, path: str | Path, identity: dict, labels: np.ndarray, images: np.ndarray | None,
+        cls, path: "str | Path | Location", identity: dict, labels: np.ndarray, images: np.ndarray | None,
         target: str, block_size: int, logits: dict | None = None, chunks_per_block: int = 4,
         replace: bool = False, views: ViewPolicy = ViewPolicy(),
     ) -> "TeacherStore":
@@ -116,10 +103,10 @@ class TeacherStore:
         `format` is written first and `fingerprint` last, so a creation that was killed half
         way is recognisable as ours and is simply redone; call inside `locked(path)`.
         """
-        path = Path(path)
+        path = location(path)
         record = cls.record(identity, target, block_size, logits, views)
-        if (path / "zarr.json").exists():
-            found = zarr.open_group(path, mode="r").attrs
+        if path.exists("zarr.json"):
+            found = zarr.open_group(path.zarr_store(read_only=True), mode="r").attrs
             ours = found.get("format") in (FORMAT, *FORMER_FORMATS)
             if not (found.get("format") == FORMAT and "fingerprint" not in found):
                 try:
@@ -131,10 +118,10 @@ class TeacherStore:
                     if not (replace and ours):  # never delete what is not ours
                         raise
                     print(f"replacing {path}: {error}")
-                    shutil.rmtree(path)
+                    path.delete_all()
         if block_size % chunks_per_block:
             raise PipelineError(f"block size {block_size} is not a multiple of {chunks_per_block} chunks per block")
-        group = zarr.open_group(path, mode="w")
+        group = zarr.open_group(path.zarr_store(read_only=False), mode="w")
         group.attrs.update({"format": FORMAT, "version": VERSION})
         n, chunk = len(labels), block_size // chunks_per_block
         cls._create_rows(group, "labels", labels.astype(np.int32), block_size, chunk)
@@ -172,14 +159,14 @@ class TeacherStore:
             if name not in self.shared_arrays:
                 continue
             if name not in self.group:
-                print(f"restoring the lost array {name} of {self.path} from the data set")
+                print(f"restoring the lost array {name} of {self.location} from the data set")
                 self._create_rows(self.group, name, data, self.block_size, self.attrs["chunk_rows"])
                 for block in range(self.num_blocks):
                     self.digests.bind(None, block, [name])
                 continue
             for block in range(self.num_blocks):
                 if not self.readable(name, block):
-                    print(f"restoring {name} block {block} of {self.path} from the data set")
+                    print(f"restoring {name} block {block} of {self.location} from the data set")
                     start, stop = self.block_rows(block)
                     self.writable(name)[start:stop] = data[start:stop].astype(self.layout(name).dtype)
                     self.digests.bind(None, block, [name])
@@ -199,12 +186,12 @@ class TeacherStore:
                     k = diff[0]
                     hint = " (other samples or labels: check --split-seed and --data-root)" if k == "ids_sha256" else ""
                     raise PipelineError(
-                        f"store {self.path} was made from {key}.{k}={_short((have or {}).get(k))!r}, "
+                        f"store {self.location} was made from {key}.{k}={_short((have or {}).get(k))!r}, "
                         f"not {_short(wanted[k])!r}{hint}; use a new --store path, the matching data, or "
                         "--on-change replace to rebuild it"
                     )
             elif have != wanted:
-                raise PipelineError(f"store {self.path} has {key}={have!r}, not {wanted!r}; use a new --store path, "
+                raise PipelineError(f"store {self.location} has {key}={have!r}, not {wanted!r}; use a new --store path, "
                                     "or rebuild it with its `pipeline extract-teachers` command and --on-change replace")
 
     # -- layout --------------------------------------------------------------------------
@@ -249,11 +236,11 @@ class TeacherStore:
     def teacher_group(self, name: str) -> zarr.Group:
         if name not in self.teachers:
             raise PipelineError(
-                f"store {self.path} has no teacher {name!r}; it holds: {', '.join(self.teachers) or 'none'}"
+                f"store {self.location} has no teacher {name!r}; it holds: {', '.join(self.teachers) or 'none'}"
             )
         if name not in self.group[TEACHERS].group_keys():
-            raise PipelineError(f"store {self.path} is damaged: teacher {name!r} is registered but its folder "
-                                f"{TEACHERS}/{name} is gone; run `pipeline store drop-teacher {self.path} {name}`, "
+            raise PipelineError(f"store {self.location} is damaged: teacher {name!r} is registered but its folder "
+                                f"{TEACHERS}/{name} is gone; run `pipeline store drop-teacher {self.location} {name}`, "
                                 "then the `pipeline extract-teachers` command that wrote it")
         return self.group[TEACHERS][name]
 
@@ -297,7 +284,7 @@ class TeacherStore:
             return None
         have = self.teacher_attrs(name)
         changed = [k for k in TEACHER_IDENTITY if have.get(k) != identity.get(k)]
-        message = f"store {self.path} already holds a different teacher {name!r} (differs in: {', '.join(changed)})"
+        message = f"store {self.location} already holds a different teacher {name!r} (differs in: {', '.join(changed)})"
         if not replace:
             raise PipelineError(f"{message}; drop it from the store, write a new --store, or pass "
                                 "--on-change replace to recompute it")
@@ -390,7 +377,7 @@ class TeacherStore:
             if len(changed):
                 what = (f"was {'un' if now[changed[0]] else ''}readable" if view is None else
                         f"had another view {view} ({name}; has the image changed size?)")
-                raise PipelineError(f"row {start + changed[0]} of {self.path} {what} when other teachers were "
+                raise PipelineError(f"row {start + changed[0]} of {self.location} {what} when other teachers were "
                                     "extracted; restore the image file as it was, or write a new --store")
 
     # -- reading -------------------------------------------------------------------------
@@ -407,7 +394,7 @@ class TeacherStore:
         view axis at `view` (view 0: the eval view); a missing shard file or a chunk that fails its
         checksum stops with the repair command."""
         if not 0 <= view < self.num_views:
-            raise ValueError(f"view {view} asked of store {self.path}, which has {self.num_views} view(s)")
+            raise ValueError(f"view {view} asked of store {self.location}, which has {self.num_views} view(s)")
         spans = [(block, max(start, first), min(stop, last)) for block in range(start // self.block_size,
                                                                                 -(-stop // self.block_size))
                  for first, last in [self.block_rows(block)]]
@@ -422,8 +409,8 @@ class TeacherStore:
         first = block * self.block_size
         bound = self.digests.bound(field, block, view if is_viewed(field) else 0, records)
         try:
-            return read_shard_rows(self.shard_file(field, block, view), self.layout(field), start - first, stop - first,
-                                   bound)
+            return read_shard_rows(self.location, self.shard_key(field, block, view), self.layout(field), start - first,
+                                   stop - first, bound)
         except ShardDamage as damage:
             where = f" (view {view})" if is_viewed(field) and self.num_views > 1 else ""
             raise self.damaged(field, block, f"{damage}{where}") from None
@@ -432,7 +419,7 @@ class TeacherStore:
         """How `path`'s shard files are laid out, checked against the store's rows, blocks and chunks."""
         if path not in self._layouts:
             try:
-                metadata = json.loads((self.path / path / "zarr.json").read_text())
+                metadata = json.loads(self.location.read(f"{path}/zarr.json"))
             except FileNotFoundError:
                 raise self.damaged(path, None, "its array metadata (zarr.json) is missing") from None
             except ValueError:
@@ -454,13 +441,14 @@ class TeacherStore:
             self._layouts[path] = layout
         return self._layouts[path]
 
-    def shard_file(self, array: str, block: int, view: int = 0) -> Path:
-        """The file that holds `block` (at `view`, for an array with a view axis) of `array`."""
-        return self.path / array / self.layout(array).shard_key(block, view)
+    def shard_key(self, array: str, block: int, view: int = 0) -> str:
+        """The shard file (object) that holds `block` (at `view`, for an array with a view axis) of `array`, under
+        the store's root."""
+        return f"{array}/{self.layout(array).shard_key(block, view)}"
 
-    def shard_files(self, array: str, block: int) -> list[Path]:
-        """Every file that holds part of `block` of `array`: one per view for an array with a view axis."""
-        return [self.shard_file(array, block, view) for view in range(max(1, self.layout(array).views))]
+    def shard_keys(self, array: str, block: int) -> list[str]:
+        """Every shard file that holds part of `block` of `array`: one per view for an array with a view axis."""
+        return [self.shard_key(array, block, view) for view in range(max(1, self.layout(array).views))]
 
     def readable(self, array: str, block: int) -> bool:
         """Whether `block` of `array` reads: its file there, sound and bound to its place."""
@@ -481,7 +469,7 @@ class TeacherStore:
         where = f"{array}" + (f" block {block}" if block is not None else "")
         what = what if isinstance(what, str) else f"it does not decode ({decoding_error(what)})"
         return PipelineError(
-            f"store {self.path} is damaged: {where}: {what}; run `pipeline store verify --repair {self.path}`, "
+            f"store {self.location} is damaged: {where}: {what}; run `pipeline store verify --repair {self.location}`, "
             "then the `pipeline extract-teachers` command that wrote it"
         )
 

@@ -1,0 +1,198 @@
+"""Stores in object storage: the same commands on an s3:// URL, against a real S3 API (moto's server, started
+here as a process on a free port; nothing of the project is mocked)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import assert_same_store, extract_args, invoke
+from pipeline.errors import PipelineError
+from pipeline.store.location import Bucket, location
+
+pytest.importorskip("moto")  # the dev extra: moto[server]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """s3://stores on a moto server of this module's own, with the environment a user sets for a bucket."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([shutil.which("moto_server") or "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError(f"moto_server did not start on {endpoint}")
+            time.sleep(0.1)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+            env.setenv(key, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        boto3.client("s3").create_bucket(Bucket="stores")
+        yield "s3://stores"
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=10)
+
+
+def objects(url: str) -> dict[str, bytes]:
+    """Every object of the store at `url`, by its key under the store."""
+    import obstore
+
+    where = location(url)
+    assert isinstance(where, Bucket)
+    return {item["path"]: where.read(item["path"]) for batch in obstore.list(where.objects) for item in batch}
+
+
+def put(url: str, key: str, data: bytes) -> None:
+    import obstore
+
+    obstore.put(location(url).objects, key, data)
+
+
+@pytest.mark.slow  # two extractions and two students: CI runs it
+def test_a_store_in_a_bucket_is_the_store_on_disk_and_damage_there_is_found_and_repaired(
+        teachers, digits_test_store, bucket, tmp_path):
+    url = f"{bucket}/digits/test.zarr"
+    invoke(*extract_args(teachers, url, "--split", "test"))
+    assert_same_store(url, digits_test_store)
+    stored = objects(url)
+    on_disk = {str(p.relative_to(digits_test_store)): p.read_bytes() for p in digits_test_store.rglob("*")
+               if p.is_file()}
+    assert sorted(stored) == sorted(on_disk)  # the same objects as files, and every shard the same bytes
+    assert all(stored[key] == on_disk[key] for key in stored if "/c/" in key)
+    assert "OK" in invoke("store", "verify", url).output
+
+    lost, altered = "teachers/vgg8_bn/logits/c/5/0/0", "teachers/resnet8_slim/cam/c/7/0/0/0"
+    location(url).delete(lost)
+    data = bytearray(stored[altered])
+    data[len(data) // 3] ^= 0x40
+    put(url, altered, bytes(data))
+    result = invoke("store", "verify", url, exit_code=1)
+    assert "FAIL damaged: teachers/vgg8_bn/logits block 5: its shard file is missing\n" in result.output
+    assert "FAIL damaged: teachers/resnet8_slim/cam block 7: " in result.output
+    assert result.output.count("FAIL damaged:") == 2
+    quick = invoke("store", "verify", "--quick", url, exit_code=1).output
+    assert "FAIL damaged: teachers/vgg8_bn/logits block 5: its shard file is missing\n" in quick
+
+    invoke("store", "verify", "--repair", url, exit_code=1)
+    assert "2 of 12 blocks to extract" in invoke(*extract_args(teachers, url, "--split", "test")).output
+    assert "OK" in invoke("store", "verify", url).output
+    assert_same_store(url, digits_test_store)
+
+    for run, store in (("disk", digits_test_store), ("bucket", url)):  # a student from the bucket is the same
+        invoke("train-student", "--split", "test", "--store", store, "--method", "explain-kd", "--epochs", 1,
+               "--device", "cpu", "--out-dir", tmp_path, "--run-name", run)
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["state_dict"] for run in ("disk", "bucket"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bucket_url_without_its_store_says_so_and_unknown_schemes_list_the_valid(bucket):
+    result = invoke("store", "info", f"{bucket}/nothing-here.zarr", exit_code=1)
+    assert "no teacher store at s3://stores/nothing-here.zarr; write one with `pipeline extract-teachers`" in \
+        result.output
+    result = invoke("store", "info", "ftp://host/x.zarr", exit_code=1)
+    assert "unknown store URL scheme ftp:// in ftp://host/x.zarr; use a path, file://, s3://, gs://" in result.output
+
+
+def test_a_file_url_is_the_folder(tmp_path, digits_test_store):
+    shutil.copytree(digits_test_store, tmp_path / "s.zarr")
+    assert "OK" in invoke("store", "verify", f"file://{tmp_path / 's.zarr'}").output
+    assert location(f"file://{tmp_path}/s.zarr").read("labels/c/0") == \
+        (tmp_path / "s.zarr" / "labels" / "c" / "0").read_bytes()
+    assert os.fspath(location(f"file://{tmp_path}/s.zarr")) == str(tmp_path / "s.zarr")
+
+
+def test_creators_of_one_bucket_store_take_turns_on_its_lock_object(bucket, monkeypatch):
+    import threading
+
+    import boto3
+
+    from pipeline.store import location as locations
+
+    store, events = f"{bucket}/locked.zarr", []
+
+    def second_creator():
+        with location(store).locked():
+            events.append("second in")
+
+    with location(store).locked():
+        boto3.client("s3").head_object(Bucket="stores", Key="locked.zarr.lock")  # the lock object, beside the store
+        waiter = threading.Thread(target=second_creator)
+        waiter.start()
+        time.sleep(1.5)
+        events.append("first out")
+    waiter.join(timeout=10)
+    assert events == ["first out", "second in"]  # the second creator waited for the first's lock to go
+    assert "locked.zarr.lock" not in {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="stores")
+                                      .get("Contents", [])}
+    monkeypatch.setattr(locations, "LOCK_WAIT_SECONDS", 0)
+    with location(store).locked():  # held, and never released while the next creator waits
+        with pytest.raises(PipelineError, match=r"s3://stores/locked.zarr.lock has been held for 0 s by another "
+                                                "extraction; if none is running, delete that object and rerun"):
+            with location(store).locked():
+                pass
+
+
+def test_a_url_naming_only_a_bucket_asks_for_the_store_name(bucket):
+    result = invoke("store", "info", bucket, exit_code=1)
+    assert "store s3://stores names a bucket, not a store in it; add the store's name: s3://stores/train.zarr" in \
+        result.output
+
+
+@pytest.mark.slow  # a dask cluster: CI runs it
+def test_dask_workers_write_the_serial_store_into_a_bucket(teachers, digits_test_store, bucket):
+    url = f"{bucket}/dask/test.zarr"
+    result = invoke(*extract_args(teachers, url, "--split", "test", "--scheduler", "local:2"))
+    assert "12 of 12 blocks to extract on dask (local:2)" in result.output
+    assert_same_store(url, digits_test_store)
+    assert "OK" in invoke("store", "verify", url).output
+
+
+def finished(url: str) -> int:
+    from pipeline.store.teacher_store import TeacherStore
+
+    try:
+        return len(TeacherStore.open(url).finished_blocks(["vgg8_bn"]))
+    except Exception:  # not created yet, or its teacher not registered yet
+        return 0
+
+
+@pytest.mark.slow  # an extraction killed and resumed: CI runs it
+def test_an_extraction_killed_while_writing_to_a_bucket_resumes_to_the_same_store(teachers, digits_test_store, bucket):
+    from test_store_integrity import spawn
+
+    url = f"{bucket}/killed/test.zarr"
+    process = spawn(extract_args(teachers, url, "--split", "test"),
+                    {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
+    deadline = time.time() + 120
+    while finished(url) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = finished(url)
+    assert 3 <= done < 12, f"the kill should land mid-run, {done} of 12 blocks were finished"
+    result = invoke(*extract_args(teachers, url, "--split", "test"))
+    assert f"{12 - done} of 12 blocks to extract" in result.output or f"{11 - done} of 12" in result.output
+    assert_same_store(url, digits_test_store)
+    assert "OK" in invoke("store", "verify", url).output
