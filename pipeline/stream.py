@@ -16,16 +16,21 @@ read is found by the next run or `pipeline store verify`); with workers every ep
 """
 
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.store.cache import ShardCache
 from pipeline.store.layout import is_viewed
+from pipeline.store.location import Bucket
 from pipeline.store.teacher_store import TeacherStore
 from pipeline.views import PixelSource, ViewPolicy, epoch_view, image_decoder
 
 HOLD_BYTES = 2**30
+PREFETCH_WINDOWS = 2  # windows read ahead from a bucket (a folder's reads are read ahead by the page cache)
 
 
 class BlockStream(torch.utils.data.IterableDataset):
@@ -39,14 +44,17 @@ class BlockStream(torch.utils.data.IterableDataset):
 
     def __init__(self, path: str, fields: list[str], blocks: list[int], batch_size: int,
                  seed: int = 0, mix_blocks: int = 2, shuffle: bool = True, dataset=None, workers: int = 0,
-                 hold_bytes: int = HOLD_BYTES, eval_view: bool = False, rank: int = 0, ranks: int = 1):
+                 hold_bytes: int = HOLD_BYTES, eval_view: bool = False, rank: int = 0, ranks: int = 1,
+                 cache_dir: str | None = None, cache_bytes: int = 0, prefetch: int | None = None):
         super().__init__()
         self.path, self.fields, self.blocks = str(path), list(fields), list(blocks)
+        self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
         self.batch_size, self.seed, self.mix_blocks, self.shuffle = batch_size, seed, max(1, mix_blocks), shuffle
         self.dataset, self.workers = dataset, max(1, workers)
         self.rank, self.ranks = rank, ranks
         self.epoch = 0
-        store = TeacherStore.open(self.path)
+        store = self.open()
+        self.prefetch = (PREFETCH_WINDOWS if isinstance(store.location, Bucket) else 0) if prefetch is None else prefetch
         self.views = 1 if eval_view else store.num_views
         self.size = tuple(store.attrs["dataset"]["image_shape"][:2])  # the student's images
         geometry = dataset.info.geometry if dataset is not None else None
@@ -63,6 +71,11 @@ class BlockStream(torch.utils.data.IterableDataset):
             math.prod(store.layout(f).row_shape) * store.layout(f).dtype.itemsize * (self.views if is_viewed(f) else 1)
             for f in self.stored)
         self.held: dict[tuple[int, int], dict] | None = {} if workers == 0 and decoded <= hold_bytes else None
+
+    def open(self) -> TeacherStore:
+        """The store, opened in this process (each loader worker opens its own), with the shard cache if any."""
+        cache = ShardCache(self.cache_dir, self.cache_bytes) if self.cache_dir else None
+        return TeacherStore.open(self.path, cache=cache)
 
     def view(self, epoch: int, block: int) -> int:
         return epoch_view(self.seed, epoch, block, self.views)
@@ -105,11 +118,10 @@ class BlockStream(torch.utils.data.IterableDataset):
             raise ValueError(f"BlockStream planned for {self.workers} worker(s) runs in {workers}; "
                              "pass the DataLoader's num_workers as `workers`")
         rng = np.random.default_rng([self.seed, self.epoch, worker + 1])
-        store = TeacherStore.open(self.path)
+        store = self.open()
         stored = [f for f in self.stored if f != "valid"]
-        for window in self.windows(self.epoch, worker):
+        for window, parts in self.read_windows(store, self.windows(self.epoch, worker)):
             spans = [store.block_rows(b) for b in window]
-            parts = [self.read_block(store, b, self.view(self.epoch, b)) for b in window]
             kept = np.flatnonzero(np.concatenate([p["valid"] for p in parts]))
             order = kept[rng.permutation(len(kept))] if self.shuffle else kept  # one take per array and window:
             rows = {f: np.concatenate([p[f] for p in parts])[order] for f in stored}  # batches are slices of it
@@ -120,6 +132,24 @@ class BlockStream(torch.utils.data.IterableDataset):
                 if "images" in self.fields:
                     batch["images"] = self.view_images(batch)
                 yield batch
+
+    def read_windows(self, store: TeacherStore, windows: list[list[int]]):
+        """(window, its blocks' rows) in order; with `prefetch`, the blocks of that many windows ahead are read by
+        threads meanwhile (a bucket's requests overlap each other and the training step)."""
+        read = lambda block: self.read_block(store, block, self.view(self.epoch, block))  # noqa: E731
+        if not self.prefetch:
+            yield from ((window, [read(block) for block in window]) for window in windows)
+            return
+        with ThreadPoolExecutor(max_workers=self.prefetch * self.mix_blocks) as pool:
+            pending = deque()
+            for window in windows:
+                pending.append((window, [pool.submit(read, block) for block in window]))
+                if len(pending) > self.prefetch:
+                    done, futures = pending.popleft()
+                    yield done, [future.result() for future in futures]
+            while pending:
+                done, futures = pending.popleft()
+                yield done, [future.result() for future in futures]
 
     def view_images(self, batch: dict) -> torch.Tensor:
         """uint8 (B, H, W, C): each row's view (its box and flip) of its stored image or image file."""

@@ -71,7 +71,8 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     fields = ["images", "labels", *method.arrays(teachers, store.logit_fields)]
     stream = BlockStream(cfg.store, fields, blocks, cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks,
                          dataset=None if store.attrs["stores_images"] else dataset,  # large images come from files
-                         workers=cfg.num_workers, eval_view=cfg.views == "eval", rank=ranks.rank, ranks=ranks.world)
+                         workers=cfg.num_workers, eval_view=cfg.views == "eval", rank=ranks.rank, ranks=ranks.world,
+                         cache_dir=cfg.cache_dir, cache_bytes=int(cfg.cache_gb * 1e9))
     empty = [rank for rank in range(ranks.world) for epoch in range(cfg.epochs) if not stream.num_batches(epoch, rank)]
     if empty:  # every rank finds the same, so all stop alike
         raise PipelineError(f"rank {empty[0]} of {ranks.world} would get no batch in some epoch ({len(blocks)} blocks "

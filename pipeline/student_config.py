@@ -9,6 +9,7 @@ from pipeline.errors import PipelineError
 from pipeline.methods import METHODS
 from pipeline.methods.explain_kd import RECIPES
 from pipeline.policies import POLICIES
+from pipeline.store.location import in_bucket
 
 
 @dataclass
@@ -57,6 +58,9 @@ class TrainStudentConfig(ScheduleSettings, DataConfig):
     views: str = setting("all", "which of the store's views students see: all (each epoch one per sample, every "
                          "view once in K epochs) | eval (view 0 only, as a one-view store)")
     allow_partial: bool = setting(False, "train on the finished blocks of an incomplete store (says so)")
+    cache_dir: str | None = setting(None, "a store in a bucket: keep the shard files fetched in this folder for later "
+                                    "epochs and runs (concurrent runs may share it)")
+    cache_gb: float = setting(50.0, "--cache-dir's bound in GB: past it, the least recently used shard files go")
     resume: bool = setting(False, "continue the run from the training state it saved (<out-dir>/<run-name>/resume.pt, "
                            "written at the end of every epoch) to the weights an uninterrupted run reaches")
     save_every: int = setting(0, "also save the training state every this many steps (0: at epochs' ends only)")
@@ -75,6 +79,11 @@ class TrainStudentConfig(ScheduleSettings, DataConfig):
         check_choice("kd source", self.kd_source, ("selected", "best"))
         check_choice("map norm", self.map_norm, MAP_NORMS)
         check_choice("views", self.views, ("all", "eval"))
+        if self.cache_dir and not in_bucket(self.store):
+            raise PipelineError(f"--cache-dir keeps shard files fetched from a bucket, and store {self.store} is a "
+                                "folder; leave --cache-dir out")
+        if self.cache_gb <= 0:
+            raise PipelineError(f"--cache-gb must be above 0; got {self.cache_gb}")
         if self.map_size < 0:
             raise PipelineError(f"--map-size must be 0 (the student's map size) or a side length >= 1; got {self.map_size}")
         method.check(self)

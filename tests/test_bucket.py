@@ -196,3 +196,51 @@ def test_an_extraction_killed_while_writing_to_a_bucket_resumes_to_the_same_stor
     assert f"{12 - done} of 12 blocks to extract" in result.output or f"{11 - done} of 12" in result.output
     assert_same_store(url, digits_test_store)
     assert "OK" in invoke("store", "verify", url).output
+
+
+@pytest.mark.slow  # an extraction and five students: CI runs it
+def test_students_from_a_bucket_share_a_cache_folder_and_learn_what_a_student_from_disk_learns(
+        teachers, digits_test_store, bucket, tmp_path):
+    import obstore
+
+    from test_store_integrity import spawn
+
+    url, cache = f"{bucket}/cached/test.zarr", tmp_path / "cache"
+    invoke(*extract_args(teachers, url, "--split", "test"))
+
+    def student(store, run, *extra):
+        return ["train-student", "--split", "test", "--store", store, "--method", "explain-kd", "--epochs", 2,
+                "--device", "cpu", "--out-dir", tmp_path, "--run-name", run, *extra]
+
+    def weights(run):
+        return torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["state_dict"]
+
+    invoke(*student(digits_test_store, "disk"))
+    environ = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    runs = [spawn(student(url, f"shared{i}", "--cache-dir", cache), environ) for i in (0, 1)]  # at once, one folder
+    for run in runs:
+        assert run.wait(600) == 0, run.communicate()[0]
+    entries = sorted(cache.glob("*/*.shard"))
+    assert entries and not list(cache.glob("*/.incoming-*"))  # placed whole, nothing half-written left
+
+    damaged = bytearray(entries[0].read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40
+    entries[0].write_bytes(bytes(damaged))  # a damaged entry is dropped and fetched again
+    invoke(*student(url, "refetched", "--cache-dir", cache))
+    assert entries[0].read_bytes() != bytes(damaged)
+
+    objects_of = location(url).objects
+    lost = [item["path"] for batch in obstore.list(objects_of, prefix="teachers") for item in batch
+            if "/logits/c/" in item["path"]]
+    obstore.delete(objects_of, lost)  # the teachers' logits now live only in the cache folder
+    invoke(*student(url, "from-cache", "--cache-dir", cache))
+    reference = weights("disk")
+    for run in ("shared0", "shared1", "refetched", "from-cache"):
+        assert all(torch.equal(reference[k], weights(run)[k]) for k in reference), run
+
+
+def test_a_cache_folder_for_a_store_on_disk_is_refused(digits_test_store, tmp_path):
+    result = invoke("train-student", "--split", "test", "--store", digits_test_store, "--cache-dir", tmp_path,
+                    exit_code=1)
+    assert f"--cache-dir keeps shard files fetched from a bucket, and store {digits_test_store} is a folder; " \
+           "leave --cache-dir out" in result.output

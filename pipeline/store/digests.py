@@ -13,7 +13,7 @@ import zarr
 
 from pipeline.store.layout import (DIGESTS, STORE_IDENTITY, digest_array, fingerprint, is_digests, is_viewed,
                                    owner_of, teacher_array)
-from pipeline.store.shards import DIGEST_BYTES, Binding, ShardDamage, create_sharded, read_shard_rows
+from pipeline.store.shards import DIGEST_BYTES, Binding, ShardDamage, create_sharded, read_file, shard_rows
 
 if TYPE_CHECKING:
     from pipeline.store.teacher_store import TeacherStore
@@ -64,7 +64,8 @@ class ShardDigests:
         if missing_ok and not self.store.location.exists(key):
             return np.zeros((len(self.files(owner)), DIGEST_BYTES), np.uint8)
         try:
-            return read_shard_rows(self.store.location, key, self.store.layout(array), 0, 1)[0]
+            layout = self.store.layout(array)
+            return shard_rows(read_file(self.store.location, key, layout)[0], layout, 0, 1)[0]
         except ShardDamage as damage:
             raise self.store.damaged(array, block, str(damage)) from None
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError
 from pipeline.store.layout import (DIGESTS, PROGRESS, SAMPLE_ARRAYS, field_of, owner_of, teacher_array,
                                    teacher_arrays)
-from pipeline.store.shards import ShardDamage, check_index, decode_chunks
+from pipeline.store.shards import ShardDamage, check_index, decode_chunks, read_file
 from pipeline.store.teacher_store import TeacherStore
 
 
@@ -50,7 +50,8 @@ def shard_damage(store: TeacherStore, array: str, block: int, quick: bool) -> st
             if quick:
                 check_index(store.location, key, layout, chunks)
             else:
-                decode_chunks(store.location, key, layout, chunks, recorded_binding(store, array, block, view))
+                decode_chunks(read_file(store.location, key, layout)[0], layout, chunks,
+                              recorded_binding(store, array, block, view))
         except ShardDamage as damage:
             return f"{damage} (view {view})" if layout.views > 1 else str(damage)
     return None

@@ -220,16 +220,22 @@ def open_bucket(url: str):
         raise PipelineError(f"cannot open {url}: {str(error).splitlines()[0]}") from None
 
 
+def in_bucket(path: "str | os.PathLike") -> bool:
+    """Whether `path` names a store in an object store (s3://, gs://), not a folder."""
+    text = os.fspath(path)
+    return "://" in text and text.split("://", 1)[0] in BUCKET_SCHEMES
+
+
 def location(path: "str | os.PathLike | Location") -> Location:
     """The location of a store given as a path, `file://` URL or object-store URL (s3://bucket/prefix/x.zarr)."""
     if isinstance(path, Location):
         return path
-    text = os.fspath(path) if not isinstance(path, str) else path
+    text = os.fspath(path)
+    if in_bucket(text):
+        return Bucket(text)
     scheme = text.split("://", 1)[0] if "://" in text else ""
     if scheme == "file":
         return Folder(text, Path(text[len("file://"):]))
-    if scheme in BUCKET_SCHEMES:
-        return Bucket(text)
     if scheme:
         raise PipelineError(f"unknown store URL scheme {scheme}:// in {text}; use a path, file://, "
                             + ", ".join(f"{s}://" for s in BUCKET_SCHEMES))

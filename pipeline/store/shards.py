@@ -135,11 +135,15 @@ def read_file(where: "Location", key: str, layout: ShardLayout, index_only: bool
             size = len(data)
     except FileNotFoundError:
         raise ShardDamage("its shard file is missing") from None
+    check_size(size, layout)
+    return np.frombuffer(data, np.uint8), size
+
+
+def check_size(size: int, layout: ShardLayout) -> None:
     if size == 0:
         raise ShardDamage("its shard file is empty")
     if size < layout.index_bytes:
         raise ShardDamage("its shard file is truncated (shorter than its index)")
-    return np.frombuffer(data, np.uint8), size
 
 
 def chunk_spans(index: np.ndarray, data_bytes: int, layout: ShardLayout, chunks: range) -> np.ndarray:
@@ -164,13 +168,13 @@ def check_index(where: "Location", key: str, layout: ShardLayout, chunks: range)
     chunk_spans(index, size - layout.index_bytes, layout, chunks)
 
 
-def decode_chunks(where: "Location", key: str, layout: ShardLayout, chunks: range,
+def decode_chunks(data: np.ndarray, layout: ShardLayout, chunks: range,
                   bound: tuple[Binding, bytes] | None = None) -> np.ndarray:
-    """The rows of `chunks` (chunk numbers within the shard), every checksum checked; with `bound` (the
-    file's binding and the digest recorded for it), also that the file is the one written there (last: a
-    damaged file is reported as damaged, a sound one in the wrong place as misplaced)."""
-    data, size = read_file(where, key, layout)
-    data_bytes = size - layout.index_bytes
+    """The rows of `chunks` (chunk numbers within the shard) of the shard file's bytes `data`, every checksum
+    checked; with `bound` (the file's binding and the digest recorded for it), also that the file is the one
+    written there (last: a damaged file is reported as damaged, a sound one in the wrong place as misplaced)."""
+    check_size(len(data), layout)
+    data_bytes = len(data) - layout.index_bytes
     out = np.empty((len(chunks) * layout.chunk_rows, *layout.row_shape), layout.dtype)
     target = out.reshape(len(chunks), -1).view(np.uint8)
     for i, (offset, length) in enumerate(chunk_spans(data[data_bytes:], data_bytes, layout, chunks)):
@@ -199,11 +203,12 @@ def check_binding(data: np.ndarray, binding: Binding, recorded: bytes) -> None:
                           "or left from an earlier extraction)")
 
 
-def read_shard_rows(where: "Location", key: str, layout: ShardLayout, start: int, stop: int,
-                    bound: tuple[Binding, bytes] | None = None) -> np.ndarray:
-    """Rows [start, stop) of one shard, counted from the shard's first row (`bound`: see `decode_chunks`)."""
+def shard_rows(data: np.ndarray, layout: ShardLayout, start: int, stop: int,
+               bound: tuple[Binding, bytes] | None = None) -> np.ndarray:
+    """Rows [start, stop) of one shard file's bytes `data`, counted from the shard's first row (`bound`: see
+    `decode_chunks`)."""
     first, last = start // layout.chunk_rows, -(-stop // layout.chunk_rows)
-    rows = decode_chunks(where, key, layout, range(first, last), bound)
+    rows = decode_chunks(data, layout, range(first, last), bound)
     offset = first * layout.chunk_rows
     return rows[start - offset:stop - offset]
 

@@ -24,13 +24,14 @@ import zarr
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.store.cache import ShardCache
 from pipeline.store.digests import ShardDigests
 from pipeline.store.layout import (EXTRACTION_VERSION, FORMAT, FORMER_FORMATS, PROGRESS, SAMPLE_ARRAYS, SCORE_FIELDS,
                                    SHARED_ARRAYS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, TOPK_FIELDS, VERSION,
                                    VIEWED_SHARED, fingerprint, is_digests, is_viewed, owner_of, teacher_array)
 from pipeline.store.location import Location, location
 from pipeline.store.shards import (DIGEST_BYTES, WRITE_EVERY_CHUNK, ShardDamage, ShardLayout, compressors, create_sharded,
-                                   read_shard_rows)
+                                   read_file, shard_rows)
 from pipeline.views import ViewPolicy
 
 MAX_STORED_IMAGE_SIDE = 64  # larger images are read from the data set, not the store
@@ -63,15 +64,17 @@ def _short(value):
 class TeacherStore:
     """Read and write access to one teacher store; construct with `create` or `open`."""
 
-    def __init__(self, group: zarr.Group, path: "str | Path | Location"):
+    def __init__(self, group: zarr.Group, path: "str | Path | Location", cache: ShardCache | None = None):
         self.group, self.location = group, location(path)  # a folder or a bucket's prefix; str(): as given
+        self.cache = cache  # fetched shard files kept on local disk (`--cache-dir`)
         self._layouts: dict[str, ShardLayout] = {}
         self.digests = ShardDigests(self)
 
     # -- opening -----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: "str | Path | Location", mode: str = "r") -> "TeacherStore":
+    def open(cls, path: "str | Path | Location", mode: str = "r", cache: ShardCache | None = None) -> "TeacherStore":
+        """The store at `path` (a folder or URL), with `cache` keeping the shard files it reads."""
         path = location(path)
         if not path.exists("zarr.json"):
             raise PipelineError(f"no teacher store at {path}; write one with `pipeline extract-teachers`")
@@ -84,7 +87,7 @@ class TeacherStore:
             )
         if "fingerprint" not in group.attrs:
             raise PipelineError(f"store {path} was interrupted while being created; rerun `pipeline extract-teachers`")
-        return cls(group, path)
+        return cls(group, path, cache)
 
     @staticmethod
     def locked(path: "str | Path | Location"):
@@ -406,11 +409,22 @@ class TeacherStore:
                         records: dict | None = None) -> np.ndarray:
         """Rows [start, stop) of `field` (at `view`), all in `block`, read straight from its shard file
         (pipeline.store.shards) and checked to be the file written there (`records`: digests already read)."""
-        first = block * self.block_size
+        first, layout = block * self.block_size, self.layout(field)
         bound = self.digests.bound(field, block, view if is_viewed(field) else 0, records)
+        key = self.shard_key(field, block, view)
+        name = bound[1].hex() if self.cache is not None and bound is not None else None
         try:
-            return read_shard_rows(self.location, self.shard_key(field, block, view), self.layout(field), start - first,
-                                   stop - first, bound)
+            cached = self.cache.get(name) if name else None
+            if cached is not None:
+                try:
+                    return shard_rows(np.frombuffer(cached, np.uint8), layout, start - first, stop - first, bound)
+                except ShardDamage:  # the local copy is damaged, not the store: fetch it again
+                    self.cache.drop(name)
+            data = read_file(self.location, key, layout)[0]
+            rows = shard_rows(data, layout, start - first, stop - first, bound)
+            if name:
+                self.cache.put(name, data.tobytes())
+            return rows
         except ShardDamage as damage:
             where = f" (view {view})" if is_viewed(field) and self.num_views > 1 else ""
             raise self.damaged(field, block, f"{damage}{where}") from None
