@@ -83,20 +83,25 @@ def test_a_store_in_a_bucket_is_the_store_on_disk_and_damage_there_is_found_and_
     assert all(stored[key] == on_disk[key] for key in stored if "/c/" in key)
     assert "OK" in invoke("store", "verify", url).output
 
-    lost, altered = "teachers/vgg8_bn/logits/c/5/0/0", "teachers/resnet8_slim/cam/c/7/0/0/0"
+    lost, altered, truncated = ("teachers/vgg8_bn/logits/c/5/0/0", "teachers/resnet8_slim/cam/c/7/0/0/0",
+                                "teachers/vgg8_bn/y_prob/c/9/0")
     location(url).delete(lost)
     data = bytearray(stored[altered])
     data[len(data) // 3] ^= 0x40
     put(url, altered, bytes(data))
+    put(url, truncated, stored[truncated][:len(stored[truncated]) // 2])
     result = invoke("store", "verify", url, exit_code=1)
     assert "FAIL damaged: teachers/vgg8_bn/logits block 5: its shard file is missing\n" in result.output
-    assert "FAIL damaged: teachers/resnet8_slim/cam block 7: " in result.output
-    assert result.output.count("FAIL damaged:") == 2
-    quick = invoke("store", "verify", "--quick", url, exit_code=1).output
+    assert "FAIL damaged: teachers/resnet8_slim/cam block 7: it does not decode (checksum mismatch)\n" in result.output
+    assert "FAIL damaged: teachers/vgg8_bn/y_prob block 9: its shard index fails its checksum (truncated or " \
+           "damaged)\n" in result.output
+    assert result.output.count("FAIL damaged:") == 3
+    quick = invoke("store", "verify", "--quick", url, exit_code=1).output  # indexes only: not the altered chunk
     assert "FAIL damaged: teachers/vgg8_bn/logits block 5: its shard file is missing\n" in quick
+    assert "FAIL damaged: teachers/vgg8_bn/y_prob block 9: its shard index fails its checksum" in quick
 
     invoke("store", "verify", "--repair", url, exit_code=1)
-    assert "2 of 12 blocks to extract" in invoke(*extract_args(teachers, url, "--split", "test")).output
+    assert "3 of 12 blocks to extract" in invoke(*extract_args(teachers, url, "--split", "test")).output
     assert "OK" in invoke("store", "verify", url).output
     assert_same_store(url, digits_test_store)
 
@@ -244,3 +249,31 @@ def test_a_cache_folder_for_a_store_on_disk_is_refused(digits_test_store, tmp_pa
                     exit_code=1)
     assert f"--cache-dir keeps shard files fetched from a bucket, and store {digits_test_store} is a folder; " \
            "leave --cache-dir out" in result.output
+
+
+@pytest.mark.slow  # dvc push and pull: CI runs it
+def test_a_dvc_remote_in_the_bucket_carries_a_store_and_a_teacher(teachers, digits_test_store, bucket, tmp_path):
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(digits_test_store, repo / "store.zarr")
+    shutil.copy(teachers[0], repo / "teacher.pt")
+
+    def dvc(*args):
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc("init", "-q")
+    dvc("remote", "add", "--default", "shared", f"{bucket}/dvc-remote")  # endpoint and keys from the environment
+    dvc("add", "store.zarr", "teacher.pt")
+    dvc("push")
+    shutil.rmtree(repo / "store.zarr")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    (repo / "teacher.pt").unlink()
+    dvc("pull")
+    assert "OK" in invoke("store", "verify", repo / "store.zarr").output
+    assert_same_store(repo / "store.zarr", digits_test_store)
+    assert (repo / "teacher.pt").read_bytes() == teachers[0].read_bytes()
