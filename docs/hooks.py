@@ -7,6 +7,7 @@
   study of reports/ without a hand-written page gets a page of its own. The figures and CSV files are copied
   into the site beside the page, so every link resolves under `mkdocs build --strict`.
 - `<!-- generated: bench reports/bench.json -->`: the table that `pipeline bench --json PATH` wrote.
+- `<!-- generated: bucket reports/bucket-reads.json -->`: the figures of `python benchmarks/bucket_reads.py`.
 - `<!-- generated: default-run -->`: the default pipeline's metrics (data_cache/metrics.json) as a table.
 - `<!-- generated: readme Quick start -->`: the body of that section of README.md, so the commands live once.
 - `changelog.md`: CHANGELOG.md.
@@ -151,6 +152,19 @@ def bench_markdown(root: Path, arg: str) -> str:
     return f"Machine{quick}: {run['machine']} (`{arg}`).\n\n" + "\n".join(rows) + "\n"
 
 
+def bucket_markdown(root: Path, arg: str) -> str:
+    """The figures `python benchmarks/bucket_reads.py --json PATH` wrote: counts, moto's times, what a bucket feeds."""
+    path = root / arg
+    if not path.is_file():
+        raise PluginError(f"{arg} does not exist")
+    figures = json.loads(path.read_text())
+    feeds = figures.pop("a bucket feeds (samples/s per node)")
+    rows = ["| figure | value |", "|:--|--:|"] + [f"| {name} | {bench_cell(value)} |" for name, value in figures.items()]
+    rows += ["", "| a bucket of | feeds samples/s per node |", "|:--|--:|"]
+    rows += [f"| {kind} | {rate:,.0f} |" for kind, rate in feeds.items()]
+    return f"From `{arg}`:\n\n" + "\n".join(rows) + "\n"
+
+
 def default_run_markdown(root: Path) -> str:
     path = root / "data_cache" / "metrics.json"
     metrics = json.loads(path.read_text())
@@ -183,6 +197,8 @@ def on_page_markdown(markdown, page, config, files):
             return study_markdown(root, arg or study or "")
         if kind == "bench":
             return bench_markdown(root, arg)
+        if kind == "bucket":
+            return bucket_markdown(root, arg)
         if kind == "default-run":
             return default_run_markdown(root)
         if kind == "readme":

@@ -1,7 +1,16 @@
 """Fabricated inputs for tests, `pipeline bench` and benchmarks/: untrained teacher checkpoints, CIFAR files of
-random images (no weights or data sets can be downloaded where they run)."""
+random images (no weights or data sets can be downloaded where they run), and an S3 API on localhost (moto's
+server, from the dev extra) for stores in a bucket."""
 
+import os
 import pickle
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +64,42 @@ def make_cifar(root: Path, name: str = "cifar10", per_batch: int = 4, seed: int 
         with open(root / folder / file, "wb") as handle:
             pickle.dump(batch, handle)
     return root
+
+
+@contextmanager
+def local_s3(bucket: str = "stores") -> Iterator[str]:
+    """s3://<bucket> on a moto server started here on a free port, with the environment a user sets for a bucket
+    (AWS_ENDPOINT_URL, keys, region) while it runs; the server stops after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = shutil.which("moto_server")
+    if command is None:
+        raise RuntimeError("moto_server is not installed: pip install 'moto[server]' (the dev extra has it)")
+    server = subprocess.Popen([command, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    endpoint, deadline = f"http://127.0.0.1:{port}", time.time() + 30
+    environ = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": endpoint}
+    saved = {key: os.environ.get(key) for key in (*environ, "AWS_PROFILE")}
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
+                time.sleep(0.1)
+        os.environ.update(environ)
+        os.environ.pop("AWS_PROFILE", None)
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"))  # create the bucket
+        yield f"s3://{bucket}"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.terminate()
+        server.wait(timeout=10)

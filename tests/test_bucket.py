@@ -4,55 +4,25 @@ here as a process on a free port; nothing of the project is mocked)."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
-import urllib.request
 
 import pytest
 import torch
 
 from conftest import assert_same_store, extract_args, invoke
 from pipeline.errors import PipelineError
+from pipeline.fabricate import local_s3
 from pipeline.store.location import Bucket, location
 
 pytest.importorskip("moto")  # the dev extra: moto[server]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def bucket():
     """s3://stores on a moto server of this module's own, with the environment a user sets for a bucket."""
-    import boto3
-
-    port = free_port()
-    server = subprocess.Popen([shutil.which("moto_server") or "moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}")
-            time.sleep(0.1)
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
-            env.setenv(key, value)
-        env.delenv("AWS_PROFILE", raising=False)
-        boto3.client("s3").create_bucket(Bucket="stores")
-        yield "s3://stores"
-    server.send_signal(signal.SIGTERM)
-    server.wait(timeout=10)
+    with local_s3() as url:
+        yield url
 
 
 def objects(url: str) -> dict[str, bytes]:

@@ -10,15 +10,19 @@ import fcntl
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 
 BUCKET_SCHEMES = ("s3", "gs")
-LOCK_WAIT_SECONDS = 600  # a creator waits this long for another's lock object, then names it
+BUCKETS: dict[tuple[int, str], "Bucket"] = {}  # the open stores in buckets, by process and URL
+LOCK_WAIT_SECONDS = 600
+REQUESTS_AT_ONCE = 16  # a bucket store's reads in flight for one block  # a creator waits this long for another's lock object, then names it
 
 
 class Location:
@@ -63,6 +67,11 @@ class Location:
     def locked(self) -> Iterator[None]:
         """Serialise store creation and teacher registration between processes, where the location can."""
         yield
+
+    def map(self, function, items) -> list:
+        """[function(item) for item in items], in order: one after another from a folder (the page cache reads
+        ahead), at once from a bucket (each read is a request that waits on the network)."""
+        return [function(item) for item in items]
 
 
 class Folder(Location):
@@ -126,6 +135,17 @@ class Bucket(Location):
             raise PipelineError(f"store {text} names a bucket, not a store in it; add the store's name: "
                                 f"{text.rstrip('/')}/train.zarr")
         self.objects, self.beside = open_bucket(text.rstrip("/")), open_bucket(parent)
+        self.requests, self.bytes_read, self.counting = 0, 0, threading.Lock()  # reads, for the figures of a bucket
+        self.pool = ThreadPoolExecutor(max_workers=REQUESTS_AT_ONCE)
+
+    def map(self, function, items):
+        return list(self.pool.map(function, items))
+
+    def count(self, data: bytes) -> bytes:
+        with self.counting:
+            self.requests += 1
+            self.bytes_read += len(data)
+        return data
 
     def zarr_store(self, read_only: bool):
         import zarr
@@ -136,7 +156,7 @@ class Bucket(Location):
         import obstore
 
         try:
-            return bytes(obstore.get(self.objects, key).bytes())
+            return self.count(bytes(obstore.get(self.objects, key).bytes()))
         except FileNotFoundError:
             raise
         except Exception as error:
@@ -147,7 +167,7 @@ class Bucket(Location):
 
         try:
             result = obstore.get(self.objects, key, options={"range": {"suffix": length}})
-            return bytes(result.bytes()), int(result.meta["size"])
+            return self.count(bytes(result.bytes())), int(result.meta["size"])
         except FileNotFoundError:
             raise
         except Exception as error:
@@ -160,6 +180,8 @@ class Bucket(Location):
             obstore.head(self.objects, key)
         except FileNotFoundError:
             return False
+        finally:
+            self.count(b"")
         return True
 
     def delete(self, key):
@@ -231,8 +253,10 @@ def location(path: "str | os.PathLike | Location") -> Location:
     if isinstance(path, Location):
         return path
     text = os.fspath(path)
-    if in_bucket(text):
-        return Bucket(text)
+    if in_bucket(text):  # one client per store and process (a forked process makes its own)
+        if (os.getpid(), text) not in BUCKETS:
+            BUCKETS[os.getpid(), text] = Bucket(text)
+        return BUCKETS[os.getpid(), text]
     scheme = text.split("://", 1)[0] if "://" in text else ""
     if scheme == "file":
         return Folder(text, Path(text[len("file://"):]))

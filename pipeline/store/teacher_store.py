@@ -401,9 +401,11 @@ class TeacherStore:
         spans = [(block, max(start, first), min(stop, last)) for block in range(start // self.block_size,
                                                                                 -(-stop // self.block_size))
                  for first, last in [self.block_rows(block)]]
-        records: dict = {}  # each owner's digests of a block, read once for all its fields
-        return {field: np.concatenate([self.read_block_rows(field, *span, view, records) for span in spans])
-                for field in fields}
+        owners = {(owner_of(field), block) for field in fields if not is_digests(field) for block, _, _ in spans}
+        records = dict(zip(owners, self.location.map(lambda owner: self.digests.recorded(*owner), owners)))
+        parts = self.location.map(lambda task: self.read_block_rows(task[0], *task[1], view, records),
+                                  [(field, span) for field in fields for span in spans])  # a bucket: all at once
+        return {field: np.concatenate(parts[i * len(spans):(i + 1) * len(spans)]) for i, field in enumerate(fields)}
 
     def read_block_rows(self, field: str, block: int, start: int, stop: int, view: int = 0,
                         records: dict | None = None) -> np.ndarray:
