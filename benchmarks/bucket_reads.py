@@ -42,28 +42,30 @@ def main() -> None:
         stream = BlockStream(url, fields, list(range(store.num_blocks)), 256, seed=1, mix_blocks=args.mix_blocks,
                              hold_bytes=0)
         where = location(url)  # the client of every read of the store in this process
-        requests, read = where.requests, where.bytes_read  # the epoch's reads are counted from here
+        requests, metadata, read = where.requests, where.metadata_requests, where.bytes_read  # the epoch's reads
         began = time.perf_counter()
         samples = sum(len(batch["labels"]) for batch in stream)
         seconds = time.perf_counter() - began
-        requests_per_block = (where.requests - requests) / store.num_blocks
+        metadata = where.metadata_requests - metadata  # each array's zarr.json, once per epoch and process
+        requests_per_block = (where.requests - requests - metadata) / store.num_blocks
         bytes_per_block = (where.bytes_read - read) / store.num_blocks
         bytes_per_sample = bytes_per_block * store.num_blocks / samples
-        small = []
-        key = store.shard_key("labels", 0)
+        small, key = [], store.shard_key("labels", 0)
         for _ in range(200):
             began = time.perf_counter()
-            where.read_tail(key, 16)
+            small_bytes = len(where.read(key))
             small.append(time.perf_counter() - began)
     in_flight = REQUESTS_AT_ONCE
     figures = {
         "samples": samples, "block size": args.block_size, "blocks": store.num_blocks,
-        "requests per block": requests_per_block, "bytes per block": bytes_per_block,
+        "requests per block (shard files, digest records)": requests_per_block,
+        "metadata requests per epoch": metadata, "bytes per block": bytes_per_block,
         "bytes per sample": bytes_per_sample, "requests in flight": in_flight,
-        "moto: median s per small request": statistics.median(small),
+        "moto: median s per GET of one small shard file": statistics.median(small),
+        "bytes of that file": small_bytes,
         "moto: samples/s read (this machine, not a bucket)": samples / seconds,
         "moto: s to write the store": written,
-        "a bucket feeds (samples/s per node)": {
+        "a bucket feeds (samples/s per reading process)": {
             f"{rows:,} rows a block, {gbps:g} GB/s, {ms:g} ms": min(
                 gbps * 1e9 / bytes_per_sample, in_flight * rows / (requests_per_block * ms / 1e3))
             for rows in dict.fromkeys([args.block_size, 16384]) for gbps, ms in BUCKETS},

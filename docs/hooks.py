@@ -158,9 +158,9 @@ def bucket_markdown(root: Path, arg: str) -> str:
     if not path.is_file():
         raise PluginError(f"{arg} does not exist")
     figures = json.loads(path.read_text())
-    feeds = figures.pop("a bucket feeds (samples/s per node)")
+    feeds = figures.pop("a bucket feeds (samples/s per reading process)")
     rows = ["| figure | value |", "|:--|--:|"] + [f"| {name} | {bench_cell(value)} |" for name, value in figures.items()]
-    rows += ["", "| a bucket of | feeds samples/s per node |", "|:--|--:|"]
+    rows += ["", "| a bucket of | feeds samples/s per reading process |", "|:--|--:|"]
     rows += [f"| {kind} | {rate:,.0f} |" for kind, rate in feeds.items()]
     return f"From `{arg}`:\n\n" + "\n".join(rows) + "\n"
 

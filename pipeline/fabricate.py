@@ -66,22 +66,28 @@ def make_cifar(root: Path, name: str = "cifar10", per_batch: int = 4, seed: int 
     return root
 
 
+def free_port() -> int:
+    """A TCP port of localhost that no one listens on now."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
+
+
 @contextmanager
 def local_s3(bucket: str = "stores") -> Iterator[str]:
     """s3://<bucket> on a moto server started here on a free port, with the environment a user sets for a bucket
-    (AWS_ENDPOINT_URL, keys, region) while it runs; the server stops after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (endpoint, keys, region; every other AWS_ variable out of the way, so nothing reaches a real endpoint) while it
+    runs; the server stops after, and the clients opened meanwhile are dropped."""
+    from pipeline.store.location import forget_buckets
+
     command = shutil.which("moto_server")
     if command is None:
         raise RuntimeError("moto_server is not installed: pip install 'moto[server]' (the dev extra has it)")
+    port = free_port()
     server = subprocess.Popen([command, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     endpoint, deadline = f"http://127.0.0.1:{port}", time.time() + 30
-    environ = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": endpoint}
-    saved = {key: os.environ.get(key) for key in (*environ, "AWS_PROFILE")}
+    saved = {key: value for key, value in os.environ.items() if key.startswith("AWS_")}
     try:
         while True:
             try:
@@ -91,15 +97,16 @@ def local_s3(bucket: str = "stores") -> Iterator[str]:
                 if time.time() > deadline or server.poll() is not None:
                     raise RuntimeError(f"moto_server did not start on {endpoint}") from None
                 time.sleep(0.1)
-        os.environ.update(environ)
-        os.environ.pop("AWS_PROFILE", None)
+        for key in saved:
+            del os.environ[key]
+        os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
         urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"))  # create the bucket
         yield f"s3://{bucket}"
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        for key in [key for key in os.environ if key.startswith("AWS_")]:
+            del os.environ[key]
+        os.environ.update(saved)
+        forget_buckets()
         server.terminate()
         server.wait(timeout=10)

@@ -28,6 +28,8 @@ class Policy:
     mixes_maps = False  # a sample's weight may spread over teachers (maps of different classes, on a predicted store)
 
     def __init__(self, temperature: float = 0.1):
+        if not temperature > 0:  # t 0 gives NaN weights, a negative t rewards the largest drops
+            raise PipelineError(f"--policy-temperature must be above 0; got {temperature}")
         self.temperature = temperature  # --policy-temperature (`weighted`)
 
     def fit(self, store, teachers: list[str], seed: int, blocks: list[int] | None = None) -> "Policy":
@@ -94,15 +96,17 @@ class Global(Policy):
 
 
 class Soft(Policy):
-    """Weights proportional to Y times a per-teacher factor exp(-`penalty` / t): a mix, whose argmax is its choice."""
+    """Weights proportional to Y, times exp(-`penalty` / t) where there is a penalty: a mix, whose argmax is its
+    choice."""
 
     mixes_maps = True
 
-    def penalty(self, evidence: Evidence) -> torch.Tensor:
+    def penalty(self, evidence: Evidence) -> torch.Tensor | None:
         raise NotImplementedError
 
     def weights(self, evidence):
-        return torch.softmax(evidence.y.clamp_min(1e-12).log() - self.penalty(evidence) / self.temperature, dim=1)
+        scores, penalty = evidence.y.clamp_min(1e-12).log(), self.penalty(evidence)
+        return torch.softmax(scores if penalty is None else scores - penalty / self.temperature, dim=1)
 
     def choice(self, evidence):
         return self.weights(evidence).argmax(1), no_ties(evidence)
@@ -125,7 +129,7 @@ class ConfidenceWeighted(Soft):
     help = "weights proportional to Y: weighted without the drop (a control)"
 
     def penalty(self, evidence):
-        return torch.zeros_like(evidence.y)
+        return None
 
 
 @POLICIES.add

@@ -35,7 +35,8 @@ PREFETCH_WINDOWS = 2  # windows read ahead from a bucket (a folder's reads are r
 
 class BlockStream(torch.utils.data.IterableDataset):
     """Yields dicts {array path: tensor} of up to `batch_size` rows, plus "index" (the store rows);
-    use DataLoader(batch_size=None, num_workers=workers).
+    use DataLoader(batch_size=None, num_workers=workers), with multiprocessing_context="forkserver" for workers
+    (obstore, a bucket's client, cannot run in a process forked from one that used it).
 
     Rows whose image was unreadable at extraction (`valid` False) are left out. With
     `dataset`, "images" come from the data set's files (stores of large images hold none).
@@ -120,7 +121,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, worker + 1])
         store = self.open()
         stored = [f for f in self.stored if f != "valid"]
-        for window, parts in self.read_windows(store, self.windows(self.epoch, worker)):
+        for window, parts in self.read_windows(store, self.epoch, self.windows(self.epoch, worker)):
             spans = [store.block_rows(b) for b in window]
             kept = np.flatnonzero(np.concatenate([p["valid"] for p in parts]))
             order = kept[rng.permutation(len(kept))] if self.shuffle else kept  # one take per array and window:
@@ -133,10 +134,10 @@ class BlockStream(torch.utils.data.IterableDataset):
                     batch["images"] = self.view_images(batch)
                 yield batch
 
-    def read_windows(self, store: TeacherStore, windows: list[list[int]]):
+    def read_windows(self, store: TeacherStore, epoch: int, windows: list[list[int]]):
         """(window, its blocks' rows) in order; with `prefetch`, the blocks of that many windows ahead are read by
         threads meanwhile (a bucket's requests overlap each other and the training step)."""
-        read = lambda block: self.read_block(store, block, self.view(self.epoch, block))  # noqa: E731
+        read = lambda block: self.read_block(store, block, self.view(epoch, block))  # noqa: E731
         if not self.prefetch:
             yield from ((window, [read(block) for block in window]) for window in windows)
             return

@@ -29,7 +29,7 @@ from pipeline.student_config import TrainStudentConfig
 from pipeline.train import Resume, fit
 
 RESUME_FILE = "resume.pt"  # in the run's folder: the training state saved at every epoch's end
-RESUME_FREE = ("resume", "save_every")  # settings a resumed run may change
+RESUME_FREE = ("resume", "save_every", "cache_dir", "cache_gb")  # settings a resumed run may change
 
 
 def usable_blocks(store: TeacherStore, teachers: list[str], cfg: TrainStudentConfig) -> list[int]:

@@ -60,18 +60,23 @@ def test_a_store_in_a_bucket_is_the_store_on_disk_and_damage_there_is_found_and_
     data[len(data) // 3] ^= 0x40
     put(url, altered, bytes(data))
     put(url, truncated, stored[truncated][:len(stored[truncated]) // 2])
+    emptied = "teachers/resnet8_slim/y_prob/c/2/0"
+    put(url, emptied, b"")
     result = invoke("store", "verify", url, exit_code=1)
     assert "FAIL damaged: teachers/vgg8_bn/logits block 5: its shard file is missing\n" in result.output
     assert "FAIL damaged: teachers/resnet8_slim/cam block 7: it does not decode (checksum mismatch)\n" in result.output
     assert "FAIL damaged: teachers/vgg8_bn/y_prob block 9: its shard index fails its checksum (truncated or " \
            "damaged)\n" in result.output
-    assert result.output.count("FAIL damaged:") == 3
+    assert "FAIL damaged: teachers/resnet8_slim/y_prob block 2: its shard file is empty\n" in result.output
+    assert result.output.count("FAIL damaged:") == 4
     quick = invoke("store", "verify", "--quick", url, exit_code=1).output  # indexes only: not the altered chunk
     assert "FAIL damaged: teachers/vgg8_bn/logits block 5: its shard file is missing\n" in quick
     assert "FAIL damaged: teachers/vgg8_bn/y_prob block 9: its shard index fails its checksum" in quick
+    assert "FAIL damaged: teachers/resnet8_slim/y_prob block 2: its shard file is empty\n" in quick
+    assert quick.count("FAIL damaged:") == 3
 
     invoke("store", "verify", "--repair", url, exit_code=1)
-    assert "3 of 12 blocks to extract" in invoke(*extract_args(teachers, url, "--split", "test")).output
+    assert "4 of 12 blocks to extract" in invoke(*extract_args(teachers, url, "--split", "test")).output
     assert "OK" in invoke("store", "verify", url).output
     assert_same_store(url, digits_test_store)
 
@@ -105,28 +110,37 @@ def test_creators_of_one_bucket_store_take_turns_on_its_lock_object(bucket, monk
 
     from pipeline.store import location as locations
 
-    store, events = f"{bucket}/locked.zarr", []
+    s3, store, events = boto3.client("s3"), f"{bucket}/locked.zarr", []
 
     def second_creator():
         with location(store).locked():
             events.append("second in")
 
+    def lock_object():
+        return s3.get_object(Bucket="stores", Key="locked.zarr.lock")
+
+    monkeypatch.setattr(locations, "LOCK_REFRESH_SECONDS", 0.3)
     with location(store).locked():
-        boto3.client("s3").head_object(Bucket="stores", Key="locked.zarr.lock")  # the lock object, beside the store
+        first = lock_object()  # the lock object, beside the store
         waiter = threading.Thread(target=second_creator)
         waiter.start()
-        time.sleep(1.5)
+        time.sleep(2.5)
+        assert lock_object()["LastModified"] > first["LastModified"]  # renewed while held
         events.append("first out")
     waiter.join(timeout=10)
     assert events == ["first out", "second in"]  # the second creator waited for the first's lock to go
-    assert "locked.zarr.lock" not in {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="stores")
-                                      .get("Contents", [])}
-    monkeypatch.setattr(locations, "LOCK_WAIT_SECONDS", 0)
-    with location(store).locked():  # held, and never released while the next creator waits
-        with pytest.raises(PipelineError, match=r"s3://stores/locked.zarr.lock has been held for 0 s by another "
-                                                "extraction; if none is running, delete that object and rerun"):
-            with location(store).locked():
-                pass
+    assert "Contents" not in s3.list_objects_v2(Bucket="stores", Prefix="locked.zarr.lock")
+
+    with location(store).locked():  # a lock that another creator took over is left to it at release
+        s3.put_object(Bucket="stores", Key="locked.zarr.lock", Body=b"another host 7 token")
+    assert lock_object()["Body"].read() == b"another host 7 token"
+    monkeypatch.setattr(locations, "LOCK_STALE_SECONDS", 0)  # and a lock not renewed is named, with the fix
+    time.sleep(1.1)
+    with pytest.raises(PipelineError, match=r"s3://stores/locked.zarr.lock \(another host 7 token\) has not been "
+                                            r"renewed for \d+ s: if no extraction of this store is running, delete "
+                                            "that object and rerun"):
+        with location(store).locked():
+            pass
 
 
 def test_a_url_naming_only_a_bucket_asks_for_the_store_name(bucket):
@@ -247,3 +261,17 @@ def test_a_dvc_remote_in_the_bucket_carries_a_store_and_a_teacher(teachers, digi
     assert "OK" in invoke("store", "verify", repo / "store.zarr").output
     assert_same_store(repo / "store.zarr", digits_test_store)
     assert (repo / "teacher.pt").read_bytes() == teachers[0].read_bytes()
+
+
+def test_a_process_forked_after_a_bucket_was_used_stops_with_the_fix(bucket):
+    location(f"{bucket}/forked.zarr")  # a client opened here, as a reader's parent would
+    child = os.fork()
+    if child == 0:  # obstore would hang here for good: the child must stop at once, saying why
+        try:
+            location(f"{bucket}/forked.zarr")
+        except PipelineError as error:
+            os._exit(3 if "forked from one that had used a bucket, which obstore cannot survive: start processes "
+                     "with forkserver or spawn" in str(error) else 4)
+        os._exit(5)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 3

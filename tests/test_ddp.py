@@ -2,7 +2,6 @@
 student's Grad-CAM double backward included) as one process would, and a 2-process run trains."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pipeline.data import get_dataset
 from pipeline.ddp import Ranks
 from pipeline.errors import PipelineError
 from pipeline.evaluation import top1
+from pipeline.fabricate import free_port
 from pipeline.explain import CamLayer, probe_input
 from pipeline.models import create_model
 from pipeline.models.checkpoint import load_checkpoint
@@ -172,12 +172,6 @@ def resumable_rank(rank, port, store, out, kill_at_save, resume):
                                  out_dir=str(out), save_every=4, resume=resume, device="cpu"))
     except Killed:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]
 
 
 def test_a_killed_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(small_store, tmp_path):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
@@ -49,6 +50,13 @@ def test_confidence_weighted_is_weighted_without_the_drop():
     same_drops = dict(y=[[0.9, 0.3]], o=[[0.45, 0.15]], correct=[[True, True]], rows=(0,))  # both drop 0.5
     torch.testing.assert_close(weights("confidence-weighted", **same_drops), torch.tensor([[0.75, 0.25]]))
     torch.testing.assert_close(weights("weighted", **same_drops), torch.tensor([[0.75, 0.25]]))
+    assert POLICIES.get("confidence-weighted").mixes_maps  # refused, as weighted, on a store of predicted maps
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.1])
+def test_a_temperature_not_above_zero_is_refused(temperature):
+    with pytest.raises(PipelineError, match=f"--policy-temperature must be above 0; got {temperature}"):
+        POLICIES.get("weighted")(temperature)  # every command builds its policies here
 
 
 def test_random_follows_the_draw_and_the_draw_is_seeded_uniform():
@@ -65,8 +73,6 @@ def test_global_gives_every_sample_to_its_one_teacher():
 
 
 def test_the_options_choices_and_help_come_from_the_registry():
-    from click.testing import CliRunner
-
     help_text = " ".join(CliRunner().invoke(main, ["train-student", "--help"], terminal_width=400).output.split())
     for name in POLICIES.names():
         assert f"{name} ({POLICIES.get(name).help})" in help_text

@@ -231,3 +231,16 @@ def test_each_epoch_reads_one_view_per_block_cycling_and_renders_its_box(tmp_pat
     eval_only = BlockStream(str(store.location), ["teachers/t/logits"], blocks, batch_size=5, seed=7, eval_view=True)
     eval_only.set_epoch(4)
     assert all((batch["teachers/t/logits"][:, 0] < 100).all() for batch in eval_only)
+
+
+def test_reading_ahead_by_threads_yields_the_batches_of_reading_in_turn(tmp_path):
+    store = make_aligned_store(tmp_path / "s.zarr")
+    blocks, fields = list(range(store.num_blocks)), ["images", "labels", "teachers/t/logits", "teachers/t/cam"]
+    in_turn = BlockStream(str(store.location), fields, blocks, batch_size=5, seed=3, hold_bytes=0, prefetch=0)
+    ahead = BlockStream(str(store.location), fields, blocks, batch_size=5, seed=3, hold_bytes=0, prefetch=2)
+    for epoch in range(2):
+        in_turn.set_epoch(epoch)
+        ahead.set_epoch(epoch)
+        for mine, theirs in zip(ahead, in_turn, strict=True):
+            assert mine.keys() == theirs.keys()
+            assert all(torch.equal(mine[key], theirs[key]) for key in mine)

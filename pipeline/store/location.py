@@ -12,6 +12,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,9 +21,13 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 BUCKET_SCHEMES = ("s3", "gs")
-BUCKETS: dict[tuple[int, str], "Bucket"] = {}  # the open stores in buckets, by process and URL
-LOCK_WAIT_SECONDS = 600
-REQUESTS_AT_ONCE = 16  # a bucket store's reads in flight for one block  # a creator waits this long for another's lock object, then names it
+REQUESTS_AT_ONCE = 16  # a bucket store's reads in flight, per process (shared by the blocks read ahead)
+LOCK_REFRESH_SECONDS = 30  # a creator holding a bucket store's lock object rewrites it this often ...
+LOCK_STALE_SECONDS = 300  # ... so one not rewritten for this long was left by a process that is gone
+
+
+class StoreUnreachable(PipelineError):
+    """A bucket that did not answer as a store's (network, endpoint, credentials): never damage of the store."""
 
 
 class Location:
@@ -130,101 +135,159 @@ class Bucket(Location):
 
     def __init__(self, text: str):
         super().__init__(text)
-        parent, _, self.name = text.rstrip("/").rpartition("/")
+        parent, _, self.name = text.rpartition("/")
         if parent.endswith(":/"):
             raise PipelineError(f"store {text} names a bucket, not a store in it; add the store's name: "
-                                f"{text.rstrip('/')}/train.zarr")
-        self.objects, self.beside = open_bucket(text.rstrip("/")), open_bucket(parent)
-        self.requests, self.bytes_read, self.counting = 0, 0, threading.Lock()  # reads, for the figures of a bucket
+                                f"{text}/train.zarr")
+        self.objects, self.beside = open_bucket(text), open_bucket(parent)
+        self.requests, self.metadata_requests, self.bytes_read = 0, 0, 0  # reads, for the figures of a bucket
+        self.counting = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=REQUESTS_AT_ONCE)
 
     def map(self, function, items):
         return list(self.pool.map(function, items))
-
-    def count(self, data: bytes) -> bytes:
-        with self.counting:
-            self.requests += 1
-            self.bytes_read += len(data)
-        return data
 
     def zarr_store(self, read_only: bool):
         import zarr
 
         return zarr.storage.ObjectStore(self.objects, read_only=read_only)
 
-    def read(self, key):
-        import obstore
-
+    def call(self, what: str, key: str, request, *args, **kwargs):
+        """obstore's `request`, its failures one line naming the store (FileNotFoundError passes: a missing object
+        is the caller's to judge)."""
         try:
-            return self.count(bytes(obstore.get(self.objects, key).bytes()))
+            return request(self.objects, *args, **kwargs)
         except FileNotFoundError:
             raise
         except Exception as error:
-            raise self.failed("read", key, error) from None
+            raise StoreUnreachable(f"cannot {what} {self.text}/{key}: {str(error).splitlines()[0]}; check the "
+                                   "bucket and store names, AWS_ENDPOINT_URL and the credentials") from None
+
+    def count(self, key: str, data: bytes) -> bytes:
+        with self.counting:
+            self.requests += 1
+            self.metadata_requests += key.endswith("zarr.json")
+            self.bytes_read += len(data)
+        return data
+
+    def read(self, key):
+        import obstore
+
+        return self.count(key, bytes(self.call("read", key, obstore.get, key).bytes()))
 
     def read_tail(self, key, length):
         import obstore
 
-        try:
-            result = obstore.get(self.objects, key, options={"range": {"suffix": length}})
-            return self.count(bytes(result.bytes())), int(result.meta["size"])
-        except FileNotFoundError:
-            raise
-        except Exception as error:
-            raise self.failed("read", key, error) from None
+        size = self.call("read", key, obstore.head, key)["size"]
+        if size <= length:  # a range past an object's start is refused: an empty or short one is read whole
+            data = self.read(key)
+            return data, len(data)
+        result = self.call("read", key, obstore.get, key, options={"range": {"suffix": length}})
+        return self.count(key, bytes(result.bytes())), size
 
     def exists(self, key):
         import obstore
 
         try:
-            obstore.head(self.objects, key)
+            self.call("read", key, obstore.head, key)
         except FileNotFoundError:
             return False
         finally:
-            self.count(b"")
+            self.count(key, b"")
         return True
 
     def delete(self, key):
         import obstore
 
-        obstore.delete(self.objects, key)  # an absent object is no error (S3's DELETE)
+        self.call("delete", key, obstore.delete, key)  # an absent object is no error (S3's DELETE)
 
     def delete_all(self):
+        """The root's zarr.json first: a deletion cut short leaves no store that opens as complete."""
         import obstore
 
-        for batch in obstore.list(self.objects, chunk_size=1000):
-            obstore.delete(self.objects, [item["path"] for item in batch])
+        self.delete("zarr.json")
+        for batch in self.call("list", "", obstore.list, chunk_size=1000):
+            self.call("delete", "", obstore.delete, [item["path"] for item in batch])
 
     def size(self, prefix=""):
         import obstore
 
-        return sum(item["size"] for batch in obstore.list(self.objects, prefix=prefix or None) for item in batch)
+        return sum(item["size"] for batch in self.call("list", prefix, obstore.list, prefix=prefix or None)
+                   for item in batch)
 
     @contextmanager
     def locked(self):
-        """A lock object beside the store (`<name>.lock`), created only where there is none (a conditional
-        write: S3's If-None-Match); released by deleting it."""
+        """A lock object beside the store (`<name>.lock`), created only where there is none (a conditional write:
+        S3's If-None-Match) and rewritten every LOCK_REFRESH_SECONDS while held; released by deleting it, only if it
+        is still this holder's. A lock not rewritten for LOCK_STALE_SECONDS is named, with the fix."""
         import obstore
         from obstore.exceptions import AlreadyExistsError
 
-        key, waited = f"{self.name}.lock", 0.0
+        key, token = f"{self.name}.lock", f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}"
+        put = lambda **mode: obstore.put(self.beside, key, token.encode(), **mode)  # noqa: E731
         while True:
             try:
-                obstore.put(self.beside, key, f"{socket.gethostname()} {os.getpid()}".encode(), mode="create")
+                put(mode="create")
                 break
             except AlreadyExistsError:
-                if waited >= LOCK_WAIT_SECONDS:
-                    raise PipelineError(f"{self.text}.lock has been held for {LOCK_WAIT_SECONDS} s by another "
-                                        "extraction; if none is running, delete that object and rerun") from None
+                age = self.lock_age(key)
+                if age is not None and age > LOCK_STALE_SECONDS:
+                    raise PipelineError(f"{self.text}.lock ({self.lock_holder(key)}) has not been renewed for "
+                                        f"{age:.0f} s: if no extraction of this store is running, delete that "
+                                        "object and rerun") from None
                 time.sleep(0.5)
-                waited += 0.5
+        try:
+            put(mode="create")
+        except AlreadyExistsError:
+            pass
+        else:
+            obstore.delete(self.beside, key)
+            raise PipelineError(f"the object store of {self.text} ignores conditional writes, so processes cannot "
+                                "take turns creating a store there: create it from one process first")
+        held = threading.Event()
+        renewer = threading.Thread(target=self.renew, args=(put, held), daemon=True)
+        renewer.start()
         try:
             yield
         finally:
-            obstore.delete(self.beside, key)
+            held.set()
+            renewer.join()
+            if self.lock_holder(key) == token:
+                obstore.delete(self.beside, key)
 
-    def failed(self, what: str, key: str, error: Exception) -> PipelineError:
-        return PipelineError(f"cannot {what} {self.text}/{key}: {str(error).splitlines()[0]}")
+    @staticmethod
+    def renew(put, released: threading.Event) -> None:
+        while not released.wait(LOCK_REFRESH_SECONDS):
+            put()
+
+    def lock_age(self, key: str) -> float | None:
+        import obstore
+
+        try:
+            return time.time() - obstore.head(self.beside, key)["last_modified"].timestamp()
+        except FileNotFoundError:
+            return None
+
+    def lock_holder(self, key: str) -> str | None:
+        import obstore
+
+        try:
+            return bytes(obstore.get(self.beside, key).bytes()).decode()
+        except FileNotFoundError:
+            return None
+
+
+FORKED_AFTER_USE = False  # obstore's runtime does not survive a fork: a forked child must not use a bucket
+
+
+def _forked() -> None:
+    global FORKED_AFTER_USE
+    FORKED_AFTER_USE = FORKED_AFTER_USE or bool(BUCKETS)
+
+
+os.register_at_fork(after_in_child=_forked)
+BUCKETS: dict[str, Bucket] = {}  # the open stores in buckets of this process, by URL
+OPENING = threading.Lock()
 
 
 def open_bucket(url: str):
@@ -242,10 +305,19 @@ def open_bucket(url: str):
         raise PipelineError(f"cannot open {url}: {str(error).splitlines()[0]}") from None
 
 
+def forget_buckets() -> None:
+    """Drop this process's clients (a test server stopped: the next use opens new ones)."""
+    with OPENING:
+        BUCKETS.clear()
+
+
+def scheme_of(text: str) -> str:
+    return text.split("://", 1)[0] if "://" in text else ""
+
+
 def in_bucket(path: "str | os.PathLike") -> bool:
     """Whether `path` names a store in an object store (s3://, gs://), not a folder."""
-    text = os.fspath(path)
-    return "://" in text and text.split("://", 1)[0] in BUCKET_SCHEMES
+    return scheme_of(os.fspath(path)) in BUCKET_SCHEMES
 
 
 def location(path: "str | os.PathLike | Location") -> Location:
@@ -253,11 +325,16 @@ def location(path: "str | os.PathLike | Location") -> Location:
     if isinstance(path, Location):
         return path
     text = os.fspath(path)
-    if in_bucket(text):  # one client per store and process (a forked process makes its own)
-        if (os.getpid(), text) not in BUCKETS:
-            BUCKETS[os.getpid(), text] = Bucket(text)
-        return BUCKETS[os.getpid(), text]
-    scheme = text.split("://", 1)[0] if "://" in text else ""
+    scheme = scheme_of(text)
+    if scheme in BUCKET_SCHEMES:  # one client per store and process
+        if FORKED_AFTER_USE:
+            raise PipelineError(f"store {text} is in a bucket, and this process was forked from one that had used a "
+                                "bucket, which obstore cannot survive: start processes with forkserver or spawn")
+        text = text.rstrip("/")
+        with OPENING:
+            if text not in BUCKETS:
+                BUCKETS[text] = Bucket(text)
+            return BUCKETS[text]
     if scheme == "file":
         return Folder(text, Path(text[len("file://"):]))
     if scheme:

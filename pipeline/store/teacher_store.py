@@ -29,7 +29,7 @@ from pipeline.store.digests import ShardDigests
 from pipeline.store.layout import (EXTRACTION_VERSION, FORMAT, FORMER_FORMATS, PROGRESS, SAMPLE_ARRAYS, SCORE_FIELDS,
                                    SHARED_ARRAYS, STORE_IDENTITY, TEACHER_IDENTITY, TEACHERS, TOPK_FIELDS, VERSION,
                                    VIEWED_SHARED, fingerprint, is_digests, is_viewed, owner_of, teacher_array)
-from pipeline.store.location import Location, location
+from pipeline.store.location import Location, StoreUnreachable, location
 from pipeline.store.shards import (DIGEST_BYTES, WRITE_EVERY_CHUNK, ShardDamage, ShardLayout, compressors, create_sharded,
                                    read_file, shard_rows)
 from pipeline.views import ViewPolicy
@@ -401,7 +401,8 @@ class TeacherStore:
         spans = [(block, max(start, first), min(stop, last)) for block in range(start // self.block_size,
                                                                                 -(-stop // self.block_size))
                  for first, last in [self.block_rows(block)]]
-        owners = {(owner_of(field), block) for field in fields if not is_digests(field) for block, _, _ in spans}
+        owners = list(dict.fromkeys((owner_of(field), block) for field in fields if not is_digests(field)
+                                    for block, _, _ in spans))
         records = dict(zip(owners, self.location.map(lambda owner: self.digests.recorded(*owner), owners)))
         parts = self.location.map(lambda task: self.read_block_rows(task[0], *task[1], view, records),
                                   [(field, span) for field in fields for span in spans])  # a bucket: all at once
@@ -471,6 +472,8 @@ class TeacherStore:
         start = self.block_rows(block)[0]
         try:
             self.read_block_rows(array, block, start, start + 1)
+        except StoreUnreachable:
+            raise
         except PipelineError:
             return False
         return True
