@@ -275,3 +275,21 @@ def test_a_process_forked_after_a_bucket_was_used_stops_with_the_fix(bucket):
         os._exit(5)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 3
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_fetches_only_the_shard_files_of_its_own_blocks(bucket, monkeypatch, rank):
+    from test_stream import make_store
+
+    from pipeline.stream import BlockStream
+
+    url = f"{bucket}/ranks.zarr"
+    store = make_store(url)  # 6 blocks of 4 rows
+    stream = BlockStream(url, ["labels"], list(range(store.num_blocks)), batch_size=4, seed=5, rank=rank, ranks=2)
+    mine = {block for window in stream.windows(0, 0) for block in window}
+    fetched, read = [], Bucket.read
+    monkeypatch.setattr(Bucket, "read", lambda self, key: fetched.append(key) or read(self, key))
+    rows = sorted(row for batch in stream for row in batch["index"].tolist())
+    assert rows == sorted(row for block in mine for row in range(*store.block_rows(block)))
+    shards = [key for key in fetched if "/c/" in key]
+    assert shards and {int(key.split("/c/")[1].split("/")[0]) for key in shards} == mine
