@@ -108,7 +108,7 @@ def test_aver_is_not_kd_avg():
 
 @pytest.mark.parametrize("method", ["ca-mkd", "ebkd"])
 def test_methods_that_weigh_teachers_against_each_other_refuse_one_teacher(method):
-    store = SimpleNamespace(path="one.zarr", teachers=["t1"])
+    store = SimpleNamespace(location="one.zarr", teachers=["t1"])
     with pytest.raises(PipelineError, match=f"{method} weighs 2 or more teachers against each other; store one.zarr "
                                             r"holds 1 \(t1\)"):
         method_of(method).teachers(store, None, None)
