@@ -27,6 +27,7 @@ def serial_store(digits_test_store):
     return digits_test_store  # conftest's extraction of the test split: split_test_args, in one process
 
 
+@pytest.mark.slow  # a dask cluster, the default set's slowest test: CI runs it
 def test_a_local_cluster_of_two_processes_writes_the_serial_store(teachers, serial_store, tmp_path):
     store = tmp_path / "dask.zarr"
     result = invoke(*split_test_args(teachers, store, "--scheduler", "local:2"))
@@ -58,7 +59,7 @@ def test_a_worker_killed_mid_run_costs_only_its_block(teachers, serial_store, tm
     assert_same_store(store, serial_store)
 
 
-@pytest.mark.slow  # a dask cluster each: the default set keeps the one that checks the store
+@pytest.mark.slow  # a dask cluster each
 def test_workers_that_run_two_tasks_at_once_are_refused(teachers, tmp_path):
     """Two tasks in one process would share the teachers' Grad-CAM hooks (silently wrong maps)."""
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
