@@ -178,12 +178,11 @@ class Bucket(Location):
     def read_tail(self, key, length):
         import obstore
 
-        size = self.call("read", key, obstore.head, key)["size"]
-        if size <= length:  # a range past an object's start is refused: an empty or short one is read whole
-            data = self.read(key)
+        if self.call("read", key, obstore.head, key)["size"] <= length:  # a range past an object's start is
+            data = self.read(key)  # refused: an empty or short object is read whole
             return data, len(data)
         result = self.call("read", key, obstore.get, key, options={"range": {"suffix": length}})
-        return self.count(key, bytes(result.bytes())), size
+        return self.count(key, bytes(result.bytes())), int(result.meta["size"])  # the size of what was read
 
     def exists(self, key):
         import obstore
@@ -191,9 +190,9 @@ class Bucket(Location):
         try:
             self.call("read", key, obstore.head, key)
         except FileNotFoundError:
-            return False
-        finally:
             self.count(key, b"")
+            return False
+        self.count(key, b"")
         return True
 
     def delete(self, key):
@@ -257,8 +256,13 @@ class Bucket(Location):
 
     @staticmethod
     def renew(put, released: threading.Event) -> None:
+        """Rewrite the lock until released; a failed rewrite is tried again at the next turn (a waiter calls the lock
+        stale only after LOCK_STALE_SECONDS without one)."""
         while not released.wait(LOCK_REFRESH_SECONDS):
-            put()
+            try:
+                put()
+            except Exception:  # noqa: BLE001 - a network hiccup: the next turn rewrites it
+                continue
 
     def lock_age(self, key: str) -> float | None:
         import obstore
