@@ -3,7 +3,6 @@ here as a process on a free port; nothing of the project is mocked)."""
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 
@@ -176,18 +175,11 @@ def finished(url: str) -> int:
 @pytest.mark.slow  # an extraction killed, resumed on a dask cluster: CI runs it
 def test_an_extraction_killed_while_writing_to_a_bucket_is_finished_by_dask_workers_into_the_same_store(
         teachers, digits_test_store, bucket):
-    from test_store_integrity import spawn
+    from test_store_integrity import kill_mid_run
 
     url = f"{bucket}/killed/test.zarr"
-    process = spawn(extract_args(teachers, url, "--split", "test"),
-                    {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
-    deadline = time.time() + 120
-    while finished(url) < 3 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    done = finished(url)
-    assert 3 <= done < 12, f"the kill should land mid-run, {done} of 12 blocks were finished"
+    done = kill_mid_run(extract_args(teachers, url, "--split", "test"), lambda: finished(url),
+                        {k: v for k, v in os.environ.items() if k.startswith("AWS_")})
     result = invoke(*extract_args(teachers, url, "--split", "test", "--scheduler", "local:2"))
     assert f"{12 - done} of 12 blocks to extract on dask (local:2)" in result.output or \
         f"{11 - done} of 12 blocks to extract on dask (local:2)" in result.output

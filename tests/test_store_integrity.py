@@ -73,16 +73,23 @@ def finished_blocks(store):
     return int(zarr.open_group(store, mode="r")["teachers/vgg8_bn/progress"][...].sum())
 
 
-def test_killed_extraction_resumes_to_an_identical_store(teachers, clean_store, tmp_path):
-    store = tmp_path / "store.zarr"
-    process = spawn(split_test_args(teachers, store))
+def kill_mid_run(args, finished, environ=None) -> int:
+    """Run `pipeline ARGS` in a process of its own, SIGKILL it once `finished()` counts 3 blocks, and return the
+    blocks finished then (checked to be mid-run: 3 to 11 of 12)."""
+    process = spawn(args, environ)
     deadline = time.time() + 120
-    while finished_blocks(store) < 3 and process.poll() is None and time.time() < deadline:
+    while finished() < 3 and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    done = finished_blocks(store)
+    done = finished()
     assert 3 <= done < 12, f"the kill should land mid-run, {done} of 12 blocks were finished"
+    return done
+
+
+def test_killed_extraction_resumes_to_an_identical_store(teachers, clean_store, tmp_path):
+    store = tmp_path / "store.zarr"
+    done = kill_mid_run(split_test_args(teachers, store), lambda: finished_blocks(store))
 
     result = invoke(*split_test_args(teachers, store))
     assert f"{12 - done} of 12 blocks to extract" in result.output or f"{11 - done} of 12" in result.output
