@@ -70,6 +70,7 @@ class Scale:
     reader_block: int
     per_sample_files: int
     student_epochs: int
+    digits_split: str  # the student runs' and the online step's digits store: `quick` takes the small test split
     student_repeats: int  # whole runs vary by about 10 % from one to the next on 2 cores: more of them
     extraction: tuple[tuple[str, int, int], ...]  # (torchvision arch, image side, batch)
     gpu_extraction: tuple[tuple[str, int, int], ...]  # the same on a GPU, at batches that fill it
@@ -81,10 +82,10 @@ class Scale:
 
 
 ILSVRC2012_TRAIN = 1_281_167  # samples: its store's block size is the reader's
-FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 5, 7,
+FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 5, "train", 7,
              (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)),
              (("resnet18", 224, 256), ("densenet121", 224, 128), ("vgg11", 224, 128)), 8192, 512, 3, 256, True)
-QUICK = Scale(8192, 1024, 256, 1, 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), (("resnet18", 32, 8),), 2048, 32, 1, 8, False)
+QUICK = Scale(8192, 1024, 256, 1, "test", 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), (("resnet18", 32, 8),), 2048, 32, 1, 8, False)
 
 
 def median_seconds(setups: dict[str, Callable[[], object]], repeats: int,
@@ -222,14 +223,14 @@ def reader_figures(folder: Path, scale: Scale) -> list[Figure]:
 # -- a student run from the store --------------------------------------------------------------
 
 
-def digits_store(folder: Path) -> Path:
+def digits_store(folder: Path, split: str) -> Path:
     """A digits store as the default pipeline makes it (its teachers' architectures, random weights),
     written by stage one itself."""
     checkpoints = [str(make_teacher(folder / f"{arch}.pt", arch, seed)) for seed, arch in enumerate(DIGITS_TEACHERS)]
-    store = folder / "digits.zarr"
+    store = folder / f"digits-{split}.zarr"
     if store.exists():  # made by an earlier section of this run
         return store
-    extract_teachers(ExtractConfig(dataset="digits", teachers=checkpoints, store=str(store)))
+    extract_teachers(ExtractConfig(dataset="digits", split=split, teachers=checkpoints, store=str(store)))
     return store
 
 
@@ -238,11 +239,13 @@ def student_figures(store: Path, folder: Path, scale: Scale) -> list[Figure]:
     runs = {"ce": {"method": "ce"}, "kd": {"method": "kd"}, "explain-kd": {"method": "explain-kd"},
             "explain-kd, design recipe": {"method": "explain-kd", "recipe": "design"}}
     setups = {name: (lambda options=options: train_student(TrainStudentConfig(
-        dataset="digits", store=str(store), epochs=scale.student_epochs, out_dir=str(folder / "students"),
+        dataset="digits", split=scale.digits_split, store=str(store), epochs=scale.student_epochs,
+        out_dir=str(folder / "students"),
         **options))) for name, options in runs.items()}
     seconds = median_seconds(setups, scale.student_repeats, warm_up=scale.warm_up)
     device = resolve_device("auto").type  # where train-student runs by default
-    return [Figure(f"student run {name} / ce ({scale.student_epochs} epochs, digits, resnet8_slim, {device}, "
+    data = "digits" if scale.digits_split == "train" else f"digits {scale.digits_split} split"
+    return [Figure(f"student run {name} / ce ({scale.student_epochs} epochs, {data}, resnet8_slim, {device}, "
                    f"median of {scale.student_repeats})",
                    seconds[name] / seconds["ce"], *(("cached-teacher prototype 0.97; online 3 teachers ~8", "<= 1.05",
                                                     seconds[name] / seconds["ce"] <= 1.05) if name == "explain-kd"
@@ -424,8 +427,8 @@ def sections(scale: Scale, folder: Path) -> dict[str, Callable[[], list[Figure]]
     """The figures by section, so that one can be rerun alone (`--only`); `gpu` only on a CUDA machine.
     The student runs use the default device (the GPU on a CUDA machine)."""
     found = {"reader": lambda: reader_figures(folder, scale),
-             "student": lambda: student_figures(digits_store(folder), folder, scale),
-             "online": lambda: [online_figure(digits_store(folder), scale)],
+             "student": lambda: student_figures(digits_store(folder, scale.digits_split), folder, scale),
+             "online": lambda: [online_figure(digits_store(folder, scale.digits_split), scale)],
              "stage-one": lambda: extraction_figures(scale, torch.device("cpu")),
              "bytes": lambda: bytes_figures(folder, scale), "memory": lambda: [memory_figure(folder, scale)]}
     if torch.cuda.is_available():

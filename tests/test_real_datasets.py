@@ -204,7 +204,7 @@ def test_timm_teachers_need_timm_and_say_so(monkeypatch):
 
 class TorchvisionTeachers:
     """The resnet18, vgg11 and densenet121 checkpoints (5 classes, seeds 0, 1, 2) in `root`, each made when a test
-    first asks for it: vgg11's 480 MB take 2.5 s, and only the slow three-teacher test asks for vgg11."""
+    first asks for it: vgg11's 480 MB take 2.5 s, and no test here asks for vgg11."""
 
     ARCHS = ("resnet18", "vgg11", "densenet121")
 
@@ -232,12 +232,12 @@ def imagenet(tmp_path_factory):
     return root, TorchvisionTeachers(root)
 
 
-@pytest.mark.slow
-def test_three_torchvision_teachers_keep_their_own_map_resolution(imagenet):
+@pytest.mark.slow  # seconds the default set cannot spare: CI runs it
+def test_a_corrupt_image_stops_extraction_until_skip_corrupt_records_it(imagenet, tmp_path):
     root, teachers = imagenet
-    store = root / "store.zarr"
+    store = tmp_path / "store.zarr"
     args = ["extract-teachers", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
-            "--teachers", ",".join(map(str, teachers)), "--block-size", 4, "--batch-size", 4]
+            "--teachers", teachers[0], "--block-size", 4, "--batch-size", 4]
     failed = invoke(*args, exit_code=1)
     assert f"cannot read image {root / 'data' / 'train' / IMAGENET_WNIDS[1] / 'zz_corrupt.JPEG'}" in failed.output
     error = [line for line in failed.output.splitlines() if line.startswith("Error:")]
@@ -248,22 +248,13 @@ def test_three_torchvision_teachers_keep_their_own_map_resolution(imagenet):
     group = zarr.open_group(store, mode="r")
     assert group["labels"].shape == (10,) and "images" not in group  # 224 px images stay in the files
     assert group["valid"][...].tolist() == [True] * 3 + [False] + [True] * 6  # the corrupt file sorts last
-    assert not group["teachers/vgg11/logits"][3].any() and group["teachers/vgg11/cam_max"][3] == 0
-    shapes = {name: group[f"teachers/{name}/cam"].shape[2:] for name in ("resnet18", "vgg11", "densenet121")}
-    assert shapes == {"resnet18": (7, 7), "vgg11": (14, 14), "densenet121": (7, 7)}
-    paths = {name: group[f"teachers/{name}"].attrs["cam_path"] for name in shapes}
-    assert paths == {"resnet18": "closed-form", "vgg11": "autograd", "densenet121": "closed-form"}
+    assert not group["teachers/resnet18/logits"][3].any() and group["teachers/resnet18/cam_max"][3] == 0
     assert group["teachers/resnet18/logits"].shape == (10, 1, 5)
     assert invoke("store", "verify", store).output.startswith("OK")
     assert "skipped    1 unreadable image(s)" in invoke("store", "info", store).output
 
-    student = invoke("train-student", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
-                     "--method", "explain-kd", "--arch", "torchvision:resnet18", "--epochs", 1, "--batch-size", 4,
-                     "--out-dir", root / "students", "--teacher", "resnet18")
-    assert "chosen/resnet18=" in student.output
-    assert (root / "students" / "explain-kd" / "checkpoint.pt").is_file()
 
-
+@pytest.mark.slow  # resnet18 extractions at 224 px the default set cannot spare: CI runs it
 def test_target_layer_option_and_topk_logits(imagenet, tmp_path):
     root, teachers = imagenet
     store = tmp_path / "topk.zarr"
@@ -355,6 +346,7 @@ def test_a_teacher_trained_on_another_split_of_the_same_data_is_refused(tmp_path
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.slow  # resnet18 extractions at 224 px the default set cannot spare: CI runs it
 def test_bring_your_own_weights_as_a_state_dict_or_a_minimal_checkpoint(imagenet, tmp_path):
     root, _ = imagenet
     data = ["--dataset", "ilsvrc2012", "--data-root", root / "data", "--skip-corrupt", "--block-size", 4]

@@ -199,9 +199,10 @@ def test_cached_signals_of_each_view_of_image_files_equal_a_live_teacher(tmp_pat
 
 @pytest.mark.slow
 def test_three_torchvision_teachers_four_views_topk_logits_and_a_resumed_student(tmp_path, monkeypatch):
-    """The issue's scenario on a fabricated ImageNet tree of 12 classes: stage one with --views 4 and
-    --logits topk:10; a torchvision student trained two epochs on random-resized-crop views with no
-    teacher constructed, killed after one epoch and resumed, ends with an uninterrupted run's weights."""
+    """Three torchvision teachers on a fabricated ImageNet tree of 12 classes: stage one with --views 4 and
+    --logits topk:10; a small student (resnet8_slim, at 224 px: a torchvision one trains in test_real_datasets)
+    trained two epochs on random-resized-crop views with no teacher constructed, killed after one epoch and resumed,
+    ends with an uninterrupted run's weights."""
     from pipeline.train import Resume
 
     wnids = [f"n{i:08d}" for i in range(12)]
@@ -215,6 +216,11 @@ def test_three_torchvision_teachers_four_views_topk_logits_and_a_resumed_student
     group = TeacherStore.open(store)
     assert group.num_views == 4 and group.logits_mode == {"mode": "topk", "k": 10}
     assert group.group["teachers/densenet121/logits"].shape == (12, 4, 10)
+    # each teacher keeps its own map resolution, and the Grad-CAM path its head allows
+    assert {name: group.group[f"teachers/{name}/cam"].shape[2:] for name in group.teachers} == \
+        {"resnet18": (7, 7), "vgg11": (14, 14), "densenet121": (7, 7)}
+    assert {name: group.group[f"teachers/{name}"].attrs["cam_path"] for name in group.teachers} == \
+        {"resnet18": "closed-form", "vgg11": "autograd", "densenet121": "closed-form"}
     boxes = group.group["view_boxes"][...]
     assert (boxes[:, 1:] != boxes[:, :1]).any(axis=2).all()  # every random view differs from the eval view
     assert invoke("store", "verify", store).output.startswith("OK")
@@ -222,7 +228,7 @@ def test_three_torchvision_teachers_four_views_topk_logits_and_a_resumed_student
     for path in teachers:  # stage two must not need them
         path.unlink()
     monkeypatch.setattr("pipeline.teachers.load_teacher", lambda *a, **k: pytest.fail("a teacher was constructed"))
-    args = ["train-student", *data, "--store", store, "--method", "explain-kd", "--arch", "torchvision:resnet18",
+    args = ["train-student", *data, "--store", store, "--method", "explain-kd", "--arch", "resnet8_slim",
             "--epochs", 2, "--batch-size", 4, "--teacher", "resnet18"]  # ImageNet holds out no split to judge by
     invoke(*args, "--out-dir", tmp_path / "whole")
     original = Resume.save
