@@ -1,0 +1,112 @@
+"""The device resize of a fractional box (pipeline.resample) against a literal transcription of Pillow's
+Resample.c loops, and against the installed Pillow itself."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.resample import resize_box
+
+
+def pillow_loops(pixels: np.ndarray, box, size, interpolation: str) -> np.ndarray:
+    """Resample.c's 8-bit path, pixel by pixel in plain Python (horizontal pass over the rows the vertical
+    pass reads, then the vertical pass): uint8 (H, W, C) -> (h, w, C)."""
+    def filter_(x):
+        x = abs(x)
+        if interpolation == "bilinear":
+            return 1.0 - x if x < 1.0 else 0.0
+        a = -0.5
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1 if x < 1.0 else \
+            (((x - 5) * x + 8) * x - 4) * a if x < 2.0 else 0.0
+
+    def coeffs(in_size, in0, in1, out_size):
+        support = 1.0 if interpolation == "bilinear" else 2.0
+        scale = float(np.float32(np.float32(in1) - np.float32(in0))) / out_size
+        filterscale = max(scale, 1.0)
+        support *= filterscale
+        result = []
+        for xx in range(out_size):
+            center = float(np.float32(in0)) + (xx + 0.5) * scale
+            xmin = max(int(center - support + 0.5), 0)
+            xmax = min(int(center + support + 0.5), in_size) - xmin
+            k = [filter_((x + xmin - center + 0.5) / filterscale) for x in range(xmax)]
+            ww = sum(k)
+            k = [w / ww if ww != 0.0 else w for w in k]
+            fixed = [int(-0.5 + w * (1 << 22)) if w < 0 else int(0.5 + w * (1 << 22)) for w in k]
+            result.append((xmin, fixed))
+        return result
+
+    def clip8(value):
+        return 255 if value >= 1 << 30 else 0 if value <= 0 else value >> 22
+
+    height, width, channels = pixels.shape
+    out_h, out_w = size
+    rows = coeffs(height, box[1], box[3], out_h)
+    columns = coeffs(width, box[0], box[2], out_w)
+    first, last = rows[0][0], rows[-1][0] + len(rows[-1][1])
+    middle = [[[clip8((1 << 21) + sum(int(pixels[y, xmin + i, c]) * k for i, k in enumerate(ks)))
+                for c in range(channels)] for xmin, ks in columns] for y in range(first, last)]
+    return np.array([[[clip8((1 << 21) + sum(middle[ymin - first + i][x][c] * k for i, k in enumerate(ks)))
+                       for c in range(channels)] for x in range(out_w)] for ymin, ks in rows], dtype=np.uint8)
+
+
+def ours(pixels: np.ndarray, box, size, interpolation: str = "bilinear", device: str = "cpu") -> np.ndarray:
+    tensor = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).to(device)
+    return resize_box(tensor, box, size, interpolation).permute(1, 2, 0).cpu().numpy()
+
+
+CASES = [  # (image h, w), box (x0, y0, x1, y1), output (h, w): shrinking, enlarging, one of each, a whole image
+    ((23, 31), (2.7, 1.25, 29.9, 20.5), (9, 11)),
+    ((12, 9), (0.5, 3.3, 8.75, 11.9), (17, 20)),
+    ((30, 14), (1.1, 0.0, 13.2, 29.5), (6, 25)),
+    ((16, 16), (0, 0, 16, 16), (7, 5)),
+]
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("shape, box, size", CASES)
+def test_the_resize_is_pillows_loops_to_the_bit(shape, box, size, interpolation):
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    expected = pillow_loops(pixels, box, size, interpolation)
+    assert np.array_equal(ours(pixels, box, size, interpolation), expected)
+
+
+def test_installed_pillows_bilinear_views_are_within_one_level():
+    """Pillow 13 (this machine's) rounds some resizes as if the vertical pass came first, which moves a pixel
+    by one level at most in bilinear, the views' interpolation: on smooth images as on noise."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        height, width = rng.integers(40, 200, 2)
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if trial % 2:
+            pixels = np.asarray(Image.fromarray(pixels).resize((8, 8)).resize((width, height), Image.BICUBIC))
+        box_w, box_h = rng.uniform(0.3, 1.0) * width, rng.uniform(0.3, 1.0) * height
+        x0, y0 = rng.uniform(0, width - box_w), rng.uniform(0, height - box_h)
+        box, size = (x0, y0, x0 + box_w, y0 + box_h), tuple(int(v) for v in rng.integers(8, 64, 2))
+        pillow = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR, box=box))
+        assert np.abs(pillow.astype(int) - ours(pixels, box, size)).max() <= 1, (trial, box, size)
+
+
+def test_a_constant_image_stays_constant_and_the_whole_image_at_its_size_is_itself():
+    flat = np.full((37, 53, 3), 201, dtype=np.uint8)
+    for interpolation in ("bilinear", "bicubic"):
+        assert (ours(flat, (3.3, 2.2, 50.1, 30.7), (24, 24), interpolation) == 201).all()
+    pixels = np.random.default_rng(1).integers(0, 256, (37, 53, 1), dtype=np.uint8)
+    assert np.array_equal(ours(pixels, (0, 0, 53, 37), (37, 53)), pixels)
+
+
+def test_a_box_outside_the_image_or_an_unknown_interpolation_is_refused():
+    pixels = torch.zeros(3, 10, 10, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"box \(-1, 0, 5, 5\) is not inside the 10x10 image"):
+        resize_box(pixels, (-1, 0, 5, 5), (4, 4))
+    with pytest.raises(ValueError, match="interpolation 'lanczos': choose one of bilinear, bicubic"):
+        resize_box(pixels, (0, 0, 5, 5), (4, 4), "lanczos")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_gives_the_cpus_pixels():
+    pixels = np.random.default_rng(2).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    for box in ((0.0, 0.0, 500.0, 375.0), (37.5, 12.25, 401.0, 350.5)):
+        assert np.array_equal(ours(pixels, box, (224, 224), device="cuda"), ours(pixels, box, (224, 224)))
+
