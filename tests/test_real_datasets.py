@@ -273,9 +273,10 @@ def test_target_layer_option_and_topk_logits(imagenet, tmp_path):
     all_logits = zarr.open_group(full, mode="r")["teachers/resnet18/logits"][:, 0].astype(np.float32)
     top = np.sort(all_logits, axis=1)[:, ::-1][:, :2]
     np.testing.assert_allclose(group["teachers/resnet18/logits"][:, 0].astype(np.float32), top, atol=1e-2)
-    invoke("train-student", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
-           "--method", "kd", "--arch", "torchvision:resnet18", "--epochs", 1, "--batch-size", 4,
-           "--out-dir", tmp_path / "students", "--teacher", "resnet18")
+    student = invoke("train-student", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store", store,
+                     "--method", "explain-kd", "--arch", "torchvision:resnet18", "--epochs", 1, "--batch-size", 4,
+                     "--out-dir", tmp_path / "students", "--teacher", "resnet18")  # its Grad-CAM map term at 224 px
+    assert "chosen/resnet18=" in student.output and (tmp_path / "students" / "explain-kd" / "checkpoint.pt").is_file()
     bad = invoke("extract-teachers", "--dataset", "ilsvrc2012", "--data-root", root / "data", "--store",
                  tmp_path / "x.zarr", "--teachers", teachers[0], "--target-layer", "vgg=features.3", exit_code=1)
     assert "--target-layer names unknown teacher(s) vgg; teachers are: resnet18" in bad.output

@@ -6,44 +6,50 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.resample import resize_box
+from pipeline.resample import coefficients, resize_box
+
+
+def pillow_filter(x: float, interpolation: str) -> float:
+    x = abs(x)
+    if interpolation == "bilinear":
+        return 1.0 - x if x < 1.0 else 0.0
+    a = -0.5
+    return ((a + 2.0) * x - (a + 3.0)) * x * x + 1 if x < 1.0 else (((x - 5) * x + 8) * x - 4) * a if x < 2.0 else 0.0
+
+
+def pillow_coeffs(in_size: int, in0: float, in1: float, out_size: int, interpolation: str) -> list[tuple[int, list[int]]]:
+    """Resample.c's `precompute_coeffs` and `normalize_coeffs_8bpc`, line by line: per output pixel, its first
+    input and the 22-bit weights of its inputs."""
+    support = 1.0 if interpolation == "bilinear" else 2.0
+    in0, in1 = np.float32(in0), np.float32(in1)  # Pillow parses the box as C floats
+    scale = float(np.float32(in1 - in0)) / out_size
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    ss = 1.0 / filterscale
+    result = []
+    for xx in range(out_size):
+        center = float(in0) + (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        k, ww = [], 0.0
+        for x in range(xmax):
+            k.append(pillow_filter((x + xmin - center + 0.5) * ss, interpolation))
+            ww += k[-1]
+        k = [w / ww for w in k] if ww != 0.0 else k
+        result.append((xmin, [int(-0.5 + w * (1 << 22)) if w < 0 else int(0.5 + w * (1 << 22)) for w in k]))
+    return result
 
 
 def pillow_loops(pixels: np.ndarray, box, size, interpolation: str) -> np.ndarray:
-    """Resample.c's 8-bit path, pixel by pixel in plain Python (horizontal pass over the rows the vertical
-    pass reads, then the vertical pass): uint8 (H, W, C) -> (h, w, C)."""
-    def filter_(x):
-        x = abs(x)
-        if interpolation == "bilinear":
-            return 1.0 - x if x < 1.0 else 0.0
-        a = -0.5
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1 if x < 1.0 else \
-            (((x - 5) * x + 8) * x - 4) * a if x < 2.0 else 0.0
-
-    def coeffs(in_size, in0, in1, out_size):
-        support = 1.0 if interpolation == "bilinear" else 2.0
-        scale = float(np.float32(np.float32(in1) - np.float32(in0))) / out_size
-        filterscale = max(scale, 1.0)
-        support *= filterscale
-        result = []
-        for xx in range(out_size):
-            center = float(np.float32(in0)) + (xx + 0.5) * scale
-            xmin = max(int(center - support + 0.5), 0)
-            xmax = min(int(center + support + 0.5), in_size) - xmin
-            k = [filter_((x + xmin - center + 0.5) / filterscale) for x in range(xmax)]
-            ww = sum(k)
-            k = [w / ww if ww != 0.0 else w for w in k]
-            fixed = [int(-0.5 + w * (1 << 22)) if w < 0 else int(0.5 + w * (1 << 22)) for w in k]
-            result.append((xmin, fixed))
-        return result
-
+    """Resample.c's 8-bit passes, pixel by pixel in plain Python (horizontal over the rows the vertical pass
+    reads, then vertical): uint8 (H, W, C) -> (h, w, C)."""
     def clip8(value):
         return 255 if value >= 1 << 30 else 0 if value <= 0 else value >> 22
 
     height, width, channels = pixels.shape
     out_h, out_w = size
-    rows = coeffs(height, box[1], box[3], out_h)
-    columns = coeffs(width, box[0], box[2], out_w)
+    rows = pillow_coeffs(height, box[1], box[3], out_h, interpolation)
+    columns = pillow_coeffs(width, box[0], box[2], out_w, interpolation)
     first, last = rows[0][0], rows[-1][0] + len(rows[-1][1])
     middle = [[[clip8((1 << 21) + sum(int(pixels[y, xmin + i, c]) * k for i, k in enumerate(ks)))
                 for c in range(channels)] for xmin, ks in columns] for y in range(first, last)]
@@ -70,6 +76,35 @@ def test_the_resize_is_pillows_loops_to_the_bit(shape, box, size, interpolation)
     pixels = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
     expected = pillow_loops(pixels, box, size, interpolation)
     assert np.array_equal(ours(pixels, box, size, interpolation), expected)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_every_weight_is_pillows_integer(interpolation):
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        in_size = int(rng.integers(2, 300))
+        in0, in1 = np.sort(rng.uniform(0, in_size, 2))
+        if rng.random() < 0.2:
+            in0, in1 = 0.0, float(in_size)
+        out_size = int(rng.integers(1, 300))
+        first, count, weights = coefficients(in_size, np.float32(in0), np.float32(in1), out_size, interpolation)
+        expected = pillow_coeffs(in_size, in0, in1, out_size, interpolation)
+        assert first.tolist() == [xmin for xmin, _ in expected]
+        assert count.tolist() == [len(ks) for _, ks in expected]
+        assert all(row[:len(ks)].tolist() == ks and not row[len(ks):].any() for row, (_, ks) in zip(weights, expected))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_a_resize_of_one_pass_is_the_installed_pillows_to_the_bit(interpolation):
+    """A box of whole rows (or whole columns) at the image's width (or height) needs one pass, so no
+    order of the passes can differ."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    for box, size in (((0, 7.3, 120, 81.6), (33, 120)), ((5.5, 0, 101.25, 90), (90, 47)),
+                      ((0, 20.5, 120, 40.25), (64, 120))):
+        pillow = np.asarray(image.resize(size[::-1], Image.Resampling[interpolation.upper()], box=box))
+        assert np.array_equal(ours(pixels, box, size, interpolation), pillow), box
 
 
 def test_installed_pillows_bilinear_views_are_within_one_level():
@@ -102,6 +137,8 @@ def test_a_box_outside_the_image_or_an_unknown_interpolation_is_refused():
         resize_box(pixels, (-1, 0, 5, 5), (4, 4))
     with pytest.raises(ValueError, match="interpolation 'lanczos': choose one of bilinear, bicubic"):
         resize_box(pixels, (0, 0, 5, 5), (4, 4), "lanczos")
+    with pytest.raises(ValueError, match="pixels must be uint8, not torch.float32"):
+        resize_box(pixels.float(), (0, 0, 5, 5), (4, 4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
