@@ -17,6 +17,7 @@ from pipeline.errors import PipelineError
 TARGETS = ("label", "predicted")
 DEFAULT_TEACHERS = ("resnet20", "wrn16_2", "vgg8_bn")
 MAP_NORMS = ("l2", "mean")
+DECODERS = ("cpu", "gpu")  # where extract-teachers --decode decodes image files
 BENCH_SECTIONS = ("reader", "student", "online", "stage-one", "bytes", "memory", "gpu")  # `pipeline bench --only`
 FLIP_HELP = ("augmentation: random horizontal flips, for data sets whose classes are mirror-symmetric "
              "(CIFAR, ImageNet; refused for digits)")
@@ -136,6 +137,9 @@ class ExtractConfig(DataConfig):
     jpeg_draft: bool = setting(True, "image files: decode a JPEG view at 1/2, 1/4 or 1/8 scale where its box is "
                                "at least that many times the input size (faster; off: every view from the full "
                                "decode); recorded in the store, students decode alike")
+    decode: str = setting("cpu", "image files: where views are decoded and cut: cpu (Pillow, in the loader "
+                          "workers) | gpu (JPEGs by nvJPEG on the CUDA device, whole: --jpeg-draft does not apply; "
+                          "every view of an image from one decode); recorded in the store, students decode alike")
     block_size: int | None = setting(None, "samples per shard: the unit of writing, resuming and reading (default: "
                                      "the largest of 256, 1024, 4096, 16384 that makes at least 32 blocks)")
     batch_size: int = setting(128, "teacher batch size")
@@ -153,6 +157,7 @@ class ExtractConfig(DataConfig):
     def __post_init__(self):
         check_choice("target", self.target, TARGETS)
         check_choice("on-change mode", self.on_change, ("error", "replace"))
+        check_choice("decoder", self.decode, DECODERS)
         self.block_part()
         self.check_scheduler()
         self.logits_mode()

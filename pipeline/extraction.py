@@ -21,13 +21,14 @@ from tqdm import tqdm
 
 from pipeline.config import ExtractConfig
 from pipeline.data import Dataset, Geometry, UnreadableImage, get_dataset, get_val_split
+from pipeline.device_views import DeviceDecoder, read_encoded, require_cuda
 from pipeline.devices import prepare_model, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.heldout import judge
 from pipeline.store.codec import quantize_cam, topk_logit_fields
 from pipeline.store.teacher_store import TeacherStore, default_block_size
 from pipeline.teachers import Teacher, load_teacher, parse_target_layers, teacher_outputs
-from pipeline.views import ViewPolicy
+from pipeline.views import ViewPolicy, decodes_on_gpu
 
 
 class ExtractionImages(torch.utils.data.Dataset):
@@ -53,6 +54,36 @@ class ExtractionImages(torch.utils.data.Dataset):
             blank = tuple(np.zeros((self.views.count, *size, self.channels), np.uint8) for size, _ in self.sizes)
             return blank, np.zeros((self.views.count, 4), np.int32), np.zeros(self.views.count, bool), label, str(error)
         return images, boxes, flips, label, ""
+
+
+GPU_FIX = "run on a machine with one (--device cuda), or pass --decode cpu"
+
+
+class ExtractionFiles(torch.utils.data.Dataset):
+    """Sample i -> (its file's bytes and size as an EncodedImage, or None; the views' (K, 4) boxes and (K,)
+    flips; label; error text, or "" when the header is readable): for views decoded on the device."""
+
+    def __init__(self, dataset: Dataset, views: ViewPolicy):
+        self.dataset, self.views = dataset, views
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        label = int(self.dataset.labels[index])
+        try:
+            source = self.dataset.view_source(index)
+            boxes, flips = self.views.boxes(self.dataset.sample_id(index), source.height, source.width)
+            return read_encoded(source.path, source.height, source.width), boxes, flips, label, ""
+        except UnreadableImage as error:
+            return None, np.zeros((self.views.count, 4), np.int32), np.zeros(self.views.count, bool), label, str(error)
+
+
+def collate_files(samples: list[tuple]) -> tuple:
+    """ExtractionFiles' samples -> (encoded images, boxes (B, K, 4), flips (B, K), labels, errors)."""
+    encoded, boxes, flips, labels, errors = zip(*samples)
+    return (list(encoded), torch.from_numpy(np.stack(boxes)), torch.from_numpy(np.stack(flips)),
+            torch.tensor(labels), list(errors))
 
 
 def block_batches(store: TeacherStore, blocks: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
@@ -90,7 +121,7 @@ class Extraction:
             raise PipelineError(f"--target-layer names unknown teacher(s) {', '.join(sorted(set(layers) - set(names)))}; "
                                 f"teachers are: {', '.join(names)}")
         logits = cfg.logits_mode()
-        views = ViewPolicy.of(info, cfg.views, cfg.view_seed, cfg.view_shift, cfg.jpeg_draft)
+        views = ViewPolicy.of(info, cfg.views, cfg.view_seed, cfg.view_shift, cfg.jpeg_draft, cfg.decode)
         if logits["mode"] == "topk" and logits["k"] >= info.num_classes:
             raise PipelineError(f"--logits topk:{logits['k']} keeps every one of the {info.num_classes} classes; "
                                 "use --logits full or a smaller K")
@@ -147,16 +178,23 @@ class Extraction:
         blocks = sorted(set().union(*pending.values()))
         geometries = list(dict.fromkeys(t.geometry for t in self.teachers))
         batches = block_batches(store, blocks, cfg.batch_size)
+        images_of = ExtractionImages(self.dataset, geometries, self.views, cfg.skip_corrupt)
+        decoder = None
+        if decodes_on_gpu(self.views.decoder):  # workers read bytes; this process decodes and cuts on the device
+            require_cuda(device, "--decode gpu decodes", GPU_FIX)
+            decoder = DeviceDecoder(device, say)
         loader = torch.utils.data.DataLoader(
-            ExtractionImages(self.dataset, geometries, self.views, cfg.skip_corrupt),
+            ExtractionFiles(self.dataset, self.views) if decoder else images_of,
             batch_sampler=[rows for _, rows in batches], num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
+            pin_memory=device.type == "cuda" and decoder is None, collate_fn=collate_files if decoder else None,
         )
         for t in self.teachers:
             t.model = prepare_model(t.model, device)
         parts_of: dict[str, list] = {t.name: [] for t in self.teachers}
         sample_parts: list[dict] = []
         for (block, rows), (images, boxes, flips, labels, errors) in zip(batches, loader):
+            if decoder:
+                images, errors = decoder.views(images, boxes, flips, images_of.sizes, errors)
             sample_parts.append({"valid": check_readable(self.dataset, rows, errors, cfg.skip_corrupt, say),
                                  "view_boxes": boxes.numpy(), "view_flips": flips.numpy()})
             for t in self.teachers:
@@ -188,6 +226,8 @@ def describe_layers(teachers: list[Teacher]) -> None:
 def extract_teachers(cfg: ExtractConfig) -> TeacherStore:
     """Stage one, whole: load the data set and teachers, create or resume the store, judge and register every
     new teacher, and extract every pending block (here, or on dask with --scheduler)."""
+    if cfg.decode == "gpu" and not cfg.scheduler:  # before anything loads (dask workers check their own devices)
+        require_cuda(resolve_device(cfg.device), "--decode gpu decodes", GPU_FIX)
     extraction = Extraction.load(cfg)
     describe_layers(extraction.teachers)
     if cfg.scheduler:

@@ -27,7 +27,8 @@ from pipeline.store.cache import ShardCache
 from pipeline.store.layout import is_viewed
 from pipeline.store.location import Bucket
 from pipeline.store.teacher_store import TeacherStore
-from pipeline.views import PixelSource, ViewPolicy, epoch_view, image_decoder
+from pipeline.device_views import DeviceDecoder, EncodedImage, read_encoded, require_cuda
+from pipeline.views import PixelSource, ViewPolicy, decodes_on_gpu, epoch_view, gpu_decoder, image_decoder
 
 HOLD_BYTES = 2**30
 PREFETCH_WINDOWS = 2  # windows read ahead from a bucket (a folder's reads are read ahead by the page cache)
@@ -46,7 +47,8 @@ class BlockStream(torch.utils.data.IterableDataset):
     def __init__(self, path: str, fields: list[str], blocks: list[int], batch_size: int,
                  seed: int = 0, mix_blocks: int = 2, shuffle: bool = True, dataset=None, workers: int = 0,
                  hold_bytes: int = HOLD_BYTES, eval_view: bool = False, rank: int = 0, ranks: int = 1,
-                 cache_dir: str | None = None, cache_bytes: int = 0, prefetch: int | None = None):
+                 cache_dir: str | None = None, cache_bytes: int = 0, prefetch: int | None = None,
+                 device: torch.device = torch.device("cpu")):
         super().__init__()
         self.path, self.fields, self.blocks = str(path), list(fields), list(blocks)
         self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
@@ -61,10 +63,16 @@ class BlockStream(torch.utils.data.IterableDataset):
         geometry = dataset.info.geometry if dataset is not None else None
         self.interpolation = geometry.interpolation if geometry else "bilinear"
         self.policy, self.block_size = ViewPolicy(**store.attrs["views"]), store.block_size
-        if dataset is not None and "images" in self.fields and self.policy.decoder != image_decoder():
+        files = dataset is not None and "images" in self.fields
+        self.decoder = None  # views cut on the device by this process, from bytes the workers read
+        if files and decodes_on_gpu(self.policy.decoder):
+            require_cuda(device, f"store {self.path} was extracted with --decode gpu, so its students decode",
+                         "train on a machine with one, or extract a store with --decode cpu")
+            self.decoder = DeviceDecoder(device)
+        here = gpu_decoder() if self.decoder else image_decoder()
+        if files and self.policy.decoder != here:
             raise PipelineError(f"store {self.path} cut its views with {self.policy.decoder}, and this machine has "
-                                f"{image_decoder()}, whose pixels may differ; install that Pillow, or extract a new "
-                                "store here")
+                                f"{here}, whose pixels may differ; install those builds, or extract a new store here")
         wanted = [f for f in self.fields if not (f == "images" and dataset is not None)]
         self.stored = wanted + ["valid"] + (["view_boxes", "view_flips"] if "images" in self.fields else [])
         self.valid_rows = {b: int(store.read_rows(*store.block_rows(b), ["valid"])["valid"].sum()) for b in self.blocks}
@@ -130,7 +138,9 @@ class BlockStream(torch.utils.data.IterableDataset):
             for s in range(0, len(index), self.batch_size):
                 batch = {f: torch.from_numpy(rows[f][s:s + self.batch_size]) for f in stored}
                 batch["index"] = torch.from_numpy(index[s:s + self.batch_size])
-                if "images" in self.fields:
+                if "images" in self.fields and self.decoder:
+                    batch["encoded"] = self.encoded_images(batch)
+                elif "images" in self.fields:
                     batch["images"] = self.view_images(batch)
                 yield batch
 
@@ -161,6 +171,28 @@ class BlockStream(torch.utils.data.IterableDataset):
             sources = [self.file_source(int(r), box, flip) for r, box, flip in zip(batch["index"], boxes, flips)]
         return torch.from_numpy(np.stack([source.view(box, flip, self.size, self.interpolation)
                                           for source, box, flip in zip(sources, boxes, flips)]))
+
+    def encoded_images(self, batch: dict) -> list[EncodedImage]:
+        """Each row's image file, read (bytes and header size) for the device to decode (`on_device`)."""
+        return [read_encoded(source.path, source.height, source.width)
+                for source in (self.file_source(int(r), box, flip) for r, box, flip in
+                               zip(batch["index"], batch["view_boxes"].tolist(), batch["view_flips"].tolist()))]
+
+    def on_device(self, batch: dict) -> dict:
+        """A batch of a stream whose views are cut on the device, with its "images" (B, H, W, C) cut there: in the
+        process that trains (loader workers read bytes only); other batches pass unchanged."""
+        if self.decoder is None:
+            return batch
+        boxes, flips = batch.pop("view_boxes"), batch.pop("view_flips")
+        encoded = batch.pop("encoded")
+        (images,), errors = self.decoder.views(encoded, boxes[:, None], flips[:, None],
+                                               [(self.size, self.interpolation)], [""] * len(encoded))
+        bad = next((error for error in errors if error), None)
+        if bad:
+            raise PipelineError(f"{bad.split('; ')[0]}, which was readable when store {self.path} was extracted; "
+                                "restore the file as it was")
+        batch["images"] = images[:, 0]
+        return batch
 
     def file_source(self, row: int, box: list[int], flip: bool):
         """The image file of `row` (decoded as stage one decoded it), checked to be the image its stored

@@ -72,7 +72,7 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     stream = BlockStream(cfg.store, fields, blocks, cfg.batch_size, seed=cfg.seed, mix_blocks=cfg.mix_blocks,
                          dataset=None if store.attrs["stores_images"] else dataset,  # large images come from files
                          workers=cfg.num_workers, eval_view=cfg.views == "eval", rank=ranks.rank, ranks=ranks.world,
-                         cache_dir=cfg.cache_dir, cache_bytes=int(cfg.cache_gb * 1e9))
+                         cache_dir=cfg.cache_dir, cache_bytes=int(cfg.cache_gb * 1e9), device=device)
     empty = [rank for rank in range(ranks.world) for epoch in range(cfg.epochs) if not stream.num_batches(epoch, rank)]
     if empty:  # every rank finds the same, so all stop alike
         raise PipelineError(f"rank {empty[0]} of {ranks.world} would get no batch in some epoch ({len(blocks)} blocks "
@@ -87,7 +87,7 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     def batches(epoch: int):
         stream.set_epoch(epoch)
         loss_fn.epoch = epoch
-        return loader
+        return map(stream.on_device, loader)
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, info.image_shape[2], info.num_classes)

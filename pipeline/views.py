@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL
+import torch
+import torchvision
 from PIL import Image, features
 
 from pipeline.errors import PipelineError
@@ -48,18 +50,23 @@ class ViewPolicy:
     shift: int = 0  # in-memory sets: random views are crops of the image padded by this many pixels
     eval_crop: float | None = None  # image files: the eval view's side over the shorter side (crop / resize)
     draft: bool = False  # image files: JPEG views decoded at a reduced scale where the box allows it
-    decoder: str | None = None  # image files: the Pillow and libjpeg builds that render views (image_decoder)
+    decoder: str | None = None  # image files: the builds that render views (image_decoder or gpu_decoder)
 
     @classmethod
     def of(cls, info: "DatasetInfo", count: int = 1, seed: int = 0, shift: int = 4,
-           draft: bool = False) -> "ViewPolicy":
-        """The policy of data set `info`: resized crops of image files, padded crops of in-memory images."""
+           draft: bool = False, decode: str = "cpu") -> "ViewPolicy":
+        """The policy of data set `info`: resized crops of image files, padded crops of in-memory images,
+        decoded on the CPU (Pillow) or the GPU (nvJPEG, whole images: no draft)."""
         if count < 1:
             raise PipelineError(f"--views must be at least 1 (1: the eval view only); got {count}")
         files = info.geometry is not None
+        if decode == "gpu" and not files:
+            raise PipelineError(f"--decode gpu decodes image files, and {info.name} is held in memory; "
+                                "use --decode cpu")
+        gpu = decode == "gpu"
         policy = cls(count, seed, info.mirror_symmetric and count > 1, 0 if files or count == 1 else shift,
-                     info.geometry.crop / info.geometry.resize if files else None, draft and files,
-                     image_decoder() if files else None)
+                     info.geometry.crop / info.geometry.resize if files else None, draft and files and not gpu,
+                     (gpu_decoder() if gpu else image_decoder()) if files else None)
         if count > 1 and not (files or policy.shift or policy.flip):
             raise PipelineError(f"--views {count}: random views of {info.name} need --view-shift above 0 (its "
                                 "classes are not mirror-symmetric, so views are not flipped)")
@@ -125,6 +132,20 @@ def image_decoder() -> str:
     scaling) and PIL's resampling differ between them, so a store records them and stage two checks."""
     turbo = features.version_feature("libjpeg_turbo")
     return f"Pillow {PIL.__version__}, libjpeg {features.version('jpg')}" + (f" (libjpeg-turbo {turbo})" if turbo else "")
+
+
+GPU_DECODER = "nvJPEG"  # how a decoder that decodes on the GPU is named first (pipeline.device_views)
+
+
+def gpu_decoder() -> str:
+    """The builds that turn a file's view into pixels on the GPU: torchvision's nvJPEG decoding, this
+    package's integer resize (pipeline.resample), and Pillow for the files nvJPEG refuses."""
+    return (f"{GPU_DECODER} (torchvision {torchvision.__version__}, CUDA {torch.version.cuda}), pipeline.resample; "
+            f"files it refuses: {image_decoder()}")
+
+
+def decodes_on_gpu(decoder: str | None) -> bool:
+    return bool(decoder) and decoder.startswith(GPU_DECODER)
 
 
 def draft_scale(box, size: tuple[int, int]) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.resample import coefficients, resize_box
+from pipeline.resample import axis_weights, resize_box, resize_views
 
 
 def pillow_filter(x: float, interpolation: str) -> float:
@@ -80,18 +80,19 @@ def test_the_resize_is_pillows_loops_to_the_bit(shape, box, size, interpolation)
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_every_weight_is_pillows_integer(interpolation):
+    """300 random spans at once (one call, as a batch's views are weighed), each row against Resample.c's."""
     rng = np.random.default_rng(3)
-    for _ in range(300):
-        in_size = int(rng.integers(2, 300))
-        in0, in1 = np.sort(rng.uniform(0, in_size, 2))
-        if rng.random() < 0.2:
-            in0, in1 = 0.0, float(in_size)
-        out_size = int(rng.integers(1, 300))
-        first, count, weights = coefficients(in_size, np.float32(in0), np.float32(in1), out_size, interpolation)
-        expected = pillow_coeffs(in_size, in0, in1, out_size, interpolation)
-        assert first.tolist() == [xmin for xmin, _ in expected]
-        assert count.tolist() == [len(ks) for _, ks in expected]
-        assert all(row[:len(ks)].tolist() == ks and not row[len(ks):].any() for row, (_, ks) in zip(weights, expected))
+    out_size, length = 37, 300
+    in_sizes = rng.integers(2, length + 1, 300)
+    spans = np.sort(rng.uniform(0, in_sizes[:, None], (300, 2)), axis=1)
+    spans[::5] = np.stack([np.zeros(60), in_sizes[::5]], 1)  # whole axes
+    dense = axis_weights(torch.from_numpy(in_sizes), torch.tensor(spans[:, 0], dtype=torch.float32),
+                         torch.tensor(spans[:, 1], dtype=torch.float32), out_size, length, interpolation).numpy()
+    for weights, in_size, (in0, in1) in zip(dense, in_sizes, spans):
+        expected = np.zeros((out_size, length))
+        for row, (xmin, ks) in zip(expected, pillow_coeffs(int(in_size), in0, in1, out_size, interpolation)):
+            row[xmin:xmin + len(ks)] = ks
+        assert np.array_equal(weights, expected)
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
@@ -121,6 +122,18 @@ def test_installed_pillows_bilinear_views_are_within_one_level():
         box, size = (x0, y0, x0 + box_w, y0 + box_h), tuple(int(v) for v in rng.integers(8, 64, 2))
         pillow = np.asarray(Image.fromarray(pixels).resize(size[::-1], Image.BILINEAR, box=box))
         assert np.abs(pillow.astype(int) - ours(pixels, box, size)).max() <= 1, (trial, box, size)
+
+
+def test_a_batch_of_images_of_their_own_sizes_gives_each_views_resize():
+    """Weights computed for every view of a batch at once, each image its own size, each view its box."""
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((41, 57, 3), (30, 22, 3))]
+    boxes = [[(0, 0, 57, 41), (3.5, 2.25, 40.0, 39.5), (10.0, 0.0, 57.0, 20.75)],
+             [(0, 0, 22, 30), (1.5, 2.0, 21.0, 29.5), (0.25, 9.0, 12.0, 30.0)]]
+    views = resize_views([torch.from_numpy(i).permute(2, 0, 1) for i in images], boxes, (16, 24))
+    for pixels, image_views, image_boxes in zip(images, views.permute(0, 1, 3, 4, 2).numpy(), boxes):
+        for view, box in zip(image_views, image_boxes):
+            assert np.array_equal(view, pillow_loops(pixels, box, (16, 24), "bilinear")), box
 
 
 def test_a_constant_image_stays_constant_and_the_whole_image_at_its_size_is_itself():

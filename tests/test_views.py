@@ -140,7 +140,7 @@ def compare_with_live_teachers(store_path, dataset, teachers, rows_per_epoch=4, 
     drafted = 0  # rows whose view was decoded from a JPEG at a reduced scale
     for epoch in range(epochs):
         stream.set_epoch(epoch)
-        batch = next(iter(stream))
+        batch = stream.on_device(next(iter(stream)))  # views decoded on the device are cut here
         for row, image in zip(batch["index"].tolist(), batch["images"]):
             view = stream.view(epoch, row // store.block_size)
             box = store.read_rows(row, row + 1, ["view_boxes"], view)["view_boxes"][0]

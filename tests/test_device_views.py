@@ -1,0 +1,134 @@
+"""`--decode gpu`: image files read as bytes by the loader, decoded and cut on the device, every view of an
+image from one decode. Without a GPU the decoding runs here on the CPU device (torchvision's libjpeg where
+a GPU runs nvJPEG), with the CUDA check lifted; the refusals are those a machine without one gives."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import extract_args, invoke, make_imagenet, make_torchvision_teacher
+from pipeline.data import get_dataset
+from pipeline.data.files import ImageFile
+from pipeline.device_views import DeviceDecoder, read_encoded
+from pipeline.errors import PipelineError
+from pipeline.store.teacher_store import TeacherStore
+from pipeline.views import ViewPolicy, gpu_decoder
+from test_views import compare_with_live_teachers
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A small ImageNet tree and a random-weight resnet18 of its five classes."""
+    root = tmp_path_factory.mktemp("photos")
+    make_imagenet(root / "data", train_per_class=2, sides=(200, 420))
+    return root / "data", make_torchvision_teacher(root / "resnet18.pt", "resnet18", 5)
+
+
+def data_args(root):
+    return ["--dataset", "ilsvrc2012", "--data-root", root]
+
+
+def without_cuda_check(monkeypatch):
+    for module in ("pipeline.extraction", "pipeline.stream"):
+        monkeypatch.setattr(f"{module}.require_cuda", lambda *args: None)
+
+
+def test_decode_gpu_without_cuda_stops_before_the_store_is_touched(photos, tmp_path):
+    root, teacher = photos
+    result = invoke(*extract_args([teacher], tmp_path / "s.zarr"), *data_args(root), "--decode", "gpu",
+                    "--device", "cpu", exit_code=1)
+    assert result.output.splitlines() == [
+        "Error: --decode gpu decodes JPEGs on a CUDA GPU with nvJPEG, and this run's device is cpu; run on a "
+        "machine with one (--device cuda), or pass --decode cpu"]  # before any teacher loads
+    assert not (tmp_path / "s.zarr").exists()
+    with pytest.raises(PipelineError, match="--decode gpu decodes image files, and digits is held in memory; use "
+                                            "--decode cpu"):
+        ViewPolicy.of(get_dataset("digits", "train").info, decode="gpu")
+    result = invoke(*extract_args([teacher], tmp_path / "s.zarr"), "--decode", "tpu", exit_code=1)
+    assert "unknown decoder 'tpu'; choose one of: cpu, gpu" in result.output
+
+
+def test_views_cut_on_the_device_are_pillows_within_one_level(photos):
+    """The same decode (torchvision's libjpeg here, Pillow's there) and the same boxes: Pillow resizes in the
+    order it picks, the device in Resample.c's, so a pixel may move by one level, no more."""
+    root, _ = photos
+    dataset = get_dataset("ilsvrc2012", "train", str(root))
+    policy = ViewPolicy.of(dataset.info, count=4, seed=3)
+    files = [ImageFile(dataset.path(i), draft=False) for i in range(len(dataset))]
+    boxes, flips = zip(*(policy.boxes(dataset.sample_id(i), f.height, f.width) for i, f in enumerate(files)))
+    encoded = [read_encoded(f.path, f.height, f.width) for f in files]
+    sizes = [((224, 224), "bilinear"), ((96, 64), "bicubic")]
+    (large, small), errors = DeviceDecoder(CPU).views(encoded, torch.tensor(np.stack(boxes)),
+                                                       torch.tensor(np.stack(flips)), sizes, [""] * len(files))
+    assert errors == [""] * len(files) and large.shape == (len(files), 4, 224, 224, 3)
+    assert any(f.any() for f in flips), "no flipped view was compared"
+    largest = 0
+    for n, f in enumerate(files):
+        for v in range(4):
+            pillow = f.view(boxes[n][v], bool(flips[n][v]), (224, 224))
+            largest = max(largest, int(np.abs(pillow.astype(int) - large[n, v].numpy()).max()))
+            pillow = f.view(boxes[n][v], bool(flips[n][v]), (96, 64), "bicubic")
+            assert np.abs(pillow.astype(int) - small[n, v].numpy()).mean() < 0.5
+    assert largest <= 1
+
+
+def test_a_file_the_device_refuses_is_decoded_by_pillow_and_named(photos, monkeypatch):
+    root, _ = photos
+    path = sorted((root / "train").rglob("*.JPEG"))[0]
+    width, height = Image.open(path).size
+    original = DeviceDecoder.decode_jpegs
+
+    def refuse_one(self, images):
+        if any(image.path == str(path) for image in images):
+            raise RuntimeError("nvjpeg: unsupported JPEG\ncode 4")
+        return original(self, images)
+
+    monkeypatch.setattr(DeviceDecoder, "decode_jpegs", refuse_one)
+    said = []
+    other = sorted((root / "train").rglob("*.JPEG"))[1]
+    encoded = [read_encoded(p, *Image.open(p).size[::-1]) for p in (path, other)]
+    pixels = DeviceDecoder(CPU, said.append).decode(encoded)
+    assert said == [f"decoding {path} with Pillow on the CPU (cpu refused it: code 4)"]
+    assert np.array_equal(pixels[0].permute(1, 2, 0).numpy(), np.asarray(Image.open(path).convert("RGB")))
+    assert pixels[0].shape == (3, height, width) and pixels[1].shape[0] == 3
+
+
+def test_a_damaged_jpeg_stops_extraction_or_is_skipped_and_recorded(photos, tmp_path, monkeypatch):
+    root, teacher = photos
+    without_cuda_check(monkeypatch)
+    damaged = tmp_path / "data"
+    make_imagenet(damaged, train_per_class=2, sides=(200, 420))
+    path = sorted((damaged / "train").rglob("*.JPEG"))[1]
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # the header survives, the scan does not
+    Image.open(path)  # (the header reads)
+    args = [*extract_args([teacher], tmp_path / "s.zarr", block_size=4), *data_args(damaged), "--decode", "gpu",
+            "--device", "cpu"]
+    result = invoke(*args, exit_code=1)
+    assert f"cannot read image {path}" in result.output and "pass --skip-corrupt" in result.output
+    result = invoke(*args, "--skip-corrupt")
+    assert f"decoding {path} with Pillow on the CPU" in result.output
+    assert f"skipped unreadable image {path} (row 1, recorded as valid = False)" in result.output
+    valid = TeacherStore.open(tmp_path / "s.zarr").group["valid"][...]
+    assert valid.tolist() == [i != 1 for i in range(len(valid))]
+
+
+def test_a_store_cut_on_the_device_trains_students_that_cut_alike(photos, tmp_path, monkeypatch):
+    """Stage one decodes on the device and records it; stage two follows the store: its images are the views
+    the teacher saw (cached signals equal a live teacher on them), and without the device it is refused."""
+    root, teacher = photos
+    store = tmp_path / "gpu.zarr"
+    with monkeypatch.context() as patched:
+        without_cuda_check(patched)
+        invoke(*extract_args([teacher], store, block_size=4), *data_args(root), "--decode", "gpu", "--device", "cpu",
+               "--views", 3, "--batch-size", 3)
+        views = TeacherStore.open(store).attrs["views"]
+        assert views["decoder"] == gpu_decoder() and views["draft"] is False  # nvJPEG decodes whole images
+        dataset = get_dataset("ilsvrc2012", "train", str(root))
+        compare_with_live_teachers(store, dataset, [teacher], rows_per_epoch=3)
+    with pytest.raises(PipelineError, match=f"store {store} was extracted with --decode gpu, so its students decode "
+                                            "JPEGs on a CUDA GPU with nvJPEG, and this run's device is cpu; train on"):
+        compare_with_live_teachers(store, dataset, [teacher])
