@@ -8,7 +8,6 @@ normalised per sample.
 """
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.augment import Augmentation, Moves, apply, model_input
-from pipeline.explain import CamLayer, captured
+from pipeline.explain import CamLayer, LayerTap
 from pipeline.maps import normalize_maps, resize_maps
 from pipeline.objective import Term
 from pipeline.evidence import Evidence
@@ -93,6 +92,8 @@ class DistillationLoss:
         self.mean, self.std, self.num_classes, self.settings = mean, std, num_classes, settings
         self.augmentation, self.kd_teacher, self.target, self.policy = augmentation, kd_teacher, target, policy
         self.epoch = 0
+        self.captured, self.full_batch = None, 0  # see `capture`
+        self.tap = LayerTap(student_layer.target_layer) if student_layer is not None else None  # attention maps
         if method.follows_policy != (policy is not None):
             raise ValueError(f"{method.name} {'needs' if method.follows_policy else 'takes no'} selection policy")
         one = method.one_teacher or (policy is not None and policy.one_teacher)
@@ -102,7 +103,26 @@ class DistillationLoss:
             raise ValueError(f"{method.name} takes no separate kd_teacher: its teachers' logits are its KD target")
 
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, Term]:
-        return self.method.terms(Step(self, model, batch))
+        """The batch's terms: its moves drawn and the layer tap attached here, the rest by `terms`, which
+        pipeline.compiled may capture."""
+        moves = self.augmentation.draw(len(batch["labels"])) if self.augmentation else None
+        if self.tap is not None:
+            self.tap.attach(model)
+        full = self.captured is not None and len(batch["labels"]) == self.full_batch
+        return (self.captured if full else self.terms)(model, batch, moves)
+
+    def capture(self, device: torch.device, batch_size: int) -> None:
+        """Run the terms of every full batch as one captured graph (torch.compile, fullgraph): on a GPU with CUDA
+        graphs (mode reduce-overhead), so the CPU no longer dispatches each operator; on the CPU with the eager
+        backend, which runs the very operators of an uncaptured step (the same numbers: what tests check). A
+        partial batch (a window's last) runs uncaptured: padding it to the full size would move BatchNorm's
+        batch statistics, and a second shape would capture a second graph."""
+        options = {"mode": "reduce-overhead"} if device.type == "cuda" else {"backend": "eager"}
+        self.captured = torch.compile(self.terms, fullgraph=True, dynamic=False, **options)
+        self.full_batch = batch_size
+
+    def terms(self, model: nn.Module, batch: dict, moves: Moves | None) -> dict[str, Term]:
+        return self.method.terms(Step(self, model, batch, moves))
 
     def beta_now(self) -> float:
         """beta, ramped linearly over the first `beta_warmup` epochs."""
@@ -133,20 +153,24 @@ class Step:
     loss every method shares. Every teacher's values are stacked (B, M, ...) and computed on at once (a step's
     fixed cost is per op)."""
 
-    def __init__(self, loss: DistillationLoss, model: nn.Module, batch: dict):
-        self.loss, self.model, self.batch = loss, model, batch
+    def __init__(self, loss: DistillationLoss, model: nn.Module, batch: dict, moves: Moves | None):
+        self.loss, self.model, self.batch, self.moves = loss, model, batch, moves
         self.settings, self.teachers, self.layer = loss.settings, loss.teachers, loss.layer
-        self.kd_teacher = loss.kd_teacher
-        self.x, self.labels, self.moves = model_input(batch, loss.augmentation, loss.mean, loss.std)
+        self.kd_teacher, self._teacher_logits = loss.kd_teacher, None
+        self.x, self.labels = model_input(batch, moves, loss.mean, loss.std)
 
     def field(self, key: str) -> torch.Tensor:
         """(B, M) or (B, M, ...): each teacher's array `key`."""
         return torch.stack([self.batch[teacher_array(t, key)] for t in self.teachers], 1)
 
-    @functools.cached_property
+    @property
     def teacher_logits(self) -> torch.Tensor:
-        """(B, M, C) float32, from either logits mode."""
-        return torch.stack([full_logits(self.batch, t, self.loss.num_classes) for t in self.teachers], 1)
+        """(B, M, C) float32, from either logits mode; made once per step (a plain attribute, not
+        functools.cached_property, whose lock torch.compile cannot trace on Python 3.11)."""
+        if self._teacher_logits is None:
+            self._teacher_logits = torch.stack([full_logits(self.batch, t, self.loss.num_classes)
+                                                for t in self.teachers], 1)
+        return self._teacher_logits
 
     def uniform(self) -> torch.Tensor:
         """(B, M) equal weights: one teacher, or the mean of all."""
@@ -165,11 +189,8 @@ class Step:
     def forward(self, need_activation: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(float32 logits, the CAM layer's activation when an attention map needs it). Losses are taken in
         float32: under bf16 autocast the KL of bf16 logits is 4 % off."""
-        if not need_activation:
-            return self.model(self.x).float(), None
-        with captured(self.model, self.layer.target_layer) as box:
-            logits = self.model(self.x)
-        return logits.float(), box["activation"]
+        logits = self.model(self.x).float()
+        return logits, self.loss.tap.output if need_activation else None
 
     def ce(self, logits: torch.Tensor) -> Term:
         return Term.over(F.cross_entropy(logits, self.labels, reduction="none"))

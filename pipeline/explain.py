@@ -138,6 +138,23 @@ def module_path(model: nn.Module, path: str) -> nn.Module:
     return modules[path]
 
 
+class LayerTap:
+    """The output of one layer in the last forward pass, recorded by a hook that stays on the model: registered
+    once, outside the step (a step captured by torch.compile cannot register hooks), and read after each
+    forward pass."""
+
+    def __init__(self, layer: str):
+        self.layer, self.model, self.output = layer, None, None
+
+    def attach(self, model: nn.Module) -> None:
+        if self.model is not model:
+            module_path(model, self.layer).register_forward_hook(self.record)
+            self.model = model
+
+    def record(self, _module, _inputs, output) -> None:
+        self.output = output
+
+
 @contextmanager
 def captured(model: nn.Module, layer: str, detach: bool = False) -> Iterator[dict]:
     """Record the output of `layer` during forward passes inside the block.

@@ -47,6 +47,19 @@ def usable_blocks(store: TeacherStore, teachers: list[str], cfg: TrainStudentCon
     return blocks
 
 
+def capture_step(loss_fn: DistillationLoss, method, cfg: TrainStudentConfig, device: torch.device, ranks: Ranks) -> None:
+    """--compile: full batches' terms as one captured graph, where the step allows it."""
+    if ranks.world > 1:
+        raise PipelineError("--compile under torchrun is not built (DDP splits a captured step at its gradient "
+                            "buckets); drop --compile")
+    if method.double_backward(cfg):
+        if ranks.main:
+            print("--compile: this recipe's step differentiates the student's Grad-CAM (a double backward), which "
+                  "torch.compile does not capture; it runs uncaptured")
+        return
+    loss_fn.capture(device, cfg.batch_size)
+
+
 def train_student(cfg: TrainStudentConfig) -> dict:
     """Stage two, whole: choose the teachers, stream the store, train (under torchrun: on every rank), and on
     rank 0 validate and write the run's checkpoint and history."""
@@ -95,10 +108,12 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     kd_teacher = named_or_best_teacher(store, cfg.teacher, "--kd-source best") if cfg.kd_source == "best" else None
     loss_fn = DistillationLoss(
         method, teachers, layer, info.mean, info.std, info.num_classes, LossSettings.of(cfg),
-        augmentation=Augmentation(cfg.shift, cfg.flip, cfg.seed + 1_000_003 * ranks.rank),  # ranks move unlike
+        augmentation=Augmentation(cfg.shift, cfg.flip, cfg.seed + 1_000_003 * ranks.rank, device),  # ranks move unlike
         kd_teacher=kd_teacher, target=target, policy=policy)
     if ranks.main:
         print(f"recipe: {method.describe(cfg, teachers, kd_teacher)}")
+    if cfg.compile:
+        capture_step(loss_fn, method, cfg, device, ranks)
     run_name = cfg.run_name or cfg.method
     run_dir = Path(cfg.out_dir) / run_name
     # what a saved state must have been saved under: the settings, and the store, teachers, blocks,

@@ -65,6 +65,9 @@ class TrainStudentConfig(ScheduleSettings, DataConfig):
                            "written at the end of every epoch) to the weights an uninterrupted run reaches")
     save_every: int = setting(0, "also save the training state every this many steps (0: at epochs' ends only)")
     device: str = setting("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    compile: bool = setting(False, "capture each full batch's step as one graph with torch.compile (on a GPU with "
+                            "CUDA graphs, mode reduce-overhead; on the CPU the eager backend, no faster); steps with "
+                            "a double backward (--recipe design's Grad-CAM) run uncaptured and say so")
     variant: str | None = setting(None, "a study's run: the settings of this entry of the --params file's "
                                   "`variants` (name -> settings) go over its train_student section")
 

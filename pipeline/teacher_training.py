@@ -97,7 +97,7 @@ def train_teachers(cfg: TrainTeachersConfig) -> dict[str, dict]:
         augmentation = Augmentation(cfg.shift, cfg.flip, seed)
 
         def loss_fn(teacher, batch: dict) -> dict[str, Term]:
-            x, labels, _ = model_input(batch, augmentation, info.mean, info.std)
+            x, labels = model_input(batch, augmentation.draw(len(batch["labels"])), info.mean, info.std)
             return {"ce": Term.over(F.cross_entropy(teacher(x), labels, reduction="none"))}
 
         steps = -(-len(train) // cfg.batch_size)

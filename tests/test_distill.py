@@ -158,11 +158,13 @@ def test_normalized_grayscale_batches_train_the_default_student():
 
 
 def test_shift_moves_images_and_fills_with_zeros():
-    x = torch.arange(1, 17, dtype=torch.float32).view(1, 1, 4, 4)
-    moved = shift(x, torch.tensor([[1, -2]]))  # one row down, two columns left
-    expected = torch.zeros(4, 4)
-    expected[1:, :2] = x[0, 0, :3, 2:]
-    assert torch.equal(moved[0, 0], expected)
+    x = torch.arange(1, 49, dtype=torch.float32).view(3, 1, 4, 4)
+    moved = shift(x, torch.tensor([[1, -2], [-3, 1], [0, 0]]))  # each sample its own move
+    down_left, up_right = torch.zeros(4, 4), torch.zeros(4, 4)
+    down_left[1:, :2] = x[0, 0, :3, 2:]  # one row down, two columns left
+    up_right[:1, 1:] = x[1, 0, 3:, :3]  # three rows up, one column right
+    assert torch.equal(moved[0, 0], down_left) and torch.equal(moved[1, 0], up_right)
+    assert torch.equal(moved[2], x[2])
 
 
 def make_student_batch(method):

@@ -58,6 +58,18 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(store, whol
     assert history(whole) == history(tmp_path / "split")
 
 
+def test_a_captured_run_ends_with_the_uncaptured_runs_weights(store, whole, tmp_path):
+    """--compile on the CPU: every full batch's step traced as one graph and run by the eager backend, the
+    window's partial batches uncaptured; the same weights, bit for bit."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    student(store, tmp_path / "captured", "--compile")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step was captured
+    uninterrupted, captured = weights(whole), weights(tmp_path / "captured")
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], captured[key]), key
+
+
 def test_a_state_saved_under_other_settings_is_refused(store, tmp_path, monkeypatch):
     def die(self, state):
         raise Killed

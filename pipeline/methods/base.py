@@ -54,6 +54,10 @@ class Method:
         """What a run of `cfg` learns, for its log: the recipe, settled (defaults filled, teachers chosen)."""
         return f"{self.name} from {', '.join(teachers)}: KD alpha {cfg.alpha} at T {cfg.temperature}"
 
+    def double_backward(self, cfg) -> bool:
+        """Whether its step differentiates a gradient (which torch.compile does not capture: it runs eager)."""
+        return False
+
     def terms(self, step: "Step") -> dict[str, Term]:
         raise NotImplementedError
 

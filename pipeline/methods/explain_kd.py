@@ -39,6 +39,9 @@ class ExplainKD(Method):
         return (f"explain-kd (--recipe {cfg.recipe}) from {', '.join(teachers)}, --policy {cfg.policy}: KD alpha "
                 f"{cfg.alpha} at T {cfg.temperature} towards {source} logits; {maps}")
 
+    def double_backward(self, cfg):
+        return cfg.beta > 0 and cfg.student_map == "gradcam"  # the student's own Grad-CAM, create_graph=True
+
     def terms(self, step):
         weights = step.loss.policy.weights(step.evidence())
         terms = {f"chosen/{name}": Term.over(weights[:, m], weight=0.0) for m, name in enumerate(step.teachers)}
