@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bench import digits_store, median_seconds, sync
+from pipeline.bench import digits_store, median_seconds
+from pipeline.bench_gpu import policy_of, step_loop
 from pipeline.data import get_dataset
-from pipeline.devices import autocast, prepare_model, resolve_device
+from pipeline.devices import prepare_model, resolve_device
 from pipeline.distill import DistillationLoss, LossSettings
 from pipeline.explain import CamLayer, probe_input
 from pipeline.methods import method_of
 from pipeline.methods.explain_kd import RECIPES
 from pipeline.models import create_model
-from pipeline.objective import loss_of
 from pipeline.store.teacher_store import TeacherStore
 
 METHODS = {"ce": ("ce", {}), "kd": ("kd", {}),
@@ -44,19 +44,9 @@ def step_runner(method: str, options: dict, store: TeacherStore, batch: dict, de
     kd_teacher = options.pop("kd_teacher", None)
     teachers = store.teachers[:1] if method_of(method).one_teacher else store.teachers
     loss_fn = DistillationLoss(method_of(method), teachers, layer, info.mean, info.std, info.num_classes,
-                               LossSettings(alpha=0.5, beta=beta, **options), kd_teacher=kd_teacher)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
-
-    def run():
-        for _ in range(steps):
-            with autocast(device):
-                losses = loss_fn(student, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss_of(losses).backward()
-            optimizer.step()
-        sync(device)
-
-    return run
+                               LossSettings(alpha=0.5, beta=beta, **options), kd_teacher=kd_teacher,
+                               policy=policy_of(method))
+    return step_loop(loss_fn, student, batch, device, steps)
 
 
 def main() -> None:
@@ -69,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as folder:
-        store = TeacherStore.open(digits_store(Path(folder)))
+        store = TeacherStore.open(digits_store(Path(folder), "train"))
         fields = ["images", "labels", *method_of("explain-kd").arrays(store.teachers, store.logit_fields)]
         rows = store.read_rows(0, store.num_samples, fields)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
@@ -79,7 +69,8 @@ def main() -> None:
     print("|---" * (2 * len(METHODS)) + "|")
     for size in map(int, args.batches.split(",")):
         index = torch.arange(size) % store.num_samples
-        batch = {key: torch.from_numpy(value)[index].to(device) for key, value in rows.items()}
+        batch = {key: torch.from_numpy(value)[index].to(device) for key, value in rows.items()} | {
+            "index": index.to(device)}
         runners = {name: step_runner(method, options, store, batch, device, args.steps)
                    for name, (method, options) in METHODS.items()}
         seconds = median_seconds(runners, args.repeats)

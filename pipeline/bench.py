@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +79,14 @@ class Scale:
     repeats: int
     gpu_batch: int  # the GPU goal (>= 2,500 images/s) is for batch 256
     warm_up: bool  # a first, untimed turn: for figures; `quick` only checks that each runs
+    gpu_end_to_end: str  # the GPU section's stage one from JPEGs and student steps: bench_gpu.SCALES' key
 
 
 ILSVRC2012_TRAIN = 1_281_167  # samples: its store's block size is the reader's
 FULL = Scale(131072, default_block_size(ILSVRC2012_TRAIN), 2048, 5, "train", 7,
              (("resnet18", 64, 32), ("resnet18", 224, 16), ("densenet121", 112, 16), ("vgg11", 112, 16)),
-             (("resnet18", 224, 256), ("densenet121", 224, 128), ("vgg11", 224, 128)), 8192, 512, 3, 256, True)
-QUICK = Scale(8192, 1024, 256, 1, "test", 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), (("resnet18", 32, 8),), 2048, 32, 1, 8, False)
+             (("resnet18", 224, 256), ("densenet121", 224, 128), ("vgg11", 224, 128)), 8192, 512, 3, 256, True, "full")
+QUICK = Scale(8192, 1024, 256, 1, "test", 1, (("resnet18", 32, 4), ("vgg11", 32, 4)), (("resnet18", 32, 8),), 2048, 32, 1, 8, False, "quick")
 
 
 def median_seconds(setups: dict[str, Callable[[], object]], repeats: int,
@@ -432,8 +433,12 @@ def sections(scale: Scale, folder: Path) -> dict[str, Callable[[], list[Figure]]
              "stage-one": lambda: extraction_figures(scale, torch.device("cpu")),
              "bytes": lambda: bytes_figures(folder, scale), "memory": lambda: [memory_figure(folder, scale)]}
     if torch.cuda.is_available():
-        device = resolve_device("cuda")
-        found["gpu"] = lambda: extraction_figures(scale, device) + gpu_figures(scale, device)
+        from pipeline import bench_gpu  # noqa: PLC0415 (it builds on this module)
+
+        device, gpu_scale = resolve_device("cuda"), bench_gpu.SCALES[scale.gpu_end_to_end]
+        found["gpu"] = lambda: (extraction_figures(scale, device) + gpu_figures(scale, device)
+                                + bench_gpu.stage_one_figures(folder / "gpu", gpu_scale, device)
+                                + bench_gpu.step_figures(gpu_scale, device))
     return found
 
 
@@ -465,7 +470,7 @@ def run_bench(quick: bool, json_path: str | None, repeats: int | None, only: tup
     """Every figure, as one markdown table under a line that names the machine (see `pipeline bench`)."""
     scale = QUICK if quick else FULL
     if repeats is not None:
-        scale = Scale(**{**asdict(scale), "repeats": repeats, "student_repeats": repeats})
+        scale = replace(scale, repeats=repeats, student_repeats=repeats)
     with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(sys.stderr):  # the stages' own lines
         figures = run_all(scale, Path(folder), only)
     if json_path:

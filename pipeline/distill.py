@@ -108,8 +108,10 @@ class DistillationLoss:
         moves = self.augmentation.draw(len(batch["labels"])) if self.augmentation else None
         if self.tap is not None:
             self.tap.attach(model)
-        full = self.captured is not None and len(batch["labels"]) == self.full_batch
-        return (self.captured if full else self.terms)(model, batch, moves)
+        if self.captured is None or len(batch["labels"]) != self.full_batch:
+            return self.terms(model, batch, moves)
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may be reused
+        return self.captured(model, batch, moves)
 
     def capture(self, device: torch.device, batch_size: int) -> None:
         """Run the terms of every full batch as one captured graph (torch.compile, fullgraph): on a GPU with CUDA

@@ -132,3 +132,28 @@ def test_a_store_cut_on_the_device_trains_students_that_cut_alike(photos, tmp_pa
     with pytest.raises(PipelineError, match=f"store {store} was extracted with --decode gpu, so its students decode "
                                             "JPEGs on a CUDA GPU with nvJPEG, and this run's device is cpu; train on"):
         compare_with_live_teachers(store, dataset, [teacher])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_nvjpeg_stores_train_captured_students(photos, tmp_path):
+    """The real thing: stage one decodes with nvJPEG on the GPU, a student trains from the store on the GPU with
+    its step captured (CUDA graphs), and nvJPEG's views stay near Pillow's."""
+    root, teacher = photos
+    store = tmp_path / "nvjpeg.zarr"
+    invoke(*extract_args([teacher], store, block_size=4), *data_args(root), "--decode", "gpu", "--device", "cuda",
+           "--views", 2)
+    result = invoke("train-student", *data_args(root), "--store", store, "--method", "kd", "--teacher", "resnet18",
+                    "--arch", "resnet8_slim", "--epochs", 2, "--batch-size", 4, "--compile", "--device", "cuda",
+                    "--out-dir", tmp_path / "students")
+    assert "epoch 2/2" in result.output
+    dataset = get_dataset("ilsvrc2012", "train", str(root))
+    files = [ImageFile(dataset.path(i), draft=False) for i in range(len(dataset))]
+    encoded = [read_encoded(f.path, f.height, f.width) for f in files]
+    boxes = torch.tensor([[[0, 0, f.width, f.height]] for f in files], dtype=torch.float32)
+    (views,), errors = DeviceDecoder(torch.device("cuda")).views(encoded, boxes, torch.zeros(len(files), 1, dtype=torch.bool),
+                                                                 [((224, 224), "bilinear")], [""] * len(files))
+    pillow = np.stack([f.view((0, 0, f.width, f.height), False, (224, 224)) for f in files])
+    difference = np.abs(views[:, 0].cpu().numpy().astype(int) - pillow)
+    print(f"nvJPEG + exact resize vs Pillow, whole images at 224 px: largest {difference.max()}, mean "
+          f"{difference.mean():.3f} levels")
+    assert errors == [""] * len(files) and difference.mean() < 2
