@@ -57,7 +57,7 @@ def test_unknown_params_key_names_the_valid_ones(tmp_path):
     params.write_text("train_student:\n  betta: 3\n")
     result = CliRunner().invoke(main, ["train-student", "--params", str(params)])
     assert result.exit_code == 1
-    assert "unknown train_student setting(s) betta; valid: allow_partial, alpha, arch, batch_size, beta, beta_warmup, cache_dir, cache_gb, data_root, dataset, detach_head, device" in result.output
+    assert "unknown train_student setting(s) betta; valid: allow_partial, alpha, arch, batch_size, beta, beta_warmup, cache_dir, cache_gb, compile, data_root, dataset, detach_head, device" in result.output
 
 
 def test_options_override_params_file(tmp_path):
