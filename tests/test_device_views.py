@@ -21,14 +21,20 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """A small ImageNet tree and a random-weight resnet18 of its five classes."""
+    """A small tree of photo-like JPEGs in ImageNet's layout (3 classes) and a random-weight resnet18 of its
+    classes."""
     root = tmp_path_factory.mktemp("photos")
     make_imagenet(root / "data", train_per_class=2, sides=(200, 420))
-    return root / "data", make_torchvision_teacher(root / "resnet18.pt", "resnet18", 5)
+    return root / "data", make_torchvision_teacher(root / "resnet18.pt", "resnet18", 3)
+
+
+def folder(root) -> str:
+    """The photos as an image folder seen at 64 px (teachers' work 12 times smaller than at 224)."""
+    return f"imagefolder:{root}@73/64"
 
 
 def data_args(root):
-    return ["--dataset", "ilsvrc2012", "--data-root", root]
+    return ["--dataset", folder(root)]
 
 
 def without_cuda_check(monkeypatch):
@@ -55,7 +61,7 @@ def test_views_cut_on_the_device_are_pillows_within_one_level(photos):
     """The same decode (torchvision's libjpeg here, Pillow's there) and the same boxes: Pillow resizes in the
     order it picks, the device in Resample.c's, so a pixel may move by one level, no more."""
     root, _ = photos
-    dataset = get_dataset("ilsvrc2012", "train", str(root))
+    dataset = get_dataset(folder(root), "train")
     policy = ViewPolicy.of(dataset.info, count=4, seed=3)
     files = [ImageFile(dataset.path(i), draft=False) for i in range(len(dataset))]
     boxes, flips = zip(*(policy.boxes(dataset.sample_id(i), f.height, f.width) for i, f in enumerate(files)))
@@ -127,7 +133,7 @@ def test_a_store_cut_on_the_device_trains_students_that_cut_alike(photos, tmp_pa
                "--views", 3, "--batch-size", 3)
         views = TeacherStore.open(store).attrs["views"]
         assert views["decoder"] == gpu_decoder() and views["draft"] is False  # nvJPEG decodes whole images
-        dataset = get_dataset("ilsvrc2012", "train", str(root))
+        dataset = get_dataset(folder(root), "train")
         compare_with_live_teachers(store, dataset, [teacher], rows_per_epoch=3)
     with pytest.raises(PipelineError, match=f"store {store} was extracted with --decode gpu, so its students decode "
                                             "JPEGs on a CUDA GPU with nvJPEG, and this run's device is cpu; train on"):
@@ -146,7 +152,7 @@ def test_on_cuda_nvjpeg_stores_train_captured_students(photos, tmp_path):
                     "--arch", "resnet8_slim", "--epochs", 2, "--batch-size", 4, "--compile", "--device", "cuda",
                     "--out-dir", tmp_path / "students")
     assert "epoch 2/2" in result.output
-    dataset = get_dataset("ilsvrc2012", "train", str(root))
+    dataset = get_dataset(folder(root), "train")
     files = [ImageFile(dataset.path(i), draft=False) for i in range(len(dataset))]
     encoded = [read_encoded(f.path, f.height, f.width) for f in files]
     boxes = torch.tensor([[[0, 0, f.width, f.height]] for f in files], dtype=torch.float32)
