@@ -153,7 +153,7 @@ def device_views_of(root: Path, dataset: str, scale: GpuScale, device: torch.dev
     files = [ImageFile(data.path(i), draft=False) for i in rows]
     boxes, flips = zip(*(policy.boxes(data.sample_id(i), f.height, f.width) for i, f in zip(rows, files)))
     size = (data.info.geometry.crop,) * 2
-    (views,), _ = DeviceDecoder(device).views([read_encoded(f.path, f.height, f.width) for f in files],
+    (views,), _ = DeviceDecoder(device).views([read_encoded(f) for f in files],
                                               torch.tensor(np.stack(boxes)), torch.tensor(np.stack(flips)),
                                               [(size, data.info.geometry.interpolation)], [""] * len(files))
     pillow = torch.from_numpy(np.stack([[f.view(box, bool(flip), size) for box, flip in zip(bs, fs)]

@@ -6,11 +6,12 @@ call (torchvision's `decode_jpeg`, nvJPEG on CUDA), resizes every view of an ima
 one decode (pipeline.resample: Pillow's integer resize, the same pixels on any device) and
 flips it there. nvJPEG has no reduced-scale decoding, so JPEGs are decoded whole (no draft).
 
-A file the device decoder refuses (a CMYK or some progressive JPEGs, a corrupt file) or that
-is no JPEG is decoded by Pillow on the CPU, named in the log, and cut on the device alike;
-one Pillow cannot read either is unreadable (extraction stops, or skips it with
---skip-corrupt). Which decoder an image gets depends on its bytes alone, so stage two,
-decoding as the store records, gets the pixels stage one got.
+A file that is no JPEG, or a JPEG of other than RGB or grey pixels (CMYK), by its header, is
+decoded by Pillow on the CPU and cut on the device alike; so is a JPEG the device decoder
+refuses (some progressive files, a damaged one), named in the log. One Pillow cannot read
+either is unreadable (extraction stops, or skips it with --skip-corrupt). An error of the
+device itself (its memory, its driver) stops the run: which decoder an image gets depends on
+its bytes alone, so stage two, decoding as the store records, gets the pixels stage one got.
 """
 
 import io
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.data.files import DECODE_ERRORS, unreadable
+from pipeline.data.files import DECODE_ERRORS, ImageFile, unreadable
 from pipeline.errors import PipelineError
 from pipeline.resample import resize_views
 
@@ -35,61 +36,70 @@ def require_cuda(device: torch.device, what: str, fix: str) -> None:
 
 @dataclass
 class EncodedImage:
-    """What a loader worker reads of one image file: its bytes and the size its header gives."""
+    """What a loader worker reads of one image file: its bytes, the size its header gives, and whether the
+    device decodes it (a JPEG of RGB or grey pixels, by its header; CMYK and other files go to Pillow)."""
 
     path: str
     data: np.ndarray  # uint8, the file's bytes
     height: int
     width: int
+    on_device: bool
 
 
-def read_encoded(path: Path, height: int, width: int) -> EncodedImage:
+def read_encoded(source: ImageFile) -> EncodedImage:
     try:
-        data = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
+        data = np.frombuffer(source.path.read_bytes(), dtype=np.uint8)
     except OSError as error:
-        raise unreadable(path, error) from None
-    return EncodedImage(str(path), data, height, width)
+        raise unreadable(source.path, error) from None
+    return EncodedImage(str(source.path), data, source.height, source.width,
+                        source.format == "JPEG" and source.mode in ("RGB", "L"))
 
 
-def is_jpeg(data: np.ndarray) -> bool:
-    return len(data) > 2 and data[0] == 0xFF and data[1] == 0xD8
+def device_failure(error: RuntimeError) -> bool:
+    """An error of the device, not of the file (memory, the driver): it stops the run, never sends a file to
+    Pillow, which would make the decoder an image gets depend on the moment."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "CUDA error" in text
 
 
 class DeviceDecoder:
     """Decodes EncodedImages on `device` to uint8 (C, H, W) and cuts their views there; `say` names each
-    file that went to Pillow."""
+    file that went to Pillow (once)."""
 
     def __init__(self, device: torch.device, say: Callable[[str], None] = print):
-        self.device, self.say = device, say
+        self.device, self.say, self.named = device, say, set()
 
     def decode(self, images: list[EncodedImage]) -> list[torch.Tensor | PipelineError]:
         """Each image's pixels on the device, or the error that makes it unreadable."""
-        jpegs = [i for i, image in enumerate(images) if is_jpeg(image.data)]
-        decoded: dict[int, torch.Tensor] = {}
-        if jpegs:
-            try:
-                decoded = dict(zip(jpegs, self.decode_jpegs([images[i] for i in jpegs])))
-            except RuntimeError:  # one file the decoder refuses fails the batch: decode them one by one
-                for i in jpegs:
-                    try:
-                        decoded[i] = self.decode_jpegs([images[i]])[0]
-                    except RuntimeError as error:
-                        self.say(f"decoding {images[i].path} with Pillow on the CPU ({self.device} refused it: "
-                                 f"{str(error).splitlines()[-1][:120]})")
+        decoded = self.decode_on_device(images, [i for i, image in enumerate(images) if image.on_device])
         results = []
         for i, image in enumerate(images):
             try:
-                pixels = decoded[i] if i in decoded else self.decode_on_cpu(image)
+                results.append(self.checked(image, decoded[i] if i in decoded else self.decode_on_cpu(image)))
             except PipelineError as error:
                 results.append(error)
-                continue
-            if tuple(pixels.shape[1:]) != (image.height, image.width):
-                results.append(PipelineError(
-                    f"{image.path} decoded to {pixels.shape[2]}x{pixels.shape[1]} pixels, and its header says "
-                    f"{image.width}x{image.height}; replace the file, or pass --skip-corrupt to skip and record it"))
-                continue
-            results.append(pixels)
         return results
+
+    def decode_on_device(self, images: list[EncodedImage], indices: list[int]) -> dict[int, torch.Tensor]:
+        """{index: pixels} of the images at `indices` the device decodes: all in one call, or, when one file
+        fails the call, one by one (a file the device refuses is left to Pillow and named)."""
+        try:
+            return dict(zip(indices, self.decode_jpegs([images[i] for i in indices]))) if indices else {}
+        except RuntimeError as error:
+            if device_failure(error):
+                raise
+        decoded = {}
+        for i in indices:
+            try:
+                decoded[i] = self.decode_jpegs([images[i]])[0]
+            except RuntimeError as error:
+                if device_failure(error):
+                    raise
+                if images[i].path not in self.named:
+                    self.named.add(images[i].path)
+                    self.say(f"decoding {images[i].path} with Pillow on the CPU ({self.device} refused it: "
+                             f"{str(error).splitlines()[-1][:120]})")
+        return decoded
 
     def decode_jpegs(self, images: list[EncodedImage]) -> list[torch.Tensor]:
         data = [torch.from_numpy(image.data.copy()) for image in images]
@@ -102,6 +112,14 @@ class DeviceDecoder:
         except DECODE_ERRORS as error:
             raise unreadable(Path(image.path), error) from None
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1).to(self.device)
+
+    @staticmethod
+    def checked(image: EncodedImage, pixels: torch.Tensor) -> torch.Tensor:
+        if tuple(pixels.shape[1:]) != (image.height, image.width):
+            raise PipelineError(f"{image.path} decoded to {pixels.shape[2]}x{pixels.shape[1]} pixels, and its header "
+                                f"says {image.width}x{image.height}; replace the file, or pass --skip-corrupt to skip "
+                                "and record it")
+        return pixels
 
     def views(self, images: list[EncodedImage | None], boxes: torch.Tensor, flips: torch.Tensor,
               sizes: list[tuple[tuple[int, int], str]], errors: list[str]) -> tuple[tuple[torch.Tensor, ...], list[str]]:

@@ -104,14 +104,18 @@ class DistillationLoss:
 
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, Term]:
         """The batch's terms: its moves drawn and the layer tap attached here, the rest by `terms`, which
-        pipeline.compiled may capture."""
+        `capture` may have captured."""
         moves = self.augmentation.draw(len(batch["labels"])) if self.augmentation else None
         if self.tap is not None:
             self.tap.attach(model)
         if self.captured is None or len(batch["labels"]) != self.full_batch:
-            return self.terms(model, batch, moves)
-        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may be reused
-        return self.captured(model, batch, moves)
+            terms = self.terms(model, batch, moves)
+        else:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may be reused
+            terms = self.captured(model, batch, moves)
+        if self.tap is not None:
+            self.tap.output = None  # a forward that did not read it (the Grad-CAM path's) keeps no graph alive
+        return terms
 
     def capture(self, device: torch.device, batch_size: int) -> None:
         """Run the terms of every full batch as one captured graph (torch.compile, fullgraph): on a GPU with CUDA
@@ -192,7 +196,8 @@ class Step:
         """(float32 logits, the CAM layer's activation when an attention map needs it). Losses are taken in
         float32: under bf16 autocast the KL of bf16 logits is 4 % off."""
         logits = self.model(self.x).float()
-        return logits, self.loss.tap.output if need_activation else None
+        activation = self.loss.tap.take() if self.loss.tap is not None else None
+        return logits, activation if need_activation else None
 
     def ce(self, logits: torch.Tensor) -> Term:
         return Term.over(F.cross_entropy(logits, self.labels, reduction="none"))

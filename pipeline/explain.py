@@ -144,15 +144,22 @@ class LayerTap:
     forward pass."""
 
     def __init__(self, layer: str):
-        self.layer, self.model, self.output = layer, None, None
+        self.layer, self.model, self.handle, self.output = layer, None, None, None
 
     def attach(self, model: nn.Module) -> None:
         if self.model is not model:
-            module_path(model, self.layer).register_forward_hook(self.record)
+            if self.handle is not None:
+                self.handle.remove()
+            self.handle = module_path(model, self.layer).register_forward_hook(self.record)
             self.model = model
 
     def record(self, _module, _inputs, output) -> None:
         self.output = output
+
+    def take(self) -> torch.Tensor:
+        """The output recorded, forgotten here (so no step's graph outlives the step)."""
+        output, self.output = self.output, None
+        return output
 
 
 @contextmanager

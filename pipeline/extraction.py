@@ -74,7 +74,7 @@ class ExtractionFiles(torch.utils.data.Dataset):
         try:
             source = self.dataset.view_source(index)
             boxes, flips = self.views.boxes(self.dataset.sample_id(index), source.height, source.width)
-            return read_encoded(source.path, source.height, source.width), boxes, flips, label, ""
+            return read_encoded(source), boxes, flips, label, ""
         except UnreadableImage as error:
             return None, np.zeros((self.views.count, 4), np.int32), np.zeros(self.views.count, bool), label, str(error)
 

@@ -29,10 +29,10 @@ def area_weights(inputs: int, outputs: int, device: torch.device) -> torch.Tenso
     [r * inputs / outputs, (r + 1) * inputs / outputs), each cell weighted by its overlap. (torch's
     "area" interpolation is adaptive average pooling, whose windows overlap at full weight when the
     ratio is not a whole number.)"""
-    edges = torch.arange(outputs + 1, dtype=torch.float64) * inputs / outputs
-    cells = torch.arange(inputs, dtype=torch.float64)
+    edges = torch.arange(outputs + 1, dtype=torch.float64, device=device) * inputs / outputs  # made where used:
+    cells = torch.arange(inputs, dtype=torch.float64, device=device)  # a captured step holds no host tensor
     overlap = torch.minimum(edges[1:, None], cells + 1) - torch.maximum(edges[:-1, None], cells)
-    return (overlap.clamp_min(0) * outputs / inputs).float().to(device)
+    return (overlap.clamp_min(0) * outputs / inputs).float()
 
 
 def normalize_maps(maps: torch.Tensor, norm: str) -> torch.Tensor:

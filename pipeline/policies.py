@@ -37,6 +37,10 @@ class Policy:
         teacher finished; a seeded draw per row)."""
         return self
 
+    def to(self, device: torch.device) -> "Policy":
+        """What `fit` took, moved to the device the student trains on (a captured step holds no host tensor)."""
+        return self
+
     def teachers(self, store, teachers: list[str]) -> list[str]:
         """The teachers the run learns from, of the store's `teachers`."""
         return teachers
@@ -173,10 +177,14 @@ class Drawn(Policy):
     def choice(self, evidence):
         if self.drawn is None:
             raise RuntimeError(f"the {self.name} policy draws its teachers in `fit`, which was not called")
-        return self.rows_teacher(evidence.rows.cpu()).to(evidence.y.device), no_ties(evidence)
+        return self.rows_teacher(evidence.rows), no_ties(evidence)
 
     def rows_teacher(self, rows: torch.Tensor) -> torch.Tensor:
         return self.drawn[rows]
+
+    def to(self, device: torch.device) -> "Drawn":
+        self.drawn = self.drawn.to(device)
+        return self
 
 
 @POLICIES.add
@@ -214,8 +222,12 @@ class PerTeacherDrop(Lowest):
         if self.drops is None:
             raise RuntimeError(f"the {self.name} policy measures the store in `fit`, which was not called")
         drop = confidence_drop(evidence.y, evidence.o)
-        return torch.stack([self.within(drop[:, m].contiguous(), sorted_drops.to(drop.device))
+        return torch.stack([self.within(drop[:, m].contiguous(), sorted_drops)
                             for m, sorted_drops in enumerate(self.drops)], 1)
+
+    def to(self, device: torch.device) -> "PerTeacherDrop":
+        self.drops = [sorted_drops.to(device) for sorted_drops in self.drops]
+        return self
 
     def within(self, drop: torch.Tensor, sorted_drops: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -83,11 +83,15 @@ def check_boxes(boxes: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor
         raise ValueError(f"box ({box}) is not inside the {int(widths[image, 0])}x{int(heights[image, 0])} image")
 
 
+WEIGHT_BYTES = 2**28  # a bound on the float64 weights made at once: images are resized in groups under it
+
+
 def resize_views(images: list[torch.Tensor], boxes, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
     """N uint8 images (C, H, W), each its own size, all on one device -> uint8 (N, K, C, h, w) for `size`
     (h, w): image n's K boxes (N, K, 4) (x0, y0, x1, y1), fractional and inside it, resized with
-    antialiasing as Resample.c resizes them, on the images' device. The weights of all N x K views are
-    computed at once, so a batch costs a few operations per image, not per view."""
+    antialiasing as Resample.c resizes them, on the images' device. The weights of a group of images' views
+    are made at once (a few operations per image, not per view), groups bounded by WEIGHT_BYTES (a weight
+    matrix spans its group's longest side)."""
     if interpolation not in FILTERS:
         raise ValueError(f"interpolation {interpolation!r}: choose one of {', '.join(FILTERS)}")
     if any(image.dtype != torch.uint8 for image in images):
@@ -98,7 +102,26 @@ def resize_views(images: list[torch.Tensor], boxes, size: tuple[int, int], inter
     heights, widths = (torch.tensor([image.shape[axis] for image in images], device=device)[:, None].expand(-1, count)
                        for axis in (1, 2))
     check_boxes(boxes, heights, widths)
-    boxes, heights, widths = boxes.reshape(-1, 4), heights.reshape(-1), widths.reshape(-1)
+    groups, start = [], 0
+    while start < len(images):
+        stop = start + 1
+        while stop < len(images) and weight_bytes(images[start:stop + 1], count, size) <= WEIGHT_BYTES:
+            stop += 1
+        groups.append(resize_group(images[start:stop], boxes[start:stop], size, interpolation))
+        start = stop
+    return torch.cat(groups)
+
+
+def weight_bytes(images: list[torch.Tensor], count: int, size: tuple[int, int]) -> int:
+    return 8 * len(images) * count * (size[0] * max(i.shape[1] for i in images) + size[1] * max(i.shape[2] for i in images))
+
+
+def resize_group(images: list[torch.Tensor], boxes: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """resize_views of a group of images whose weights are made at once."""
+    device, count = images[0].device, boxes.shape[1]
+    heights, widths = (torch.tensor([image.shape[axis] for image in images], device=device).repeat_interleave(count)
+                       for axis in (1, 2))
+    boxes = boxes.reshape(-1, 4)
     rows = axis_weights(heights, boxes[:, 1], boxes[:, 3], size[0], int(heights.max()), interpolation)
     columns = axis_weights(widths, boxes[:, 0], boxes[:, 2], size[1], int(widths.max()), interpolation)
     views = []

@@ -174,7 +174,7 @@ class BlockStream(torch.utils.data.IterableDataset):
 
     def encoded_images(self, batch: dict) -> list[EncodedImage]:
         """Each row's image file, read (bytes and header size) for the device to decode (`on_device`)."""
-        return [read_encoded(source.path, source.height, source.width)
+        return [read_encoded(source)
                 for source in (self.file_source(int(r), box, flip) for r, box, flip in
                                zip(batch["index"], batch["view_boxes"].tolist(), batch["view_flips"].tolist()))]
 

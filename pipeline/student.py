@@ -52,6 +52,9 @@ def capture_step(loss_fn: DistillationLoss, method, cfg: TrainStudentConfig, dev
     if ranks.world > 1:
         raise PipelineError("--compile under torchrun is not built (DDP splits a captured step at its gradient "
                             "buckets); drop --compile")
+    if cfg.beta_warmup:
+        raise PipelineError(f"--compile with --beta-warmup {cfg.beta_warmup}: the map weight changes every warm-up "
+                            "epoch, and the step would be captured again each time; drop one of them")
     if method.double_backward(cfg):
         if ranks.main:
             print("--compile: this recipe's step differentiates the student's Grad-CAM (a double backward), which "
@@ -78,7 +81,7 @@ def train_student(cfg: TrainStudentConfig) -> dict:
                             f"would mix maps of different classes: choose {' | '.join(unmixed)}")
     blocks = ranks.agree(lambda: usable_blocks(store, teachers, cfg))
     if policy is not None:
-        policy.fit(store, teachers, cfg.seed, blocks)  # statistics of the blocks the ranks agreed on: alike on each
+        policy.fit(store, teachers, cfg.seed, blocks).to(device)  # the blocks the ranks agreed on: alike on each
     info = dataset.info
     check_flip(cfg.flip, info)
     fields = ["images", "labels", *method.arrays(teachers, store.logit_fields)]
@@ -108,7 +111,8 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     kd_teacher = named_or_best_teacher(store, cfg.teacher, "--kd-source best") if cfg.kd_source == "best" else None
     loss_fn = DistillationLoss(
         method, teachers, layer, info.mean, info.std, info.num_classes, LossSettings.of(cfg),
-        augmentation=Augmentation(cfg.shift, cfg.flip, cfg.seed + 1_000_003 * ranks.rank, device),  # ranks move unlike
+        augmentation=Augmentation(cfg.shift, cfg.flip, cfg.seed + 1_000_003 * ranks.rank,  # ranks move unlike;
+                                  device if cfg.compile else torch.device("cpu")),  # a captured step draws on the GPU
         kd_teacher=kd_teacher, target=target, policy=policy)
     if ranks.main:
         print(f"recipe: {method.describe(cfg, teachers, kd_teacher)}")

@@ -138,10 +138,13 @@ GPU_DECODER = "nvJPEG"  # how a decoder that decodes on the GPU is named first (
 
 
 def gpu_decoder() -> str:
-    """The builds that turn a file's view into pixels on the GPU: torchvision's nvJPEG decoding, this
-    package's integer resize (pipeline.resample), and Pillow for the files nvJPEG refuses."""
-    return (f"{GPU_DECODER} (torchvision {torchvision.__version__}, CUDA {torch.version.cuda}), pipeline.resample; "
-            f"files it refuses: {image_decoder()}")
+    """What turns a file's view into pixels on the GPU: torchvision's nvJPEG decoding on this GPU (nvJPEG uses
+    a hardware decoder where the GPU has one, A100 and later, and CUDA cores elsewhere: their pixels may
+    differ), this package's integer resize (pipeline.resample), and Pillow for the files nvJPEG refuses."""
+    gpu = (f"{torch.cuda.get_device_name()}, sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+           if torch.cuda.is_available() else "no CUDA GPU")
+    return (f"{GPU_DECODER} (torchvision {torchvision.__version__}, CUDA {torch.version.cuda}, {gpu}), "
+            f"pipeline.resample; other files: {image_decoder()}")
 
 
 def decodes_on_gpu(decoder: str | None) -> bool:

@@ -65,7 +65,7 @@ def test_views_cut_on_the_device_are_pillows_within_one_level(photos):
     policy = ViewPolicy.of(dataset.info, count=4, seed=3)
     files = [ImageFile(dataset.path(i), draft=False) for i in range(len(dataset))]
     boxes, flips = zip(*(policy.boxes(dataset.sample_id(i), f.height, f.width) for i, f in enumerate(files)))
-    encoded = [read_encoded(f.path, f.height, f.width) for f in files]
+    encoded = [read_encoded(f) for f in files]
     sizes = [((224, 224), "bilinear"), ((96, 64), "bicubic")]
     (large, small), errors = DeviceDecoder(CPU).views(encoded, torch.tensor(np.stack(boxes)),
                                                        torch.tensor(np.stack(flips)), sizes, [""] * len(files))
@@ -81,25 +81,42 @@ def test_views_cut_on_the_device_are_pillows_within_one_level(photos):
     assert largest <= 1
 
 
-def test_a_file_the_device_refuses_is_decoded_by_pillow_and_named(photos, monkeypatch):
+def test_a_file_the_device_refuses_is_decoded_by_pillow_and_named_once(photos, tmp_path, monkeypatch):
     root, _ = photos
-    path = sorted((root / "train").rglob("*.JPEG"))[0]
-    width, height = Image.open(path).size
-    original = DeviceDecoder.decode_jpegs
+    path, other = sorted((root / "train").rglob("*.JPEG"))[:2]
+    cmyk = tmp_path / "cmyk.jpg"  # routed to Pillow by its header: never offered to the device
+    Image.open(path).convert("CMYK").save(cmyk, quality=95)
+    original, offered = DeviceDecoder.decode_jpegs, []
 
     def refuse_one(self, images):
+        offered.extend(image.path for image in images)
         if any(image.path == str(path) for image in images):
             raise RuntimeError("nvjpeg: unsupported JPEG\ncode 4")
         return original(self, images)
 
     monkeypatch.setattr(DeviceDecoder, "decode_jpegs", refuse_one)
     said = []
-    other = sorted((root / "train").rglob("*.JPEG"))[1]
-    encoded = [read_encoded(p, *Image.open(p).size[::-1]) for p in (path, other)]
-    pixels = DeviceDecoder(CPU, said.append).decode(encoded)
+    decoder = DeviceDecoder(CPU, said.append)
+    encoded = [read_encoded(ImageFile(p, draft=False)) for p in (path, other, cmyk)]
+    for _ in range(2):  # a second epoch names it no more
+        pixels = decoder.decode(encoded)
     assert said == [f"decoding {path} with Pillow on the CPU (cpu refused it: code 4)"]
-    assert np.array_equal(pixels[0].permute(1, 2, 0).numpy(), np.asarray(Image.open(path).convert("RGB")))
-    assert pixels[0].shape == (3, height, width) and pixels[1].shape[0] == 3
+    assert str(cmyk) not in offered
+    for pixels_of, file in zip(pixels, (path, other, cmyk)):
+        assert np.array_equal(pixels_of.permute(1, 2, 0).numpy(), np.asarray(Image.open(file).convert("RGB")))
+
+
+def test_an_error_of_the_device_stops_the_run_and_sends_no_file_to_pillow(photos, monkeypatch):
+    """Out of memory is no property of a file: sending the batch to Pillow would let the moment decide which
+    decoder an image gets (and stage two decide otherwise)."""
+    root, _ = photos
+    monkeypatch.setattr(DeviceDecoder, "decode_jpegs", lambda self, images: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    said = []
+    files = sorted((root / "train").rglob("*.JPEG"))[:2]
+    with pytest.raises(torch.OutOfMemoryError):
+        DeviceDecoder(CPU, said.append).decode([read_encoded(ImageFile(p, draft=False)) for p in files])
+    assert said == []
 
 
 def test_a_damaged_jpeg_stops_extraction_or_is_skipped_and_recorded(photos, tmp_path, monkeypatch):
@@ -143,7 +160,8 @@ def test_a_store_cut_on_the_device_trains_students_that_cut_alike(photos, tmp_pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_nvjpeg_stores_train_captured_students(photos, tmp_path):
     """The real thing: stage one decodes with nvJPEG on the GPU, a student trains from the store on the GPU with
-    its step captured (CUDA graphs), and nvJPEG's views stay near Pillow's."""
+    its step captured (CUDA graphs); nvJPEG gives a file the same pixels in a batch of any size (stage one
+    and stage two batch the files otherwise), and its views stay near Pillow's."""
     root, teacher = photos
     store = tmp_path / "nvjpeg.zarr"
     invoke(*extract_args([teacher], store, block_size=4), *data_args(root), "--decode", "gpu", "--device", "cuda",
@@ -154,10 +172,14 @@ def test_on_cuda_nvjpeg_stores_train_captured_students(photos, tmp_path):
     assert "epoch 2/2" in result.output
     dataset = get_dataset(folder(root), "train")
     files = [ImageFile(dataset.path(i), draft=False) for i in range(len(dataset))]
-    encoded = [read_encoded(f.path, f.height, f.width) for f in files]
+    encoded = [read_encoded(f) for f in files]
     boxes = torch.tensor([[[0, 0, f.width, f.height]] for f in files], dtype=torch.float32)
     (views,), errors = DeviceDecoder(torch.device("cuda")).views(encoded, boxes, torch.zeros(len(files), 1, dtype=torch.bool),
                                                                  [((224, 224), "bilinear")], [""] * len(files))
+    decoder = DeviceDecoder(torch.device("cuda"))
+    batched = decoder.decode(encoded)
+    for image, pixels in zip(encoded, batched):
+        assert torch.equal(decoder.decode([image])[0], pixels), image.path
     pillow = np.stack([f.view((0, 0, f.width, f.height), False, (224, 224)) for f in files])
     difference = np.abs(views[:, 0].cpu().numpy().astype(int) - pillow)
     print(f"nvJPEG + exact resize vs Pillow, whole images at 224 px: largest {difference.max()}, mean "

@@ -131,13 +131,15 @@ def test_random_batch_gives_the_whole_batch_the_draw_of_its_first_row():
 
 @pytest.mark.parametrize("policy", [name for name in POLICIES.names() if name != "agreement"])
 def test_every_policys_weights_stay_on_the_evidences_device(policy):
-    """Training weighs on the GPU: a policy that built its weights on the CPU would stop the first step there. The
+    """Training weighs on the GPU: a policy that built its weights on the CPU would stop the first step there (or
+    keep a captured step off CUDA graphs), so what `fit` took moves to the device with `to`. The
     meta device stands in for it (no values, only where tensors live; `agreement`, whose scores are computed from
     the maps themselves, resizes them under an autocast context that the meta device has not)."""
     meta = Evidence(Y.to("meta"), O.to("meta"), CORRECT.to("meta"), torch.tensor([0, 1]),
                     lambda: [torch.ones(2, 2, 2, device="meta")] * 3)
     chosen = POLICIES.get(policy)()
-    chosen.drawn, chosen.drops = torch.tensor([2, 0]), [torch.tensor([0.0, 0.5, 1.0], device="meta")] * 3
+    chosen.drawn, chosen.drops = torch.tensor([2, 0]), [torch.tensor([0.0, 0.5, 1.0])] * 3  # as `fit` leaves them
+    chosen.to(torch.device("meta"))  # as train-student moves them
     only = policy == "global"  # one teacher, chosen before training
     evidence = Evidence(meta.y[:, :1], meta.o[:, :1], meta.correct[:, :1], meta.rows, meta.maps) if only else meta
     assert chosen.weights(evidence).device.type == "meta"

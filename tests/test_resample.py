@@ -124,16 +124,19 @@ def test_installed_pillows_bilinear_views_are_within_one_level():
         assert np.abs(pillow.astype(int) - ours(pixels, box, size)).max() <= 1, (trial, box, size)
 
 
-def test_a_batch_of_images_of_their_own_sizes_gives_each_views_resize():
+def test_a_batch_of_images_of_their_own_sizes_gives_each_views_resize(monkeypatch):
     """Weights computed for every view of a batch at once, each image its own size, each view its box."""
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((41, 57, 3), (30, 22, 3))]
     boxes = [[(0, 0, 57, 41), (3.5, 2.25, 40.0, 39.5), (10.0, 0.0, 57.0, 20.75)],
              [(0, 0, 22, 30), (1.5, 2.0, 21.0, 29.5), (0.25, 9.0, 12.0, 30.0)]]
-    views = resize_views([torch.from_numpy(i).permute(2, 0, 1) for i in images], boxes, (16, 24))
+    tensors = [torch.from_numpy(i).permute(2, 0, 1) for i in images]
+    views = resize_views(tensors, boxes, (16, 24))
     for pixels, image_views, image_boxes in zip(images, views.permute(0, 1, 3, 4, 2).numpy(), boxes):
         for view, box in zip(image_views, image_boxes):
             assert np.array_equal(view, pillow_loops(pixels, box, (16, 24), "bilinear")), box
+    monkeypatch.setattr("pipeline.resample.WEIGHT_BYTES", 1)  # every image its own group of weights
+    assert torch.equal(resize_views(tensors, boxes, (16, 24)), views)
 
 
 def test_a_constant_image_stays_constant_and_the_whole_image_at_its_size_is_itself():

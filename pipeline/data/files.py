@@ -61,6 +61,7 @@ class ImageFile:
         try:
             with Image.open(path) as image:
                 self.width, self.height = image.size
+                self.format, self.mode = image.format, image.mode
                 self.draft = draft and image.format == "JPEG"  # other formats decode whole, once
         except DECODE_ERRORS as error:
             raise unreadable(path, error) from None
