@@ -57,7 +57,7 @@ class GpuScale:
     resnet_side: int  # the torchvision student's input side
 
 
-FULL_GPU = GpuScale(2048, (500, 375), 10, ("resnet50", "densenet121", "vgg16_bn"), 3, 128, 64, 20, 5, 224)
+FULL_GPU = GpuScale(1024, (500, 375), 10, ("resnet50", "densenet121", "vgg16_bn"), 3, 128, 64, 20, 5, 224)
 QUICK_GPU = GpuScale(12, (120, 90), 4, ("resnet18", "densenet121"), 2, 4, 8, 2, 1, 64)
 SCALES = {"full": FULL_GPU, "quick": QUICK_GPU}
 
