@@ -28,6 +28,7 @@ from pipeline.data.files import DECODE_ERRORS, ImageFile, unreadable
 from pipeline.errors import PipelineError
 from pipeline.resample import resize_views
 
+
 def require_cuda(device: torch.device, what: str, fix: str) -> None:
     """Stop unless `device` is a CUDA GPU: `what` (it decodes JPEGs on one) and the `fix` name the way out."""
     if device.type != "cuda":

@@ -14,7 +14,8 @@ from test_distill import PROBE, make_student_batch
 
 CPU = torch.device("cpu")
 ATTENTION = {"beta": 0.5, "student_map": "attention"}  # explain-kd's validated recipe
-CAPTURED = [("ce", {}, None), ("kd-avg", {}, None), ("ca-mkd", {}, None), ("ebkd", {}, None), ("at", {"beta": 1.0}, None), ("explain-kd", ATTENTION, "per-sample"),
+CAPTURED = [("ce", {}, None), ("kd-avg", {}, None), ("ca-mkd", {}, None), ("ebkd", {}, None), ("at", {"beta": 1.0}, None),
+            ("explain-kd", ATTENTION, "per-sample"),
             ("explain-kd", {}, "weighted"), ("explain-kd", {}, "random-batch")]
 
 
@@ -27,8 +28,8 @@ def test_a_captured_step_gives_the_uncaptured_terms_and_gradients(method, settin
         torch.manual_seed(0)
         student = create_model("resnet8_slim", 1, 10).train()
         drawn = torch.tensor([1, 0]) if policy == "random-batch" else None  # each store row's drawn teacher
-        loss_fn = distillation(method, teachers, CamLayer.of(student, PROBE), policy=policy or "per-sample", drawn=drawn,
-                               augmentation=Augmentation(3, seed=5), **settings)
+        loss_fn = distillation(method, teachers, CamLayer.of(student, PROBE), policy=policy or "per-sample",
+                               drawn=drawn, augmentation=Augmentation(3, seed=5), **settings)
         if captured:
             loss_fn.capture(CPU, batch_size=2)
         terms = loss_fn(student, batch)

@@ -174,8 +174,9 @@ def test_on_cuda_nvjpeg_stores_train_captured_students(photos, tmp_path):
     files = [ImageFile(dataset.path(i), draft=False) for i in range(len(dataset))]
     encoded = [read_encoded(f) for f in files]
     boxes = torch.tensor([[[0, 0, f.width, f.height]] for f in files], dtype=torch.float32)
-    (views,), errors = DeviceDecoder(torch.device("cuda")).views(encoded, boxes, torch.zeros(len(files), 1, dtype=torch.bool),
-                                                                 [((224, 224), "bilinear")], [""] * len(files))
+    unflipped = torch.zeros(len(files), 1, dtype=torch.bool)
+    (views,), errors = DeviceDecoder(torch.device("cuda")).views(encoded, boxes, unflipped, [((224, 224), "bilinear")],
+                                                                 [""] * len(files))
     decoder = DeviceDecoder(torch.device("cuda"))
     batched = decoder.decode(encoded)
     for image, pixels in zip(encoded, batched):
