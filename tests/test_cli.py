@@ -93,8 +93,8 @@ def test_recipes_fill_in_what_is_not_given():
     from pipeline.student_config import TrainStudentConfig
 
     validated = TrainStudentConfig()
-    assert (validated.method, validated.student_map, validated.kd_source, validated.beta) == \
-        ("explain-kd", "attention", "best", 0.5)
+    assert (validated.method, validated.policy, validated.student_map, validated.kd_source, validated.beta) == \
+        ("explain-kd", "weighted", "attention", "selected", 0.0)
     design = TrainStudentConfig(recipe="design", beta=1.0)
     assert (design.student_map, design.kd_source, design.beta) == ("gradcam", "selected", 1.0)
     assert TrainStudentConfig(policy="global").kd_source == "selected"  # one teacher already
