@@ -110,8 +110,8 @@ def test_an_image_folder_of_32_px_images_is_seen_and_trained_at_32_px(tmp_path):
     assert opened.teacher_attrs("resnet8_slim")["map_shape"] == [8, 8]  # a 4x-downsampling net on 32 px inputs
     assert zarr.open_group(store)["view_boxes"][0, 0].tolist() == [0, 0, 32, 32]  # the whole image
     invoke("store", "verify", store)
-    refused = invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--out-dir",
-                     tmp_path / "students", exit_code=1)  # the default recipe's logits come from the best teacher
+    refused = invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--kd-source", "best",
+                     "--out-dir", tmp_path / "students", exit_code=1)  # logits from the best teacher ...
     assert "has no top-1 measured on this data's held-out split" in refused.output  # ... and this folder has no val
     invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--batch-size", 8,
            "--out-dir", tmp_path / "students", "--device", "cpu", "--teacher", "resnet8_slim")
