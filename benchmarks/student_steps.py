@@ -27,7 +27,7 @@ from pipeline.models import create_model
 from pipeline.store.teacher_store import TeacherStore
 
 METHODS = {"ce": ("ce", {}), "kd": ("kd", {}),
-           "explain-kd": ("explain-kd", {**RECIPES["validated"], "kd_teacher": 0}),
+           "explain-kd": ("explain-kd", {"student_map": "attention", "beta": 0.5, "kd_teacher": 0}),  # the map term
            "explain-kd design": ("explain-kd", RECIPES["design"])}
 
 

@@ -29,8 +29,8 @@ MARKER = re.compile(r"^<!-- generated: (?P<kind>[\w-]+)(?: (?P<arg>.*?))? -->[ \
 FIGURES = {  # what `pipeline report` draws, in the order a page shows them
     "accuracy": "Test top-1 of every run, per variant",
     "drops": "Each teacher's confidence drops on the test split",
-    "explanations": "Test images with each teacher's Grad-CAM and confidence drop (the teacher explain-kd "
-                    "would choose in bold) and the Grad-CAM of the student runs named by `--explain-runs`",
+    "explanations": "Test images with each teacher's Grad-CAM and confidence drop (the lowest drop, "
+                    "`--policy per-sample`'s choice, in bold) and the Grad-CAM of the student runs named by `--explain-runs`",
 }
 COPIED = (".png", ".csv")  # what a study page links to; results.md is put into the page itself
 NEW_STUDIES: list[str] = []  # pages made for studies that have no hand-written page (on_nav lists them)

@@ -216,7 +216,8 @@ def synthetic_rows(batch: int, side: int, channels: int, classes: int, map_side:
 
 
 def step_figures(scale: GpuScale, device: torch.device) -> list[Figure]:
-    """explain-kd's step (the validated recipe: attention map, beta 0.5, the first teacher's logits) over ce's,
+    """explain-kd's step with a map term (attention map, beta 0.5, the first teacher's logits: the costliest
+    step a captured run can take) over ce's,
     uncaptured and captured (--compile), for the digits student and a torchvision resnet18."""
     students = {"resnet8_slim, digits 32 px": ("resnet8_slim", 32, 1, 10, 8, 1.15),
                 f"torchvision resnet18, {scale.resnet_side} px": ("torchvision:resnet18", scale.resnet_side, 3, 1000, 7,

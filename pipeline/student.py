@@ -47,6 +47,16 @@ def usable_blocks(store: TeacherStore, teachers: list[str], cfg: TrainStudentCon
     return blocks
 
 
+def check_map_mix(location, target: str, policy, cfg: TrainStudentConfig) -> None:
+    """Refuse a map term that would mix teachers' maps of different classes (a store of predicted-class maps and
+    a policy that mixes teachers); logits alone mix safely."""
+    if target == "predicted" and policy is not None and policy.mixes_maps and cfg.beta > 0:
+        unmixed = [name for name in POLICIES.names() if not POLICIES.get(name).mixes_maps]
+        raise PipelineError(f"store {location} caches maps of each teacher's predicted class, and --policy {cfg.policy} "
+                            f"with a map term (--beta {cfg.beta}) would mix maps of different classes: pass --beta 0, "
+                            f"or --policy {' | '.join(unmixed)}")
+
+
 def capture_step(loss_fn: DistillationLoss, method, cfg: TrainStudentConfig, device: torch.device, ranks: Ranks) -> None:
     """--compile: full batches' terms as one captured graph, where the step allows it."""
     if ranks.world > 1:
@@ -75,10 +85,7 @@ def train_student(cfg: TrainStudentConfig) -> dict:
     teachers = method.teachers(store, cfg.teacher, policy)
     policy = policy if method.follows_policy else None
     target = store.attrs["target"]
-    if target == "predicted" and policy is not None and policy.mixes_maps:
-        unmixed = [name for name in POLICIES.names() if not POLICIES.get(name).mixes_maps]
-        raise PipelineError(f"store {store.location} caches maps of each teacher's predicted class; --policy {cfg.policy} "
-                            f"would mix maps of different classes: choose {' | '.join(unmixed)}")
+    check_map_mix(store.location, target, policy, cfg)
     blocks = ranks.agree(lambda: usable_blocks(store, teachers, cfg))
     if policy is not None:
         policy.fit(store, teachers, cfg.seed, blocks).to(device)  # the blocks the ranks agreed on: alike on each

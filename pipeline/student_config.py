@@ -20,14 +20,16 @@ class TrainStudentConfig(ScheduleSettings, DataConfig):
     method: str = setting("explain-kd", METHODS.described())
     teacher: str | None = setting(None, "kd, at and explain-kd --kd-source best: the one teacher's name (default: "
                                   "the best validation accuracy recorded in the store; never test accuracy)")
-    policy: str = setting("weighted", "explain-kd teacher choice (default: weighted, the best on validation over the "
-                          "studies of specialists and mixed pools; per-sample is the lowest drop): " + POLICIES.described())
+    policy: str = setting("weighted", "explain-kd teacher choice (weighted: the highest validation score over the "
+                          "studies of specialists and mixed pools, within noise of confidence-weighted and correct, "
+                          "below ce; per-sample: the lowest drop, the thesis' rule): " + POLICIES.described())
     policy_temperature: float = setting(0.1, "weighted policy: weights proportional to Y * exp(-drop / t)")
     detach_head: bool = setting(False, "explain-kd: the student map uses detached classifier weights, so the "
                                 "map term shapes features only")
     recipe: str = setting("validated", "explain-kd defaults of --student-map, --kd-source and --beta: validated "
-                          "(attention, selected, 0: logits alone, the studies' best on validation) | design (gradcam, "
-                          "selected, 10: the method's original formulation)")
+                          "(attention, selected, 0: logits alone, by the studies' validation rule; the attention map "
+                          "is the student map when --beta asks for one) | design (gradcam, selected, 10: the method's "
+                          "original formulation)")
     student_map: str | None = setting(None, "explain-kd: the student map the teacher's Grad-CAM is compared with: "
                                       "gradcam (its own differentiable Grad-CAM) | attention (mean of squared "
                                       "activations) (default: per --recipe)")

@@ -111,3 +111,19 @@ def test_cache_is_the_store_group_under_its_former_name():
                                                                                  "selection"}
     assert "store" in listed_commands(CliRunner().invoke(main, ["--help"]).output)
     assert "cache" not in listed_commands(CliRunner().invoke(main, ["--help"]).output)  # hidden: one name shown
+
+
+def test_mixing_teachers_on_a_store_of_predicted_maps_is_refused_only_with_a_map_term():
+    from pipeline.errors import PipelineError
+    from pipeline.policies import POLICIES
+    from pipeline.student import check_map_mix
+    from pipeline.student_config import TrainStudentConfig
+
+    default = TrainStudentConfig()  # --policy weighted, logits alone: no map is mixed
+    check_map_mix("s.zarr", "predicted", POLICIES.get(default.policy)(), default)
+    with_maps = TrainStudentConfig(beta=0.5)
+    check_map_mix("s.zarr", "label", POLICIES.get("weighted")(), with_maps)  # maps of the label: one class
+    with pytest.raises(PipelineError, match=r"store s.zarr caches maps of each teacher's predicted class, and --policy "
+                                            r"weighted with a map term \(--beta 0.5\) would mix maps of different "
+                                            r"classes: pass --beta 0, or --policy agreement \| confident"):
+        check_map_mix("s.zarr", "predicted", POLICIES.get("weighted")(), with_maps)

@@ -113,8 +113,8 @@ def test_an_image_folder_of_32_px_images_is_seen_and_trained_at_32_px(tmp_path):
     refused = invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--kd-source", "best",
                      "--out-dir", tmp_path / "students", exit_code=1)  # logits from the best teacher ...
     assert "has no top-1 measured on this data's held-out split" in refused.output  # ... and this folder has no val
-    invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--batch-size", 8,
-           "--out-dir", tmp_path / "students", "--device", "cpu", "--teacher", "resnet8_slim")
+    invoke("train-student", "--dataset", name, "--store", store, "--epochs", 1, "--batch-size", 8, "--kd-source",
+           "best", "--out-dir", tmp_path / "students", "--device", "cpu", "--teacher", "resnet8_slim")  # named: runs
     for spec in ("224/256", "0"):
         with pytest.raises(PipelineError, match="after @ give the size images are seen at"):
             get_dataset(f"imagefolder:{root}@{spec}", "train")
