@@ -138,6 +138,7 @@ class DeviceDecoder:
             else:
                 kept.append((n, pixels))
         count = boxes.shape[1]
+        turned = torch.as_tensor(flips, dtype=torch.bool).to(self.device)[:, :, None, None, None]
         out = []
         for (height, width), interpolation in sizes:
             views = torch.zeros(len(images), count, 3, height, width, dtype=torch.uint8, device=self.device)
@@ -145,6 +146,5 @@ class DeviceDecoder:
                 index = torch.tensor([n for n, _ in kept], device=self.device)
                 views[index] = resize_views([pixels for _, pixels in kept], boxes[index.cpu()], (height, width),
                                             interpolation)
-            turned = torch.as_tensor(flips, dtype=torch.bool).to(self.device)[:, :, None, None, None]
             out.append(torch.where(turned, views.flip(-1), views).permute(0, 1, 3, 4, 2))
         return tuple(out), errors

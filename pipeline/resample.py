@@ -107,7 +107,8 @@ def resize_views(images: list[torch.Tensor], boxes, size: tuple[int, int], inter
         stop = start + 1
         while stop < len(images) and weight_bytes(images[start:stop + 1], count, size) <= WEIGHT_BYTES:
             stop += 1
-        groups.append(resize_group(images[start:stop], boxes[start:stop], size, interpolation))
+        groups.append(resize_group(images[start:stop], boxes[start:stop], heights[start:stop], widths[start:stop],
+                                   size, interpolation))
         start = stop
     return torch.cat(groups)
 
@@ -116,12 +117,12 @@ def weight_bytes(images: list[torch.Tensor], count: int, size: tuple[int, int]) 
     return 8 * len(images) * count * (size[0] * max(i.shape[1] for i in images) + size[1] * max(i.shape[2] for i in images))
 
 
-def resize_group(images: list[torch.Tensor], boxes: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """resize_views of a group of images whose weights are made at once."""
-    device, count = images[0].device, boxes.shape[1]
-    heights, widths = (torch.tensor([image.shape[axis] for image in images], device=device).repeat_interleave(count)
-                       for axis in (1, 2))
-    boxes = boxes.reshape(-1, 4)
+def resize_group(images: list[torch.Tensor], boxes: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
+                 size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """resize_views of a group of images whose weights are made at once (`heights`, `widths`: (N, K), each
+    view's image size)."""
+    count = boxes.shape[1]
+    boxes, heights, widths = boxes.reshape(-1, 4), heights.reshape(-1), widths.reshape(-1)
     rows = axis_weights(heights, boxes[:, 1], boxes[:, 3], size[0], int(heights.max()), interpolation)
     columns = axis_weights(widths, boxes[:, 0], boxes[:, 2], size[1], int(widths.max()), interpolation)
     views = []
