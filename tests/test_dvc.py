@@ -142,9 +142,11 @@ def test_dvc_repro_reruns_only_what_changed_and_a_pushed_store_serves_a_fresh_cl
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert repro(repo, "--dry") == ["train_student@explain-kd"]  # evaluate follows it (a dry run cannot tell)
 
-    study_stages = [f"studies/digits/dvc.yaml:{name}" for name in (
-        "extract_teachers", "students@ekd-b0.5-0", "students@ekd-b0.5-1", "report")]
-    assert_ran(repro(repo, "studies/digits/dvc.yaml"), study_stages)  # the default teachers and store are reused
+    students = [f"studies/digits/dvc.yaml:students@ekd-b0.5-{seed}" for seed in (0, 1)]
+    study_stages = [f"studies/digits/dvc.yaml:{name}" for name in ("extract_teachers", "selection")]
+    assert_ran(repro(repo, "studies/digits/dvc.yaml"), study_stages + students + ["studies/digits/dvc.yaml:report"])
+    # the default teachers and store are reused; the selection table is the train store's
+    assert " per-sample " in (repo / "reports/selection/digits-train.txt").read_text()
     results = pd.read_csv(repo / "reports/digits/results.csv")
     assert list(results.variant) == ["ekd-b0.5"] and set(results.seeds) == {2}
     assert (repo / "reports/digits/explanations.png").is_file()
@@ -163,7 +165,7 @@ def test_dvc_repro_reruns_only_what_changed_and_a_pushed_store_serves_a_fresh_cl
     assert dvc_json(repo, "params", "diff")["studies/digits/params.yaml"] == {
         "variants.ekd-b0.5.beta": {"old": 0.5, "new": 3.0, "diff": 2.5}}
     # the students are stale and nothing else yet (a dry run cannot tell that the report will follow them)
-    assert sorted(repro(repo, "--dry", "studies/digits/dvc.yaml")) == sorted(study_stages[1:-1])
+    assert sorted(repro(repo, "--dry", "studies/digits/dvc.yaml")) == sorted(students)
 
 
 def started_blocks(store: Path) -> int:
