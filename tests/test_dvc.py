@@ -143,8 +143,11 @@ def test_dvc_repro_reruns_only_what_changed_and_a_pushed_store_serves_a_fresh_cl
     assert repro(repo, "--dry") == ["train_student@explain-kd"]  # evaluate follows it (a dry run cannot tell)
 
     students = [f"studies/digits/dvc.yaml:students@ekd-b0.5-{seed}" for seed in (0, 1)]
-    study_stages = [f"studies/digits/dvc.yaml:{name}" for name in ("extract_teachers", "selection")]
-    assert_ran(repro(repo, "studies/digits/dvc.yaml"), study_stages + students + ["studies/digits/dvc.yaml:report"])
+    report, others = "studies/digits/dvc.yaml:report", ["studies/digits/dvc.yaml:extract_teachers",
+                                                        "studies/digits/dvc.yaml:selection"]
+    ran = repro(repo, "studies/digits/dvc.yaml")
+    assert sorted(ran) == sorted(others + students + [report])  # the selection table may come before or after
+    assert ran.index(report) > max(ran.index(student) for student in students)  # the report reads every student
     # the default teachers and store are reused; the selection table is of this repository's tiny teachers
     # (the copied repository holds the real study's table, of other teachers, until the stage rewrites it)
     selection = json.loads((repo / "reports/selection/digits-train.json").read_text())
