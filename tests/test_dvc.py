@@ -151,7 +151,8 @@ def test_dvc_repro_reruns_only_what_changed_and_a_pushed_store_serves_a_fresh_cl
     # the default teachers and store are reused; the selection table is of this repository's tiny teachers
     # (the copied repository holds the real study's table, of other teachers, until the stage rewrites it)
     selection = json.loads((repo / "reports/selection/digits-train.json").read_text())
-    assert selection["teachers"] == ["resnet8_slim", "vgg8_bn"]
+    assert selection["teachers"] == ["resnet8_slim", "vgg8_bn"] and "per-sample" in selection["policies"]
+    assert "share resnet8_slim" in (repo / "reports/selection/digits-train.txt").read_text()
     results = pd.read_csv(repo / "reports/digits/results.csv")
     assert list(results.variant) == ["ekd-b0.5"] and set(results.seeds) == {2}
     assert (repo / "reports/digits/explanations.png").is_file()
